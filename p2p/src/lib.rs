@@ -1,0 +1,22 @@
+//! The shared foundation of Arcade Mesh, used by the coordinator and the agent alike:
+//!
+//! - [`manifest`] — the content model: manifests built in one streaming pass, content
+//!   identity (SHA-256), per-chunk BLAKE3 verification, whole-content verification and
+//!   the deterministic protobuf encoding.
+//! - [`plugin_ref`] — plugin ids (`notify/slack`), semver versions, `id@version`.
+//! - [`labels`] — agent labels and label requirements (access control, job selectors).
+//! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
+//!   durations.
+//!
+//! The mesh (libp2p host, chunk exchange, swarm scheduler) joins this crate next.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod labels;
+pub mod manifest;
+pub mod plugin_ref;
+pub mod settings;
+
+pub use manifest::{ContentId, Manifest, ManifestBuilder, VerifyError};
+pub use plugin_ref::{PluginId, PluginRef, PluginRefError};
