@@ -1,1 +1,40 @@
+//! The Arcade Mesh coordinator: stores plugins (content-addressed blobs + redb metadata),
+//! assigns jobs to agents under leases, and serves plugin content in verified chunks.
+//!
+//! Module map (the tree is the architecture):
+//! - [`config`] — TOML + env configuration, validated before any port is bound.
+//! - [`blob`] — the content-addressed blob store trait and its filesystem backend.
+//! - [`store`] — durable metadata in redb (plugins, manifests, agents, jobs, leases).
+//! - `service` — the gRPC services (`Agent`, `Fleet`, `Jobs`, `PluginAdmin`) and the
+//!   state they share (auth, caches, lease deadlines).
+//! - [`metrics`] — Prometheus metrics in a per-coordinator registry.
+//! - [`server`] — start/stop: listeners, tasks, graceful shutdown.
+//! - [`ctl`] — the `arcadectl` admin client.
+//!
+//! See `DESIGN.md` beside this crate for the crash model and wire limits.
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod blob;
+pub mod config;
+pub mod ctl;
+pub mod metrics;
+pub mod server;
+mod service;
+pub mod store;
+
+pub use config::{CoordinatorConfig, ValidConfig};
+pub use server::{RunningCoordinator, StartError};
+
+/// Installs the tracing subscriber for a binary (`RUST_LOG` filters; default `info`).
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Human => builder.try_init(),
+        config::LogFormat::Json => builder.json().try_init(),
+    };
+}

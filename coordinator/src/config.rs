@@ -1,0 +1,407 @@
+//! Coordinator configuration: a TOML file (every key optional) with `ARCADE_…`
+//! environment overrides, then command-line overrides, validated before any port is bound.
+//!
+//! The original design's keys live under `[plugin]` and `[plugin.security]`; the rest
+//! (listeners, data directory, tokens, job leasing) are ours. `arcade-coordinator
+//! --print-default-config` prints [`DEFAULT_CONFIG_TOML`], which documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use arcade_p2p::manifest::check_chunk_size;
+use arcade_p2p::settings::{self, ByteSize, Seconds, SettingsError};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "ARCADE";
+
+/// The whole coordinator configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: String,
+    /// Prometheus `/metrics` listen address, or `off`.
+    pub metrics_listen: String,
+    /// Directory for the redb database, generated tokens and (by default) blobs.
+    pub data_dir: PathBuf,
+    /// Admin token for plugin and job calls; empty = generate one into
+    /// `<data_dir>/admin.token` on first start.
+    pub admin_token: String,
+    /// Enrollment token agents present to `Register`; empty = generate one into
+    /// `<data_dir>/enroll.token` on first start.
+    pub enroll_token: String,
+    /// Log format: `human` or `json`.
+    pub log_format: LogFormat,
+    /// Plugin storage (the original design's `[plugin]`).
+    pub plugin: PluginConfig,
+    /// Job leasing.
+    pub jobs: JobsConfig,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[plugin]`: storage and limits of plugin content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Where content blobs are stored; empty = `<data_dir>/plugins`.
+    pub storage_path: PathBuf,
+    /// Largest accepted plugin (an integer is MiB, as in the original design).
+    pub max_plugin_size: ByteSize,
+    /// Chunk size of new manifests (power of two, 1KiB..64MiB).
+    pub chunk_size: ByteSize,
+    /// Keep decoded manifests and plugin records in memory.
+    pub enable_cache: bool,
+    /// How long a cached manifest or record is kept (integer = seconds).
+    pub cache_ttl: Seconds,
+    /// `[plugin.security]`.
+    pub security: SecurityConfig,
+}
+
+/// `[plugin.security]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// A push must carry the expected SHA-256 of its content.
+    pub require_checksum: bool,
+    /// Accept content that is not an executable (ELF binary or `#!` script).
+    pub allow_unsafe: bool,
+}
+
+/// `[jobs]`: leasing and long-polling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// A leased job whose agent sends no heartbeat for this long is re-queued.
+    pub lease_ttl: Seconds,
+    /// Heartbeat interval the coordinator asks agents to keep.
+    pub heartbeat_interval: Seconds,
+    /// A job leased this many times without a result fails.
+    pub max_attempts: u32,
+    /// Longest `FetchJob` long-poll.
+    pub long_poll_max: Seconds,
+    /// Longest command output tail kept per job.
+    pub max_output_tail: ByteSize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            data_dir: PathBuf::from("./arcade-data"),
+            admin_token: String::new(),
+            enroll_token: String::new(),
+            log_format: LogFormat::Human,
+            plugin: PluginConfig::default(),
+            jobs: JobsConfig::default(),
+        }
+    }
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            storage_path: PathBuf::new(),
+            max_plugin_size: ByteSize::mib(100),
+            chunk_size: ByteSize::mib(1),
+            enable_cache: true,
+            cache_ttl: Seconds::secs(3600),
+            security: SecurityConfig::default(),
+        }
+    }
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            require_checksum: true,
+            allow_unsafe: false,
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Seconds::secs(30),
+            heartbeat_interval: Seconds::secs(10),
+            max_attempts: 3,
+            long_poll_max: Seconds::secs(30),
+            max_output_tail: ByteSize::kib(64),
+        }
+    }
+}
+
+/// The commented default configuration printed by `--print-default-config`.
+pub const DEFAULT_CONFIG_TOML: &str = r##"# Arcade Mesh coordinator configuration. Every key is optional; the values below are
+# the defaults. Any key can be overridden by an environment variable ARCADE_<PATH>,
+# e.g. ARCADE_PLUGIN_MAX_PLUGIN_SIZE=200 or ARCADE_JOBS_LEASE_TTL=1m.
+# Sizes: an integer is MiB, or a string like "512KiB", "1GiB".
+# Durations: an integer is seconds, or a string like "500ms", "30s", "5m", "2h".
+
+# gRPC listen address (port 0 picks a free port). Flag: --listen.
+listen = "127.0.0.1:50051"
+# Prometheus /metrics listen address, or "off". Flag: --metrics-listen.
+metrics_listen = "127.0.0.1:9464"
+# Directory of the redb database, generated tokens and (by default) plugin blobs.
+# Flag: --data-dir.
+data_dir = "./arcade-data"
+# Admin token for plugin, job and fleet calls (at least 8 characters). Empty: one is
+# generated on first start into <data_dir>/admin.token. Flag/env: --admin-token,
+# ARCADE_ADMIN_TOKEN.
+admin_token = ""
+# Enrollment token agents present to Register. Empty: generated into
+# <data_dir>/enroll.token. Flag/env: --enroll-token, ARCADE_ENROLL_TOKEN.
+enroll_token = ""
+# Log format: "human" or "json". Flag: --log-format.
+log_format = "human"
+
+[plugin]
+# Where plugin content is stored, content-addressed. Empty: <data_dir>/plugins.
+storage_path = ""
+# Largest accepted plugin; larger pushes fail with RESOURCE_EXHAUSTED while streaming.
+max_plugin_size = "100MiB"
+# Chunk size of manifests for new content: a power of two from 1KiB to 64MiB.
+chunk_size = "1MiB"
+# Keep decoded manifests and plugin records in memory for cache_ttl.
+enable_cache = true
+cache_ttl = "1h"
+
+[plugin.security]
+# Every push must state the SHA-256 of its content (arcadectl computes it).
+require_checksum = true
+# Accept content that is neither an ELF executable nor a "#!" script.
+allow_unsafe = false
+
+[jobs]
+# A leased job whose agent stops heart-beating for this long is re-queued.
+lease_ttl = "30s"
+# Heartbeat interval agents are told to keep (must be shorter than lease_ttl).
+heartbeat_interval = "10s"
+# A job leased this many times without a result is failed.
+max_attempts = 3
+# Longest FetchJob long-poll.
+long_poll_max = "30s"
+# Longest command output tail kept per job.
+max_output_tail = "64KiB"
+"##;
+
+/// Where a metrics listener should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// No metrics listener.
+    Off,
+    /// Listen here.
+    At(SocketAddr),
+}
+
+/// A configuration checked for consistency, with derived values resolved.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The configuration as given.
+    pub raw: CoordinatorConfig,
+    /// Parsed gRPC listen address.
+    pub listen: SocketAddr,
+    /// Parsed metrics listen address.
+    pub metrics_listen: MetricsListen,
+    /// Resolved blob storage directory.
+    pub storage_path: PathBuf,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+}
+
+impl CoordinatorConfig {
+    /// Loads the file (if any) and the `ARCADE_…` environment overrides.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        settings::load(path, ENV_PREFIX, env)
+    }
+
+    /// Checks every key; errors name the key.
+    pub fn validate(self) -> Result<ValidConfig, SettingsError> {
+        fn bad(key: &str, message: impl Into<String>) -> SettingsError {
+            SettingsError::invalid(key, message)
+        }
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            bad(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:50051", self.listen),
+            )
+        })?;
+        let metrics_listen = if self.metrics_listen == "off" {
+            MetricsListen::Off
+        } else {
+            MetricsListen::At(self.metrics_listen.parse().map_err(|_| {
+                bad(
+                    "metrics_listen",
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:9464 or \"off\"",
+                        self.metrics_listen
+                    ),
+                )
+            })?)
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty"));
+        }
+        for (key, token) in [
+            ("admin_token", &self.admin_token),
+            ("enroll_token", &self.enroll_token),
+        ] {
+            if !token.is_empty()
+                && (token.len() < 8
+                    || token.len() > 512
+                    || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(bad(
+                    key,
+                    "a token must be 8 to 512 characters without whitespace (or empty to generate one)",
+                ));
+            }
+        }
+        if !self.admin_token.is_empty() && self.admin_token == self.enroll_token {
+            return Err(bad("enroll_token", "must differ from admin_token"));
+        }
+        let p = &self.plugin;
+        if p.max_plugin_size.bytes() == 0 || p.max_plugin_size > ByteSize(1 << 40) {
+            return Err(bad("plugin.max_plugin_size", "must be between 1B and 1TiB"));
+        }
+        let chunk_size = check_chunk_size(p.chunk_size.bytes())
+            .map_err(|e| bad("plugin.chunk_size", e.to_string()))?;
+        let chunks = p.max_plugin_size.bytes().div_ceil(u64::from(chunk_size));
+        if chunks > arcade_p2p::manifest::MAX_CHUNKS {
+            return Err(bad(
+                "plugin.chunk_size",
+                format!(
+                    "{} chunks of {} would be needed for plugin.max_plugin_size; raise the chunk size",
+                    chunks, p.chunk_size
+                ),
+            ));
+        }
+        if p.enable_cache && p.cache_ttl.get().is_zero() {
+            return Err(bad(
+                "plugin.cache_ttl",
+                "must be positive when enable_cache = true",
+            ));
+        }
+        let j = &self.jobs;
+        if j.lease_ttl.get() < std::time::Duration::from_millis(500)
+            || j.lease_ttl.get() > std::time::Duration::from_secs(86_400)
+        {
+            return Err(bad("jobs.lease_ttl", "must be between 500ms and 1d"));
+        }
+        if j.heartbeat_interval.get().is_zero() || j.heartbeat_interval >= j.lease_ttl {
+            return Err(bad(
+                "jobs.heartbeat_interval",
+                "must be positive and shorter than jobs.lease_ttl",
+            ));
+        }
+        if j.max_attempts == 0 || j.max_attempts > 100 {
+            return Err(bad("jobs.max_attempts", "must be between 1 and 100"));
+        }
+        if j.long_poll_max.get() > std::time::Duration::from_secs(300) {
+            return Err(bad("jobs.long_poll_max", "must be at most 5m"));
+        }
+        if j.max_output_tail > ByteSize::mib(1) {
+            return Err(bad("jobs.max_output_tail", "must be at most 1MiB"));
+        }
+        let storage_path = if p.storage_path.as_os_str().is_empty() {
+            self.data_dir.join("plugins")
+        } else {
+            p.storage_path.clone()
+        };
+        Ok(ValidConfig {
+            listen,
+            metrics_listen,
+            storage_path,
+            chunk_size,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_default_config_is_the_default() {
+        let parsed: CoordinatorConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, CoordinatorConfig::default());
+        CoordinatorConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn seed_only_file_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[plugin]\nstorage_path = \"./plugins\"\nmax_plugin_size = 100\nenable_cache = true\ncache_ttl = 3600\n\n[plugin.security]\nrequire_checksum = true\nallow_unsafe = false\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::load(Some(&path), |_| None).unwrap();
+        assert_eq!(c.plugin.max_plugin_size, ByteSize::mib(100));
+        let v = c.validate().unwrap();
+        assert_eq!(v.storage_path, PathBuf::from("./plugins"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases: Vec<(fn(&mut CoordinatorConfig), &str)> = vec![
+            (|c| c.listen = "nowhere".into(), "listen"),
+            (|c| c.metrics_listen = "x".into(), "metrics_listen"),
+            (
+                |c| c.plugin.chunk_size = ByteSize(3000),
+                "plugin.chunk_size",
+            ),
+            (
+                |c| c.plugin.max_plugin_size = ByteSize(0),
+                "plugin.max_plugin_size",
+            ),
+            (|c| c.jobs.max_attempts = 0, "jobs.max_attempts"),
+            (
+                |c| c.jobs.heartbeat_interval = Seconds::secs(60),
+                "jobs.heartbeat_interval",
+            ),
+            (|c| c.admin_token = "short".into(), "admin_token"),
+            (
+                |c| c.plugin.cache_ttl = Seconds::secs(0),
+                "plugin.cache_ttl",
+            ),
+        ];
+        for (mutate, key) in cases {
+            let mut c = CoordinatorConfig::default();
+            mutate(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{err}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let c = CoordinatorConfig::load(None, |k| match k {
+            "ARCADE_ADMIN_TOKEN" => Some("admin-token-1".into()),
+            "ARCADE_PLUGIN_SECURITY_ALLOW_UNSAFE" => Some("true".into()),
+            "ARCADE_JOBS_LEASE_TTL" => Some("2m".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.admin_token, "admin-token-1");
+        assert!(c.plugin.security.allow_unsafe);
+        assert_eq!(c.jobs.lease_ttl, Seconds::secs(120));
+    }
+}

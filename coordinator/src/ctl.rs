@@ -1,0 +1,1 @@
+//! arcadectl (filled next)

@@ -1,0 +1,221 @@
+//! Prometheus metrics of one coordinator, in its own registry (no global state), served
+//! as text on `/metrics` by [`serve`].
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `error`, `cancelled`, `denied`) |
+//! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
+//! | `arcade_coordinator_served_bytes_total` | counter | `plugin_id`, `version` |
+//! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |
+//! | `arcade_coordinator_pushed_bytes_total` | counter | — |
+//! | `arcade_coordinator_jobs_created_total` | counter | — |
+//! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`) |
+//! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`) |
+//! | `arcade_coordinator_agent_registrations_total` | counter | — |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Labels of a plugin download.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownloadLabels {
+    /// Plugin id.
+    pub plugin_id: String,
+    /// Version.
+    pub version: String,
+    /// Outcome.
+    pub status: String,
+}
+
+/// Labels naming a plugin id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginIdLabel {
+    /// Plugin id.
+    pub plugin_id: String,
+}
+
+/// Labels naming a plugin version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginVersionLabels {
+    /// Plugin id.
+    pub plugin_id: String,
+    /// Version.
+    pub version: String,
+}
+
+/// A `status` or `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The status.
+    pub status: String,
+}
+
+/// An `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The outcome.
+    pub outcome: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+/// The coordinator's metric families.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// `plugin_download_total`.
+    pub downloads: Family<DownloadLabels, Counter>,
+    /// `plugin_download_duration_seconds`.
+    pub download_duration: Family<PluginIdLabel, Histogram, fn() -> Histogram>,
+    /// `arcade_coordinator_served_bytes_total`.
+    pub served_bytes: Family<PluginVersionLabels, Counter>,
+    /// `arcade_coordinator_push_total`.
+    pub pushes: Family<StatusLabel, Counter>,
+    /// `arcade_coordinator_pushed_bytes_total`.
+    pub pushed_bytes: Counter,
+    /// `arcade_coordinator_jobs_created_total`.
+    pub jobs_created: Counter,
+    /// `arcade_coordinator_jobs_finished_total`.
+    pub jobs_finished: Family<StatusLabel, Counter>,
+    /// `arcade_coordinator_leases_expired_total`.
+    pub leases_expired: Family<OutcomeLabel, Counter>,
+    /// `arcade_coordinator_agent_registrations_total`.
+    pub registrations: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let downloads = Family::<DownloadLabels, Counter>::default();
+        r.register(
+            "plugin_download",
+            "Plugin downloads served, by outcome",
+            downloads.clone(),
+        );
+        let download_duration =
+            Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        r.register(
+            "plugin_download_duration_seconds",
+            "Time to stream a plugin download",
+            download_duration.clone(),
+        );
+        let served_bytes = Family::<PluginVersionLabels, Counter>::default();
+        r.register(
+            "arcade_coordinator_served_bytes",
+            "Plugin content bytes sent to agents",
+            served_bytes.clone(),
+        );
+        let pushes = Family::<StatusLabel, Counter>::default();
+        r.register(
+            "arcade_coordinator_push",
+            "Plugin pushes, by outcome",
+            pushes.clone(),
+        );
+        let pushed_bytes = Counter::default();
+        r.register(
+            "arcade_coordinator_pushed_bytes",
+            "Plugin bytes received by pushes",
+            pushed_bytes.clone(),
+        );
+        let jobs_created = Counter::default();
+        r.register(
+            "arcade_coordinator_jobs_created",
+            "Jobs created",
+            jobs_created.clone(),
+        );
+        let jobs_finished = Family::<StatusLabel, Counter>::default();
+        r.register(
+            "arcade_coordinator_jobs_finished",
+            "Jobs finished, by status",
+            jobs_finished.clone(),
+        );
+        let leases_expired = Family::<OutcomeLabel, Counter>::default();
+        r.register(
+            "arcade_coordinator_leases_expired",
+            "Job leases that expired without a heartbeat",
+            leases_expired.clone(),
+        );
+        let registrations = Counter::default();
+        r.register(
+            "arcade_coordinator_agent_registrations",
+            "Agent Register calls accepted",
+            registrations.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            downloads,
+            download_duration,
+            served_bytes,
+            pushes,
+            pushed_bytes,
+            jobs_created,
+            jobs_finished,
+            leases_expired,
+            registrations,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// The address a metrics listener is bound to (for logs and tests).
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}

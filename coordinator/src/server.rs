@@ -1,0 +1,322 @@
+//! Starting and stopping a coordinator: opens the data directory (redb + blob store),
+//! resolves tokens, binds the gRPC and metrics listeners, and runs the servers and the
+//! lease sweeper until shut down.
+//!
+//! Ownership: [`RunningCoordinator`] owns every task it starts (gRPC server, metrics
+//! server, lease sweeper) through one `CancellationToken`; [`RunningCoordinator::shutdown`]
+//! cancels it and waits (bounded) for them to drain.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arcade_proto::v1::agent_server::AgentServer;
+use arcade_proto::v1::fleet_server::FleetServer;
+use arcade_proto::v1::jobs_server::JobsServer;
+use arcade_proto::v1::plugin_admin_server::PluginAdminServer;
+use rand::RngCore as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::blob::{BlobStore, FsBlobStore};
+use crate::config::{MetricsListen, ValidConfig};
+use crate::metrics::Metrics;
+use crate::service::Shared;
+use crate::service::agents::{AgentService, FleetService};
+use crate::service::jobs::JobsService;
+use crate::service::plugins::{PluginAdminService, collect_orphans};
+use crate::store::Store;
+
+/// Largest message the coordinator accepts (pushes, results) and sends (manifests of
+/// up to 2^20 chunks, chunks of up to 64 MiB).
+const MAX_DECODE: usize = 8 << 20;
+const MAX_ENCODE: usize = 80 << 20;
+
+/// Starting the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory or a token file cannot be used.
+    #[error("{what} {path}: {source}")]
+    Path {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata database cannot be opened.
+    #[error("cannot open metadata database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The blob store cannot be opened.
+    #[error("cannot open plugin storage: {0}")]
+    Blob(#[from] crate::blob::BlobError),
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reflection descriptors are broken (a build defect).
+    #[error("gRPC reflection setup failed: {0}")]
+    Reflection(String),
+    /// Start-up garbage collection failed.
+    #[error("start-up cleanup failed: {0}")]
+    Cleanup(String),
+}
+
+/// A coordinator that is serving.
+#[derive(Debug)]
+pub struct RunningCoordinator {
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound metrics address, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The admin token in force.
+    pub admin_token: String,
+    /// The enrollment token in force.
+    pub enroll_token: String,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+fn path_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
+    let path = path.to_owned();
+    move |source| StartError::Path { what, path, source }
+}
+
+/// The configured token, or the one in `<data_dir>/<file>`, or a new one written there.
+fn resolve_token(configured: &str, data_dir: &Path, file: &str) -> Result<String, StartError> {
+    if !configured.is_empty() {
+        return Ok(configured.to_owned());
+    }
+    let path = data_dir.join(file);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(path_err("cannot read token file", &path)(e)),
+    }
+    let mut raw = [0u8; 24];
+    rand::rng().fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write as _;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&tmp)
+            .map_err(path_err("cannot write token file", &tmp))?;
+        f.write_all(token.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(path_err("cannot write token file", &tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(path_err("cannot write token file", &path))?;
+    tracing::warn!(path = %path.display(), "no {file} configured: generated one");
+    Ok(token)
+}
+
+impl RunningCoordinator {
+    /// Opens storage, binds listeners and starts serving.
+    pub async fn start(config: ValidConfig) -> Result<Self, StartError> {
+        let data_dir = config.raw.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .map_err(path_err("cannot create data_dir", &data_dir))?;
+        let admin_token = resolve_token(&config.raw.admin_token, &data_dir, "admin.token")?;
+        let enroll_token = resolve_token(&config.raw.enroll_token, &data_dir, "enroll.token")?;
+        let db_path = data_dir.join("coordinator.redb");
+        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+            .await
+            .map_err(|e| StartError::Cleanup(e.to_string()))??;
+        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.storage_path)?);
+
+        let grpc_listener =
+            tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    key: "listen",
+                    addr: config.listen,
+                    source,
+                })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                key: "listen",
+                addr: config.listen,
+                source,
+            })?;
+        let metrics_listener = match config.metrics_listen {
+            MetricsListen::Off => None,
+            MetricsListen::At(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                |source| StartError::Bind {
+                    key: "metrics_listen",
+                    addr,
+                    source,
+                },
+            )?),
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared::new(
+            config,
+            store,
+            blobs,
+            &admin_token,
+            &enroll_token,
+            shutdown.clone(),
+        )?);
+        let removed = collect_orphans(&shared)
+            .await
+            .map_err(|s| StartError::Cleanup(s.message().to_owned()))?;
+        if removed > 0 {
+            tracing::info!(removed, "removed blobs left by an interrupted push");
+        }
+        let metrics = shared.metrics.clone();
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(arcade_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AgentServer<AgentService>>()
+            .await;
+        health_reporter
+            .set_serving::<JobsServer<JobsService>>()
+            .await;
+        health_reporter
+            .set_serving::<PluginAdminServer<PluginAdminService>>()
+            .await;
+        health_reporter
+            .set_serving::<FleetServer<FleetService>>()
+            .await;
+
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                AgentServer::new(AgentService(shared.clone()))
+                    .max_decoding_message_size(MAX_DECODE)
+                    .max_encoding_message_size(MAX_ENCODE),
+            )
+            .add_service(
+                PluginAdminServer::new(PluginAdminService(shared.clone()))
+                    .max_decoding_message_size(MAX_DECODE)
+                    .max_encoding_message_size(MAX_ENCODE),
+            )
+            .add_service(
+                JobsServer::new(JobsService(shared.clone()))
+                    .max_decoding_message_size(MAX_DECODE)
+                    .max_encoding_message_size(MAX_ENCODE),
+            )
+            .add_service(
+                FleetServer::new(FleetService(shared.clone()))
+                    .max_encoding_message_size(MAX_ENCODE),
+            );
+
+        let mut tasks = JoinSet::new();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        if let Some(listener) = metrics_listener {
+            let token = shutdown.clone();
+            let m = metrics.clone();
+            tasks.spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, m, token).await {
+                    tracing::error!(error = %e, "metrics server failed");
+                }
+            });
+        }
+        let token = shutdown.clone();
+        let sweeper = shared.clone();
+        let period = (sweeper.config.raw.jobs.lease_ttl.get() / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = sweeper.sweep_leases().await {
+                            tracing::error!(error = %e, "lease sweep failed");
+                        }
+                    }
+                }
+            }
+        });
+        tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, "coordinator started");
+        Ok(Self {
+            grpc_addr,
+            metrics_addr,
+            admin_token,
+            enroll_token,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// `http://ADDR` of the gRPC listener.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// The coordinator's metrics (for tests and embedding).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A token that stops the coordinator when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then drains.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.drain().await;
+    }
+
+    /// Stops accepting work and waits (at most 10 s) for in-flight calls to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.drain().await;
+    }
+
+    async fn drain(mut self) {
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown drain timed out; aborting remaining tasks");
+            self.tasks.abort_all();
+        }
+        tracing::info!("coordinator stopped");
+    }
+}

@@ -1,0 +1,475 @@
+//! The gRPC services and the state they share.
+//!
+//! [`Shared`] is owned by the running coordinator (see `server.rs`) and handed to every
+//! service as an `Arc`. It holds the durable store (redb), the blob store, the metrics,
+//! and three in-memory views rebuilt from the store at start: agents with their tokens
+//! and last-seen times, lease deadlines, and the manifest/plugin cache.
+//!
+//! - `plugins.rs` — `PluginAdmin` (push, list, get, enable, delete).
+//! - `agents.rs` — `Agent` (register, heartbeat, fetch jobs, results, manifests,
+//!   streamed downloads) and `Fleet`.
+//! - `jobs.rs` — `Jobs` (create, get, list).
+
+pub(crate) mod agents;
+pub(crate) mod jobs;
+pub(crate) mod plugins;
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arcade_p2p::labels::{self, Labels};
+use arcade_p2p::{ContentId, Manifest};
+use arcade_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+
+use crate::blob::{BlobError, BlobStore};
+use crate::config::ValidConfig;
+use crate::metrics::Metrics;
+use crate::store::{AgentRecord, LeaseChange, Store, StoreError, plugin_key};
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// SHA-256 of a token (tokens are stored and compared only as hashes).
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
+            StoreError::PluginNotFound(_) | StoreError::JobNotFound(_) => {
+                Status::not_found(e.to_string())
+            }
+            StoreError::PluginInUse { .. } | StoreError::NotLeased { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            StoreError::Db(_) | StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "metadata store failure");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<BlobError> for Status {
+    fn from(e: BlobError) -> Self {
+        match &e {
+            BlobError::StorageFull(_) => Status::resource_exhausted(format!(
+                "{e}; free space under plugin.storage_path and retry"
+            )),
+            BlobError::NotFound(_) | BlobError::Truncated { .. } => {
+                tracing::error!(error = %e, "stored content missing or damaged");
+                Status::data_loss(format!("{e}; re-push the plugin"))
+            }
+            BlobError::Io(_) => {
+                tracing::error!(error = %e, "blob storage failure");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// A small bounded map whose entries expire.
+pub(crate) struct TtlCache<K, V> {
+    ttl: Option<Duration>,
+    capacity: usize,
+    entries: Mutex<HashMap<K, (V, Instant)>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
+    /// `ttl = None` disables caching.
+    pub(crate) fn new(ttl: Option<Duration>, capacity: usize) -> Self {
+        Self {
+            ttl,
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<V> {
+        let ttl = self.ttl?;
+        let mut map = self.entries.lock().expect("cache lock");
+        match map.get(k) {
+            Some((v, at)) if at.elapsed() < ttl => Some(v.clone()),
+            Some(_) => {
+                map.remove(k);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub(crate) fn put(&self, k: K, v: V) {
+        let Some(ttl) = self.ttl else { return };
+        let mut map = self.entries.lock().expect("cache lock");
+        if map.len() >= self.capacity {
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+        }
+        map.insert(k, (v, Instant::now()));
+    }
+
+    pub(crate) fn remove(&self, k: &K) {
+        self.entries.lock().expect("cache lock").remove(k);
+    }
+}
+
+/// An agent as the coordinator sees it now.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveAgent {
+    pub(crate) record: AgentRecord,
+    /// Unix ms of the last authenticated call since start (0 = none).
+    pub(crate) last_seen: i64,
+}
+
+#[derive(Default)]
+pub(crate) struct Fleet {
+    pub(crate) agents: HashMap<String, LiveAgent>,
+    /// Token hash → agent id.
+    pub(crate) tokens: HashMap<[u8; 32], String>,
+}
+
+/// State shared by every service.
+pub(crate) struct Shared {
+    pub(crate) config: ValidConfig,
+    pub(crate) store: Store,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) metrics: Metrics,
+    pub(crate) admin_hash: [u8; 32],
+    pub(crate) enroll_hash: [u8; 32],
+    pub(crate) fleet: Mutex<Fleet>,
+    /// Job id → (agent id, lease deadline).
+    pub(crate) leases: Mutex<HashMap<String, (String, Instant)>>,
+    pub(crate) manifests: TtlCache<ContentId, Arc<Manifest>>,
+    pub(crate) plugins: TtlCache<String, pb::PluginVersion>,
+    /// Woken when a job is queued (new or re-queued).
+    pub(crate) job_queued: Notify,
+    /// Serialises blob commit/removal with the metadata write that references it.
+    pub(crate) content_lock: tokio::sync::Mutex<()>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
+    let value = req
+        .metadata()
+        .get(arcade_proto::AUTHORIZATION)
+        .ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+        })?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
+    value
+        .strip_prefix("Bearer ")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <token>`"))
+}
+
+impl Shared {
+    /// Builds the shared state, loading agents and leases from the store.
+    pub(crate) fn new(
+        config: ValidConfig,
+        store: Store,
+        blobs: Arc<dyn BlobStore>,
+        admin_token: &str,
+        enroll_token: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let mut fleet = Fleet::default();
+        for record in store.list_agents()? {
+            fleet
+                .tokens
+                .insert(record.token_hash, record.agent_id.clone());
+            fleet.agents.insert(
+                record.agent_id.clone(),
+                LiveAgent {
+                    record,
+                    last_seen: 0,
+                },
+            );
+        }
+        // Leases survive a restart; their agents get one full lease_ttl to heartbeat.
+        let deadline = Instant::now() + config.raw.jobs.lease_ttl.get();
+        let leases = store
+            .leases()?
+            .into_iter()
+            .map(|(job, agent)| (job, (agent, deadline)))
+            .collect();
+        let ttl = config
+            .raw
+            .plugin
+            .enable_cache
+            .then(|| config.raw.plugin.cache_ttl.get());
+        Ok(Self {
+            store,
+            blobs,
+            metrics: Metrics::new(),
+            admin_hash: token_hash(admin_token),
+            enroll_hash: token_hash(enroll_token),
+            fleet: Mutex::new(fleet),
+            leases: Mutex::new(leases),
+            manifests: TtlCache::new(ttl, 1024),
+            plugins: TtlCache::new(ttl, 4096),
+            job_queued: Notify::new(),
+            content_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+            config,
+        })
+    }
+
+    /// Checks the admin token.
+    pub(crate) fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if token_hash(bearer(req)?) == self.admin_hash {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid admin token"))
+        }
+    }
+
+    /// Checks the enrollment token.
+    pub(crate) fn require_enrollment<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if token_hash(bearer(req)?) == self.enroll_hash {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid enrollment token"))
+        }
+    }
+
+    /// Checks a per-agent token and that `claimed_id` (if given) is that agent.
+    pub(crate) fn require_agent<T>(
+        &self,
+        req: &Request<T>,
+        claimed_id: &str,
+    ) -> Result<AgentRecord, Status> {
+        let hash = token_hash(bearer(req)?);
+        let mut fleet = self.fleet.lock().expect("fleet lock");
+        let id = fleet
+            .tokens
+            .get(&hash)
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("invalid agent token: Register again"))?;
+        if !claimed_id.is_empty() && claimed_id != id {
+            return Err(Status::permission_denied(format!(
+                "this token belongs to agent {id}, not {claimed_id}"
+            )));
+        }
+        let live = fleet
+            .agents
+            .get_mut(&id)
+            .ok_or_else(|| Status::unauthenticated("unknown agent: Register again"))?;
+        live.last_seen = now_ms();
+        Ok(live.record.clone())
+    }
+
+    /// A plugin version, through the cache.
+    pub(crate) async fn plugin(&self, key: &str) -> Result<pb::PluginVersion, Status> {
+        if let Some(p) = self.plugins.get(&key.to_owned()) {
+            return Ok(p);
+        }
+        let k = key.to_owned();
+        let p = self
+            .store
+            .call(move |s| s.get_plugin(&k))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("plugin {key} does not exist")))?;
+        self.plugins.put(key.to_owned(), p.clone());
+        Ok(p)
+    }
+
+    /// A manifest, through the cache.
+    pub(crate) async fn manifest(&self, id: ContentId) -> Result<Arc<Manifest>, Status> {
+        if let Some(m) = self.manifests.get(&id) {
+            return Ok(m);
+        }
+        let m = self
+            .store
+            .call(move |s| s.get_manifest(&id))
+            .await?
+            .ok_or_else(|| {
+                Status::data_loss(format!(
+                    "manifest of content {id} is missing; re-push the plugin"
+                ))
+            })?;
+        let m = Arc::new(m);
+        self.manifests.put(id, m.clone());
+        Ok(m)
+    }
+
+    /// Forgets cached records of a plugin version.
+    pub(crate) fn invalidate_plugin(&self, key: &str) {
+        self.plugins.remove(&key.to_owned());
+    }
+
+    /// Whether `agent` may have `plugin`; the error names the missing labels.
+    pub(crate) fn check_acl(agent: &AgentRecord, plugin: &pb::PluginVersion) -> Result<(), Status> {
+        let required = allowed_labels(plugin);
+        if labels::satisfies(&agent.labels, &required) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "agent {} lacks the label(s) {} that plugin {} requires",
+                agent.agent_id,
+                labels::missing(&agent.labels, &required).join(", "),
+                plugin_key(&plugin.plugin_id, &plugin.version)
+            )))
+        }
+    }
+
+    /// Starts lease deadlines for freshly leased jobs.
+    pub(crate) fn start_leases(&self, agent_id: &str, jobs: &[pb::JobDetail]) {
+        let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
+        let mut leases = self.leases.lock().expect("lease lock");
+        for j in jobs {
+            leases.insert(j.job_id.clone(), (agent_id.to_owned(), deadline));
+        }
+    }
+
+    /// Extends every lease `agent_id` holds; returns the `claimed` jobs it does not hold.
+    pub(crate) fn extend_leases(&self, agent_id: &str, claimed: &[String]) -> Vec<String> {
+        let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
+        let mut leases = self.leases.lock().expect("lease lock");
+        for (agent, at) in leases.values_mut() {
+            if agent == agent_id {
+                *at = deadline;
+            }
+        }
+        claimed
+            .iter()
+            .filter(|j| leases.get(*j).is_none_or(|(a, _)| a != agent_id))
+            .cloned()
+            .collect()
+    }
+
+    /// Ends expired leases (re-queue or fail); called periodically by the server.
+    pub(crate) async fn sweep_leases(&self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let expired: Vec<(String, String)> = {
+            let leases = self.leases.lock().expect("lease lock");
+            leases
+                .iter()
+                .filter(|(_, (_, at))| *at <= now)
+                .map(|(j, (a, _))| (j.clone(), a.clone()))
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let max = self.config.raw.jobs.max_attempts;
+        let list = expired.clone();
+        let changes = self
+            .store
+            .call(move |s| s.expire_leases(&list, max, now_ms()))
+            .await?;
+        {
+            let mut leases = self.leases.lock().expect("lease lock");
+            for (job, agent) in &expired {
+                if leases
+                    .get(job)
+                    .is_some_and(|(a, at)| a == agent && *at <= now)
+                {
+                    leases.remove(job);
+                }
+            }
+        }
+        let mut requeued = false;
+        for change in changes {
+            let (outcome, job) = match &change {
+                LeaseChange::Requeued(j) => {
+                    requeued = true;
+                    ("requeued", j)
+                }
+                LeaseChange::Failed(j) => {
+                    self.metrics
+                        .jobs_finished
+                        .get_or_create(&crate::metrics::StatusLabel {
+                            status: "failed".into(),
+                        })
+                        .inc();
+                    ("failed", j)
+                }
+            };
+            tracing::warn!(job = %job, outcome, "job lease expired without a heartbeat");
+            self.metrics
+                .leases_expired
+                .get_or_create(&crate::metrics::OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .inc();
+        }
+        if requeued {
+            self.job_queued.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+/// A plugin's `allowed_labels` as a map.
+pub(crate) fn allowed_labels(plugin: &pb::PluginVersion) -> Labels {
+    plugin
+        .allowed_labels
+        .iter()
+        .map(|l| (l.key.clone(), l.value.clone()))
+        .collect()
+}
+
+/// Truncates a string to at most `max` bytes, keeping the end (on a char boundary).
+pub(crate) fn keep_tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_owned()
+}
+
+/// Shortens untrusted text for an error message.
+pub(crate) fn shown(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+pub(crate) type SharedRef = Arc<Shared>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_char_boundaries() {
+        assert_eq!(keep_tail("hello", 10), "hello");
+        assert_eq!(keep_tail("hello", 3), "llo");
+        assert_eq!(keep_tail("aé", 1), "");
+        assert_eq!(keep_tail("aéb", 2), "b");
+    }
+
+    #[test]
+    fn ttl_cache_expires_and_can_be_disabled() {
+        let c = TtlCache::new(Some(Duration::from_millis(30)), 2);
+        c.put(1, "a");
+        assert_eq!(c.get(&1), Some("a"));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(c.get(&1), None);
+        let off: TtlCache<i32, &str> = TtlCache::new(None, 2);
+        off.put(1, "a");
+        assert_eq!(off.get(&1), None);
+        c.put(1, "a");
+        c.put(2, "b");
+        c.put(3, "c");
+        assert!(c.entries.lock().unwrap().len() <= 2);
+    }
+}

@@ -1,0 +1,332 @@
+//! `PluginAdmin`: push (client-streaming, verified, content-addressed), list, get,
+//! enable/disable and delete.
+
+use std::sync::Arc;
+
+use arcade_p2p::labels;
+use arcade_p2p::{ContentId, ManifestBuilder, PluginRef};
+use arcade_proto::v1 as pb;
+use arcade_proto::v1::plugin_admin_server::PluginAdmin;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{SharedRef, now_ms, shown};
+use crate::metrics::StatusLabel;
+use crate::store::{PutOutcome, StoreError};
+
+/// The `PluginAdmin` service.
+pub(crate) struct PluginAdminService(pub(crate) SharedRef);
+
+/// True for content an agent can run: an ELF binary or a `#!` script.
+fn looks_executable(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
+}
+
+impl PluginAdminService {
+    fn count_push(&self, status: &str) {
+        self.0
+            .metrics
+            .pushes
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .inc();
+    }
+
+    async fn push(
+        &self,
+        mut stream: Streaming<pb::PushPluginRequest>,
+    ) -> Result<pb::PushPluginResponse, Status> {
+        let s = &self.0;
+        let header = match stream.message().await? {
+            Some(pb::PushPluginRequest {
+                msg: Some(pb::push_plugin_request::Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of PushPlugin must be the header (plugin_id, version, ...)",
+                ));
+            }
+        };
+        let r = PluginRef::new(&header.plugin_id, &header.version)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = r.key();
+        let allowed = labels::from_proto(&header.allowed_labels)
+            .map_err(|e| Status::invalid_argument(format!("allowed_labels: {e}")))?;
+        let plugin_type = if header.plugin_type.is_empty() {
+            r.id.first_segment().to_owned()
+        } else {
+            header.plugin_type.clone()
+        };
+        if plugin_type.len() > 64
+            || !plugin_type
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(Status::invalid_argument(format!(
+                "plugin_type {:?} is invalid: at most 64 characters of [a-z0-9._-]",
+                shown(&plugin_type)
+            )));
+        }
+        if header.name.len() > 256 || header.description.len() > 4096 {
+            return Err(Status::invalid_argument(
+                "name must be at most 256 bytes and description at most 4096 bytes",
+            ));
+        }
+        let expected: Option<ContentId> = if header.expected_sha256.is_empty() {
+            None
+        } else {
+            Some(
+                header
+                    .expected_sha256
+                    .parse()
+                    .map_err(|e| Status::invalid_argument(format!("expected_sha256: {e}")))?,
+            )
+        };
+        if expected.is_none() && s.config.raw.plugin.security.require_checksum {
+            return Err(Status::invalid_argument(
+                "expected_sha256 is required ([plugin.security] require_checksum = true): send the SHA-256 of the content",
+            ));
+        }
+        let k = key.clone();
+        let existing = s.store.call(move |st| st.get_plugin(&k)).await?;
+        if let (Some(old), Some(exp)) = (&existing, &expected) {
+            if old.sha256 != exp.to_hex() {
+                return Err(Status::already_exists(format!(
+                    "plugin {key} already exists with other content (sha256 {}); push a new version",
+                    old.sha256
+                )));
+            }
+        }
+
+        let max = s.config.raw.plugin.max_plugin_size.bytes();
+        let mut builder = ManifestBuilder::new(s.config.chunk_size)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut staged = s.blobs.stage().await?;
+        let mut head = Vec::with_capacity(4);
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(pb::push_plugin_request::Msg::Data(data)) => {
+                    let total = builder.size() + data.len() as u64;
+                    if total > max {
+                        return Err(Status::resource_exhausted(format!(
+                            "plugin {key} exceeds max_plugin_size ({} bytes): raise [plugin] max_plugin_size to accept it",
+                            max
+                        )));
+                    }
+                    if head.len() < 4 {
+                        let take = (4 - head.len()).min(data.len());
+                        head.extend_from_slice(&data[..take]);
+                    }
+                    builder
+                        .update(&data)
+                        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                    s.metrics.pushed_bytes.inc_by(data.len() as u64);
+                    staged.write(&data).await?;
+                }
+                Some(pb::push_plugin_request::Msg::Header(_)) => {
+                    return Err(Status::invalid_argument("PushPlugin header sent twice"));
+                }
+                None => {}
+            }
+        }
+        let manifest = builder.finish();
+        let id = manifest.content_id();
+        if let Some(exp) = expected {
+            if exp != id {
+                return Err(Status::invalid_argument(format!(
+                    "checksum mismatch for {key}: expected sha256 {exp} but the content hashes to {id}; nothing stored"
+                )));
+            }
+        }
+        if !s.config.raw.plugin.security.allow_unsafe && !looks_executable(&head) {
+            return Err(Status::invalid_argument(format!(
+                "plugin {key} is neither an ELF executable nor a script starting with `#!`; set [plugin.security] allow_unsafe = true to accept other content"
+            )));
+        }
+        if let Some(old) = existing {
+            return if old.sha256 == id.to_hex() {
+                Ok(pb::PushPluginResponse {
+                    plugin: Some(old),
+                    created: false,
+                })
+            } else {
+                Err(Status::already_exists(format!(
+                    "plugin {key} already exists with other content (sha256 {}); push a new version",
+                    old.sha256
+                )))
+            };
+        }
+        let record = pb::PluginVersion {
+            plugin_id: r.id.to_string(),
+            version: r.version.to_string(),
+            plugin_type,
+            name: if header.name.is_empty() {
+                r.id.to_string()
+            } else {
+                header.name.clone()
+            },
+            description: header.description.clone(),
+            sha256: id.to_hex(),
+            size: manifest.size(),
+            chunk_size: manifest.chunk_size(),
+            chunks: manifest.chunk_count(),
+            allowed_labels: labels::to_proto(&allowed),
+            enabled: true,
+            created_at: now_ms(),
+        };
+        let _guard = s.content_lock.lock().await;
+        staged.commit(&id).await?;
+        let rec = record.clone();
+        let m = manifest.clone();
+        match s.store.call(move |st| st.put_plugin(&rec, &m)).await {
+            Ok(PutOutcome::Created) => {
+                tracing::info!(plugin = %key, sha256 = %id, size = manifest.size(), chunks = manifest.chunk_count(), "plugin pushed");
+                Ok(pb::PushPluginResponse {
+                    plugin: Some(record),
+                    created: true,
+                })
+            }
+            Ok(PutOutcome::Existing) => {
+                let k = key.clone();
+                let stored = s.store.call(move |st| st.get_plugin(&k)).await?;
+                Ok(pb::PushPluginResponse {
+                    plugin: stored,
+                    created: false,
+                })
+            }
+            Err(e @ StoreError::Conflict { .. }) => {
+                // A concurrent push of other content won; drop our blob unless used.
+                let refs = s.store.call(|st| st.referenced_contents()).await?;
+                if !refs.contains(&id) {
+                    s.blobs.remove(&id).await?;
+                }
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PluginAdmin for PluginAdminService {
+    async fn push_plugin(
+        &self,
+        request: Request<Streaming<pb::PushPluginRequest>>,
+    ) -> Result<Response<pb::PushPluginResponse>, Status> {
+        self.0.require_admin(&request)?;
+        match self.push(request.into_inner()).await {
+            Ok(resp) => {
+                self.count_push(if resp.created { "created" } else { "existing" });
+                Ok(Response::new(resp))
+            }
+            Err(status) => {
+                self.count_push("rejected");
+                tracing::warn!(code = ?status.code(), message = status.message(), "plugin push rejected");
+                Err(status)
+            }
+        }
+    }
+
+    async fn list_plugins(
+        &self,
+        request: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let t = request.into_inner().plugin_type;
+        let plugins = self.0.store.call(move |s| s.list_plugins(&t)).await?;
+        Ok(Response::new(pb::ListPluginsResponse { plugins }))
+    }
+
+    async fn get_plugin(
+        &self,
+        request: Request<pb::GetPluginRequest>,
+    ) -> Result<Response<pb::GetPluginResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let req = request.into_inner();
+        let r = PluginRef::new(&req.plugin_id, &req.version)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plugin = self.0.plugin(&r.key()).await?;
+        let id: ContentId = plugin
+            .sha256
+            .parse()
+            .map_err(|_| Status::internal("stored plugin has a bad sha256"))?;
+        let manifest = self.0.manifest(id).await?;
+        Ok(Response::new(pb::GetPluginResponse {
+            plugin: Some(plugin),
+            manifest: Some(manifest.to_proto()),
+        }))
+    }
+
+    async fn set_plugin_enabled(
+        &self,
+        request: Request<pb::SetPluginEnabledRequest>,
+    ) -> Result<Response<pb::SetPluginEnabledResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let req = request.into_inner();
+        let key = PluginRef::new(&req.plugin_id, &req.version)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .key();
+        let k = key.clone();
+        let plugin = self
+            .0
+            .store
+            .call(move |s| s.set_enabled(&k, req.enabled))
+            .await?;
+        self.0.invalidate_plugin(&key);
+        tracing::info!(plugin = %key, enabled = plugin.enabled, "plugin enabled state changed");
+        Ok(Response::new(pb::SetPluginEnabledResponse {
+            plugin: Some(plugin),
+        }))
+    }
+
+    async fn delete_plugin(
+        &self,
+        request: Request<pb::DeletePluginRequest>,
+    ) -> Result<Response<pb::DeletePluginResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let req = request.into_inner();
+        let key = PluginRef::new(&req.plugin_id, &req.version)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .key();
+        let _guard = self.0.content_lock.lock().await;
+        let k = key.clone();
+        let orphan = self.0.store.call(move |s| s.delete_plugin(&k)).await?;
+        self.0.invalidate_plugin(&key);
+        let content_removed = match orphan {
+            Some(id) => {
+                self.0.manifests.remove(&id);
+                self.0.blobs.remove(&id).await?
+            }
+            None => false,
+        };
+        tracing::info!(plugin = %key, content_removed, "plugin deleted");
+        Ok(Response::new(pb::DeletePluginResponse { content_removed }))
+    }
+}
+
+/// Removes blobs no plugin references (left by a crash between the blob rename and the
+/// metadata commit). Called once at start, before serving.
+pub(crate) async fn collect_orphans(shared: &Arc<super::Shared>) -> Result<usize, Status> {
+    let refs = shared.store.call(|s| s.referenced_contents()).await?;
+    let mut removed = 0;
+    for id in shared.blobs.list().await? {
+        if !refs.contains(&id) && shared.blobs.remove(&id).await? {
+            tracing::info!(content = %id, "removed unreferenced blob");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_executable;
+
+    #[test]
+    fn executable_detection() {
+        assert!(looks_executable(b"#!/bin/sh\n"));
+        assert!(looks_executable(b"\x7fELF\x02"));
+        assert!(!looks_executable(b""));
+        assert!(!looks_executable(b"MZ\x90\x00"));
+    }
+}
