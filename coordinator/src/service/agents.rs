@@ -636,7 +636,12 @@ impl Agent for AgentService {
             )));
         }
         let ranges: Vec<(u32, u32)> = if req.ranges.is_empty() {
-            vec![(0, chunks)]
+            // The whole content (nothing to stream for empty content).
+            if chunks == 0 {
+                vec![]
+            } else {
+                vec![(0, chunks)]
+            }
         } else {
             req.ranges.iter().map(|r| (r.start, r.end)).collect()
         };
