@@ -9,6 +9,7 @@
 //!   state they share (auth, caches, lease deadlines).
 //! - [`metrics`] — Prometheus metrics in a per-coordinator registry.
 //! - [`server`] — start/stop: listeners, tasks, graceful shutdown.
+//! - [`cli`] — the `arcade-coordinator` command line.
 //! - [`ctl`] — the `arcadectl` admin client.
 //!
 //! See `DESIGN.md` beside this crate for the crash model and wire limits.
@@ -16,6 +17,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod blob;
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod metrics;

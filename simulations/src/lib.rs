@@ -1,4 +1,17 @@
-//! Arcade Mesh simulations: the one-command demo, the real-stack swarm run and the
-//! fleet-scale model. Its code arrives with the simulations issue; the crate exists now so
-//! the workspace tree matches the architecture in `DESIGN.md`.
+//! Arcade Mesh simulations and benchmarks, driven by the `arcade-sim` command:
+//!
+//! - [`demo`] — the one-command demo: an embedded coordinator on loopback, a generated
+//!   sample plugin pushed and fetched, verified chunk by chunk, by several agents.
+//! - [`bench`] — the coordinator benchmark: push and streamed-download throughput of a
+//!   large plugin over loopback and the coordinator's peak RSS, with `--json` figures.
+//! - [`process`] — real coordinator child processes (for benchmarks and crash tests).
+//! - [`client`] — authenticated gRPC clients and streaming push/download helpers.
+//! - [`sample`] — deterministic generated content and sample plugins.
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod bench;
+pub mod client;
+pub mod demo;
+pub mod process;
+pub mod sample;

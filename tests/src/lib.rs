@@ -1,8 +1,11 @@
 //! Harness for the end-to-end tests: real coordinators started in-process on
-//! 127.0.0.1:0 with their own temp data directory, and authenticated gRPC clients over
-//! real TCP.
+//! 127.0.0.1:0 with their own temp data directory (or as real processes, see
+//! [`process`]), reached with the authenticated clients of `arcade_simulations::client`
+//! over real TCP.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,40 +13,19 @@ use std::time::Duration;
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
 use arcade_p2p::settings::{ByteSize, Seconds};
-use arcade_proto::v1 as pb;
-use arcade_proto::v1::agent_client::AgentClient;
-use arcade_proto::v1::fleet_client::FleetClient;
-use arcade_proto::v1::jobs_client::JobsClient;
-use arcade_proto::v1::plugin_admin_client::PluginAdminClient;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Request, Status};
+pub use arcade_simulations::client::{Authed, Bearer, Conn};
 
 /// Admin token of test coordinators.
 pub const ADMIN: &str = "test-admin-token";
 /// Enrollment token of test coordinators.
 pub const ENROLL: &str = "test-enroll-token";
 
-/// Adds `authorization: Bearer <token>`.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut()
-            .insert(arcade_proto::AUTHORIZATION, self.0.clone());
-        Ok(req)
-    }
-}
-
-/// A channel with a bearer token.
-pub type Authed = InterceptedService<Channel, Bearer>;
-
 /// A test coordinator and its data directory.
 pub struct TestCoordinator {
     /// The running coordinator (None once stopped).
     pub running: Option<RunningCoordinator>,
+    /// How to reach it.
+    pub conn: Conn,
     /// The config it was started with.
     pub config: CoordinatorConfig,
     /// Its temp dir (data_dir is `dir/data`).
@@ -78,6 +60,7 @@ impl TestCoordinator {
             .await
             .expect("coordinator starts");
         Self {
+            conn: Conn::of(&running),
             running: Some(running),
             config,
             dir,
@@ -91,159 +74,23 @@ impl TestCoordinator {
         }
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".into();
-        self.running = Some(
-            RunningCoordinator::start(config.validate().expect("valid config"))
-                .await
-                .expect("coordinator restarts"),
-        );
-    }
-
-    fn running(&self) -> &RunningCoordinator {
-        self.running.as_ref().expect("coordinator is running")
+        let running = RunningCoordinator::start(config.validate().expect("valid config"))
+            .await
+            .expect("coordinator restarts");
+        self.conn = Conn::of(&running);
+        self.running = Some(running);
     }
 
     /// Blob storage root.
     pub fn storage(&self) -> PathBuf {
         self.config.data_dir.join("plugins")
     }
+}
 
-    /// A channel to the gRPC port.
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.running().url())
-            .expect("url")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    async fn authed(&self, token: &str) -> Authed {
-        let value = format!("Bearer {token}").parse().expect("ascii token");
-        InterceptedService::new(self.channel().await, Bearer(value))
-    }
-
-    /// PluginAdmin client with `token`.
-    pub async fn plugins(&self, token: &str) -> PluginAdminClient<Authed> {
-        PluginAdminClient::new(self.authed(token).await).max_decoding_message_size(80 << 20)
-    }
-
-    /// Jobs client with `token`.
-    pub async fn jobs(&self, token: &str) -> JobsClient<Authed> {
-        JobsClient::new(self.authed(token).await)
-    }
-
-    /// Fleet client with `token`.
-    pub async fn fleet(&self, token: &str) -> FleetClient<Authed> {
-        FleetClient::new(self.authed(token).await)
-    }
-
-    /// Agent client with `token`.
-    pub async fn agent(&self, token: &str) -> AgentClient<Authed> {
-        AgentClient::new(self.authed(token).await).max_decoding_message_size(80 << 20)
-    }
-
-    /// Registers an agent and returns its token.
-    pub async fn register(
-        &self,
-        agent_id: &str,
-        labels: &[(&str, &str)],
-        installed: Vec<pb::InstalledPlugin>,
-    ) -> String {
-        self.register_with(agent_id, labels, installed, "")
-            .await
-            .expect("register")
-    }
-
-    /// Registers an agent with a peer id.
-    pub async fn register_with(
-        &self,
-        agent_id: &str,
-        labels: &[(&str, &str)],
-        installed: Vec<pb::InstalledPlugin>,
-        peer_id: &str,
-    ) -> Result<String, Status> {
-        let mut c = self.agent(ENROLL).await;
-        let resp = c
-            .register(pb::RegisterRequest {
-                agent_id: agent_id.into(),
-                hostname: "test-host".into(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| pb::Label {
-                        key: (*k).into(),
-                        value: (*v).into(),
-                    })
-                    .collect(),
-                peer_id: peer_id.into(),
-                addrs: if peer_id.is_empty() {
-                    vec![]
-                } else {
-                    vec!["/ip4/127.0.0.1/tcp/4001".into()]
-                },
-                installed_plugins: installed,
-                ..Default::default()
-            })
-            .await?;
-        Ok(resp.into_inner().agent_token)
-    }
-
-    /// Pushes `data` as `id@version` in 256 KiB messages.
-    pub async fn push(
-        &self,
-        id: &str,
-        version: &str,
-        data: &[u8],
-        header: pb::PushPluginHeader,
-    ) -> Result<pb::PushPluginResponse, Status> {
-        let mut client = self.plugins(ADMIN).await;
-        let mut msgs = vec![pb::PushPluginRequest {
-            msg: Some(pb::push_plugin_request::Msg::Header(pb::PushPluginHeader {
-                plugin_id: id.into(),
-                version: version.into(),
-                ..header
-            })),
-        }];
-        for piece in data.chunks(256 * 1024) {
-            msgs.push(pb::PushPluginRequest {
-                msg: Some(pb::push_plugin_request::Msg::Data(piece.to_vec())),
-            });
-        }
-        client
-            .push_plugin(futures::stream::iter(msgs))
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    /// Downloads chunk ranges (empty = all) and returns (messages, concatenated bytes).
-    pub async fn download(
-        &self,
-        token: &str,
-        req: pb::DownloadPluginRequest,
-    ) -> Result<(Vec<pb::DownloadPluginResponse>, Vec<u8>), Status> {
-        let mut client = self.agent(token).await;
-        let mut stream = client.download_plugin(req).await?.into_inner();
-        let mut msgs = Vec::new();
-        let mut bytes = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            bytes.extend_from_slice(&msg.data);
-            msgs.push(msg);
-        }
-        Ok((msgs, bytes))
-    }
-
-    /// The text of `GET /metrics`.
-    pub async fn metrics_text(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.running().metrics_addr.expect("metrics enabled");
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+impl std::ops::Deref for TestCoordinator {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
     }
 }
 

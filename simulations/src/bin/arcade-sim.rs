@@ -1,0 +1,123 @@
+//! `arcade-sim` — the demo and the benchmarks. See the README.
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Arcade Mesh demo, simulations and benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "arcade-sim", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Embedded coordinator on loopback, a generated sample plugin pushed and fetched,
+    /// verified, by a small fleet; prints a table.
+    Demo {
+        /// Number of agents.
+        #[arg(long, default_value_t = 8)]
+        agents: usize,
+        /// Sample plugin size in MiB.
+        #[arg(long, default_value_t = 24)]
+        size_mib: u64,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push and streamed-download throughput and coordinator peak RSS, per plugin size.
+    BenchCoordinator {
+        /// Plugin sizes in MiB (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+        sizes_mib: Vec<u64>,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs a coordinator exactly like `arcade-coordinator ARGS…` (used by benchmarks
+    /// to measure a coordinator in its own process).
+    #[command(hide = true)]
+    Coordinator {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Cmd::Coordinator { args } = args.command {
+        let argv = std::iter::once(OsString::from("arcade-coordinator")).chain(args);
+        return arcade_coordinator::cli::main_with(argv);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("arcade-sim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            Cmd::Demo {
+                agents,
+                size_mib,
+                json,
+            } => {
+                let report =
+                    arcade_simulations::demo::run(&arcade_simulations::demo::DemoOptions {
+                        agents,
+                        size_mib,
+                    })
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", report.table());
+                }
+                anyhow::ensure!(
+                    report.all_verified(),
+                    "some agents did not get a verified plugin"
+                );
+                Ok(())
+            }
+            Cmd::BenchCoordinator { sizes_mib, json } => {
+                let figures = arcade_simulations::bench::run(&sizes_mib).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&figures)?);
+                } else {
+                    println!(
+                        "{:>10} {:>12} {:>15} {:>20} {:>24}",
+                        "size MiB",
+                        "push MB/s",
+                        "download MB/s",
+                        "peak RSS push MiB",
+                        "peak RSS download MiB"
+                    );
+                    for f in &figures {
+                        println!(
+                            "{:>10} {:>12.1} {:>15.1} {:>20.1} {:>24.1}",
+                            f.size_bytes >> 20,
+                            f.push_mb_per_s,
+                            f.download_mb_per_s,
+                            f.peak_rss_after_push_mib,
+                            f.peak_rss_after_download_mib
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Cmd::Coordinator { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("arcade-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Authenticated gRPC clients of a coordinator and streaming helpers: push from memory,
+//! register agents, download chunk ranges, read `/metrics`.
+
+use std::time::Duration;
+
+use arcade_coordinator::RunningCoordinator;
+use arcade_proto::v1 as pb;
+use arcade_proto::v1::agent_client::AgentClient;
+use arcade_proto::v1::fleet_client::FleetClient;
+use arcade_proto::v1::jobs_client::JobsClient;
+use arcade_proto::v1::plugin_admin_client::PluginAdminClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// Largest message clients accept (manifests of 2^20 chunks).
+pub const MAX_MESSAGE: usize = 80 << 20;
+
+/// Adds `authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut()
+            .insert(arcade_proto::AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// A channel with a bearer token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// How to reach a coordinator: its gRPC URL and metrics address.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Metrics listener, if any.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Admin token.
+    pub admin_token: String,
+    /// Enrollment token.
+    pub enroll_token: String,
+}
+
+impl Conn {
+    /// The connection of an in-process coordinator.
+    pub fn of(running: &RunningCoordinator) -> Self {
+        Self {
+            url: running.url(),
+            metrics_addr: running.metrics_addr,
+            admin_token: running.admin_token.clone(),
+            enroll_token: running.enroll_token.clone(),
+        }
+    }
+
+    /// A channel to the gRPC port.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    async fn authed(&self, token: &str) -> Authed {
+        let value = format!("Bearer {token}").parse().expect("ascii token");
+        InterceptedService::new(self.channel().await, Bearer(value))
+    }
+
+    /// PluginAdmin client with `token`.
+    pub async fn plugins(&self, token: &str) -> PluginAdminClient<Authed> {
+        PluginAdminClient::new(self.authed(token).await).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Jobs client with `token`.
+    pub async fn jobs(&self, token: &str) -> JobsClient<Authed> {
+        JobsClient::new(self.authed(token).await)
+    }
+
+    /// Fleet client with `token`.
+    pub async fn fleet(&self, token: &str) -> FleetClient<Authed> {
+        FleetClient::new(self.authed(token).await)
+    }
+
+    /// Agent client with `token`.
+    pub async fn agent(&self, token: &str) -> AgentClient<Authed> {
+        AgentClient::new(self.authed(token).await).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Registers an agent and returns its token.
+    pub async fn register(
+        &self,
+        agent_id: &str,
+        labels: &[(&str, &str)],
+        installed: Vec<pb::InstalledPlugin>,
+    ) -> String {
+        self.register_with(agent_id, labels, installed, "")
+            .await
+            .expect("register")
+    }
+
+    /// Registers an agent with a peer id.
+    pub async fn register_with(
+        &self,
+        agent_id: &str,
+        labels: &[(&str, &str)],
+        installed: Vec<pb::InstalledPlugin>,
+        peer_id: &str,
+    ) -> Result<String, Status> {
+        let mut c = self.agent(&self.enroll_token).await;
+        let resp = c
+            .register(pb::RegisterRequest {
+                agent_id: agent_id.into(),
+                hostname: "test-host".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| pb::Label {
+                        key: (*k).into(),
+                        value: (*v).into(),
+                    })
+                    .collect(),
+                peer_id: peer_id.into(),
+                addrs: if peer_id.is_empty() {
+                    vec![]
+                } else {
+                    vec!["/ip4/127.0.0.1/tcp/4001".into()]
+                },
+                installed_plugins: installed,
+                ..Default::default()
+            })
+            .await?;
+        Ok(resp.into_inner().agent_token)
+    }
+
+    /// Pushes `data` as `id@version` in 256 KiB messages.
+    pub async fn push(
+        &self,
+        id: &str,
+        version: &str,
+        data: &[u8],
+        header: pb::PushPluginHeader,
+    ) -> Result<pb::PushPluginResponse, Status> {
+        let pieces: Vec<Vec<u8>> = data.chunks(256 * 1024).map(<[u8]>::to_vec).collect();
+        self.push_stream(id, version, header, pieces).await
+    }
+
+    /// Pushes the blocks `data` yields as `id@version`; blocks are pulled only as fast
+    /// as the coordinator takes them, so memory stays bounded.
+    pub async fn push_stream<I>(
+        &self,
+        id: &str,
+        version: &str,
+        header: pb::PushPluginHeader,
+        data: I,
+    ) -> Result<pb::PushPluginResponse, Status>
+    where
+        I: IntoIterator<Item = Vec<u8>>,
+        I::IntoIter: Send + 'static,
+    {
+        let mut client = self.plugins(&self.admin_token).await;
+        let header = pb::PushPluginRequest {
+            msg: Some(pb::push_plugin_request::Msg::Header(pb::PushPluginHeader {
+                plugin_id: id.into(),
+                version: version.into(),
+                ..header
+            })),
+        };
+        let body = data.into_iter().map(|piece| pb::PushPluginRequest {
+            msg: Some(pb::push_plugin_request::Msg::Data(piece)),
+        });
+        let msgs = std::iter::once(header).chain(body);
+        client
+            .push_plugin(futures::stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Downloads chunk ranges (empty = all) and returns (messages, concatenated bytes).
+    pub async fn download(
+        &self,
+        token: &str,
+        req: pb::DownloadPluginRequest,
+    ) -> Result<(Vec<pb::DownloadPluginResponse>, Vec<u8>), Status> {
+        let mut msgs = Vec::new();
+        let mut bytes = Vec::new();
+        self.download_each(token, req, |msg| {
+            bytes.extend_from_slice(&msg.data);
+            msgs.push(msg);
+        })
+        .await?;
+        Ok((msgs, bytes))
+    }
+
+    /// Downloads chunk ranges (empty = all), handing each message to `each` as it
+    /// arrives (nothing is accumulated).
+    pub async fn download_each(
+        &self,
+        token: &str,
+        req: pb::DownloadPluginRequest,
+        mut each: impl FnMut(pb::DownloadPluginResponse),
+    ) -> Result<(), Status> {
+        let mut client = self.agent(token).await;
+        let mut stream = client.download_plugin(req).await?.into_inner();
+        while let Some(msg) = stream.message().await? {
+            each(msg);
+        }
+        Ok(())
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("metrics enabled");
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+}
