@@ -361,7 +361,8 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let cases: Vec<(fn(&mut CoordinatorConfig), &str)> = vec![
+        type Mutation = fn(&mut CoordinatorConfig);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.listen = "nowhere".into(), "listen"),
             (|c| c.metrics_listen = "x".into(), "metrics_listen"),
             (

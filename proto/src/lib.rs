@@ -18,3 +18,77 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("arca
 
 /// The metadata key carrying `Bearer <token>` on every authenticated call.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Largest gRPC message either side needs to decode: a manifest of 2^20 chunks
+/// (~35 MB) or a chunk of up to 64 MiB, with headroom.
+pub const MAX_MESSAGE: usize = 80 << 20;
+
+/// Client-side authentication: adds `authorization: Bearer <token>` to every call.
+pub mod auth {
+    use tonic::metadata::{Ascii, MetadataValue};
+
+    /// A token that cannot travel as gRPC metadata.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct InvalidToken;
+
+    impl std::fmt::Display for InvalidToken {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a token must be non-empty printable ASCII without whitespace")
+        }
+    }
+
+    impl std::error::Error for InvalidToken {}
+
+    /// The interceptor; clone it into every client of a channel.
+    #[derive(Clone)]
+    pub struct Bearer(MetadataValue<Ascii>);
+
+    impl std::fmt::Debug for Bearer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Bearer(<redacted>)")
+        }
+    }
+
+    impl Bearer {
+        /// Checks that `token` can travel as metadata (marked sensitive).
+        pub fn new(token: &str) -> Result<Self, InvalidToken> {
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(InvalidToken);
+            }
+            let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| InvalidToken)?;
+            value.set_sensitive(true);
+            Ok(Self(value))
+        }
+    }
+
+    impl tonic::service::Interceptor for Bearer {
+        fn call(
+            &mut self,
+            mut req: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            req.metadata_mut()
+                .insert(super::AUTHORIZATION, self.0.clone());
+            Ok(req)
+        }
+    }
+
+    /// A channel whose calls carry a bearer token.
+    pub type Authed =
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tokens_are_checked() {
+            assert!(Bearer::new("abc-123").is_ok());
+            assert!(Bearer::new("").is_err());
+            assert!(Bearer::new("has space").is_err());
+            assert!(Bearer::new("tøken").is_err());
+            assert!(Bearer::new("line\nbreak").is_err());
+        }
+    }
+}

@@ -4,33 +4,16 @@
 use std::time::Duration;
 
 use arcade_coordinator::RunningCoordinator;
+use arcade_proto::MAX_MESSAGE;
+pub use arcade_proto::auth::{Authed, Bearer};
 use arcade_proto::v1 as pb;
 use arcade_proto::v1::agent_client::AgentClient;
 use arcade_proto::v1::fleet_client::FleetClient;
 use arcade_proto::v1::jobs_client::JobsClient;
 use arcade_proto::v1::plugin_admin_client::PluginAdminClient;
-use tonic::metadata::MetadataValue;
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
-
-/// Largest message clients accept (manifests of 2^20 chunks).
-pub const MAX_MESSAGE: usize = 80 << 20;
-
-/// Adds `authorization: Bearer <token>`.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut()
-            .insert(arcade_proto::AUTHORIZATION, self.0.clone());
-        Ok(req)
-    }
-}
-
-/// A channel with a bearer token.
-pub type Authed = InterceptedService<Channel, Bearer>;
 
 /// How to reach a coordinator: its gRPC URL and metrics address.
 #[derive(Debug, Clone)]
@@ -56,19 +39,20 @@ impl Conn {
         }
     }
 
-    /// A channel to the gRPC port.
+    /// A channel to the gRPC port; it connects on first use, so an unreachable
+    /// coordinator shows up as an `UNAVAILABLE` status of the call.
     pub async fn channel(&self) -> Channel {
+        // The URL comes from a started coordinator (`http://ADDR`), so it parses.
         Channel::from_shared(self.url.clone())
-            .expect("url")
+            .expect("coordinator URL is http://ADDR")
             .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect")
+            .connect_lazy()
     }
 
     async fn authed(&self, token: &str) -> Authed {
-        let value = format!("Bearer {token}").parse().expect("ascii token");
-        InterceptedService::new(self.channel().await, Bearer(value))
+        // Tokens here are coordinator-issued hex or configured ASCII test tokens.
+        let bearer = Bearer::new(token).expect("token is printable ASCII");
+        InterceptedService::new(self.channel().await, bearer)
     }
 
     /// PluginAdmin client with `token`.

@@ -1,1 +1,0 @@
-//! arcadectl (filled next)

@@ -1,0 +1,384 @@
+//! `arcadectl`, the admin client of the coordinator.
+//!
+//! - this file — the command line (clap) and [`run`], which maps every failure to one
+//!   `arcadectl: <reason>` line on stderr and a non-zero exit code;
+//! - `client` — the connection: admin token on every call, 80 MiB decode limit;
+//! - `push` — `plugin push` (streaming hash, then a client-streamed upload);
+//! - `commands` — the other plugin, job and agent commands;
+//! - `output` — the `--json` shapes and the human tables;
+//! - `error` — [`CtlError`].
+
+mod client;
+mod commands;
+mod error;
+mod output;
+mod push;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use client::{Connection, MAX_DECODE};
+pub use error::{CtlError, code_words};
+pub use output::{
+    AgentJson, InstalledPluginJson, JobJson, PluginJson, PluginResultJson, RequiredPluginJson,
+};
+
+/// Default coordinator URL.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
+/// Admin client of the Arcade Mesh coordinator: plugins, jobs and agents.
+#[derive(Debug, Parser)]
+#[command(name = "arcadectl", version)]
+pub struct Cli {
+    /// Coordinator gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "ARCADE_COORDINATOR",
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL"
+    )]
+    pub coordinator: String,
+    /// Admin token, sent as `authorization: Bearer <token>`.
+    #[arg(
+        long,
+        global = true,
+        env = "ARCADE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Plugin registry: push, list, get, enable, disable, delete.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Jobs: create, get, list, wait.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Agents: list.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+/// `arcadectl plugin …`.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Upload a plugin version (an executable or `#!` script).
+    Push(PushArgs),
+    /// List plugin versions.
+    List {
+        /// Only plugins of this type.
+        #[arg(long = "type", value_name = "T")]
+        plugin_type: Option<String>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one plugin version.
+    Get {
+        /// `ID@VERSION`.
+        #[arg(value_name = "ID@V")]
+        reference: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop assigning a plugin version to new jobs.
+    Disable {
+        /// `ID@VERSION`.
+        #[arg(value_name = "ID@V")]
+        reference: String,
+    },
+    /// Allow a disabled plugin version again.
+    Enable {
+        /// `ID@VERSION`.
+        #[arg(value_name = "ID@V")]
+        reference: String,
+    },
+    /// Delete a plugin version (and its content if no other version uses it).
+    Delete {
+        /// `ID@VERSION`.
+        #[arg(value_name = "ID@V")]
+        reference: String,
+    },
+}
+
+/// `arcadectl plugin push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The plugin file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Plugin id: lowercase path segments, e.g. `notify/slack`.
+    #[arg(long, value_name = "ID")]
+    pub id: String,
+    /// Semantic version, e.g. `1.2.0`.
+    #[arg(long, value_name = "V")]
+    pub version: String,
+    /// Plugin type (default: the id's first segment).
+    #[arg(long = "type", value_name = "T")]
+    pub plugin_type: Option<String>,
+    /// SHA-256 of the file (hex); computed when absent.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    /// Only agents with this label may get the plugin (repeatable).
+    #[arg(long, value_name = "K=V")]
+    pub allowed_label: Vec<String>,
+    /// Display name (default: the id).
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Description.
+    #[arg(long, value_name = "D")]
+    pub description: Option<String>,
+    /// Print the plugin as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `arcadectl job …`.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Queue a job; prints its id.
+    Create(CreateArgs),
+    /// Show one job.
+    Get {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this status.
+        #[arg(long, value_name = "S")]
+        status: Option<StatusArg>,
+        /// At most this many (default 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a job finishes; exit 0 only if it succeeded.
+    Wait {
+        /// Job id.
+        id: String,
+        /// Give up after this many seconds (default: wait forever).
+        #[arg(long, value_name = "S", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+    },
+}
+
+/// `arcadectl job create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A plugin the job needs: `ID@V[:stage,stage]` with stages among before,
+    /// on_success, on_failure, after (none = all). Repeatable.
+    #[arg(long, value_name = "ID@V[:STAGES]")]
+    pub plugin: Vec<String>,
+    /// Only agents with this label may run the job (repeatable).
+    #[arg(long, value_name = "K=V")]
+    pub label: Vec<String>,
+    /// A job parameter (repeatable).
+    #[arg(long, value_name = "K=V")]
+    pub param: Vec<String>,
+    /// Job name.
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Commands timeout in seconds (default: the agent's).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u32>,
+    /// A command (repeatable; run before the trailing command).
+    #[arg(long, value_name = "CMD")]
+    pub cmd: Vec<String>,
+    /// The words after `--`, joined with spaces into one command.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// A job status filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    /// Waiting for an agent.
+    Queued,
+    /// Leased to an agent.
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished unsuccessfully.
+    Failed,
+}
+
+/// `arcadectl agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List the agents the coordinator knows.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+/// Where and as whom to connect.
+pub(crate) struct Ctx {
+    url: String,
+    token: Option<String>,
+}
+
+impl Ctx {
+    async fn connect(&self) -> Result<Connection, CtlError> {
+        Connection::connect(&self.url, self.token.as_deref()).await
+    }
+}
+
+/// Parses repeated `K=V` labels; a repeated key is an error.
+pub(crate) fn parse_labels(
+    given: &[String],
+    option: &str,
+) -> Result<BTreeMap<String, String>, CtlError> {
+    let mut out = BTreeMap::new();
+    for s in given {
+        let (k, v) = arcade_p2p::labels::parse_label(s)
+            .map_err(|e| CtlError::Usage(format!("{option}: {e}")))?;
+        if out.insert(k.clone(), v).is_some() {
+            return Err(CtlError::Usage(format!(
+                "{option}: label {k:?} given twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+impl Cli {
+    /// Parses the command line. Help and version are printed (exit 0); a usage error is
+    /// printed as one `arcadectl: …` line (exit 2). Either way the caller exits with the
+    /// returned code.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, ExitCode>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        match Self::try_parse_from(args) {
+            Ok(cli) => Ok(cli),
+            Err(e) if !e.use_stderr() => {
+                let _ = e.print();
+                Err(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                // Clap's message: the reason (maybe over several lines), a blank line,
+                // then usage. Keep the reason, on one line.
+                let text = e.to_string();
+                let reason = text
+                    .lines()
+                    .map(str::trim)
+                    .skip_while(|l| l.is_empty())
+                    .take_while(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let reason = reason.strip_prefix("error: ").unwrap_or(&reason);
+                let reason = if reason.is_empty() {
+                    "invalid arguments"
+                } else {
+                    reason
+                };
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "arcadectl: {reason} (see arcadectl --help)"
+                );
+                Err(ExitCode::from(2))
+            }
+        }
+    }
+}
+
+/// Runs a parsed command line; failures print one `arcadectl: <reason>` line on stderr.
+pub fn run(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "arcadectl: cannot start the async runtime: {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctx = Ctx {
+        url: cli.coordinator,
+        token: cli.token,
+    };
+    match runtime.block_on(commands::dispatch(&ctx, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "arcadectl: {}", e.one_line());
+            e.exit_code()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_parses() {
+        let cli = Cli::parse_args([
+            "arcadectl",
+            "--token",
+            "t",
+            "job",
+            "create",
+            "--plugin",
+            "a@1.0.0:before",
+            "--cmd",
+            "make",
+            "--",
+            "echo",
+            "hi",
+        ])
+        .unwrap();
+        let Command::Job(JobCommand::Create(args)) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(args.command, ["echo", "hi"]);
+        assert_eq!(args.cmd, ["make"]);
+        assert!(Cli::parse_args(["arcadectl", "nope"]).is_err());
+        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("x").is_err());
+    }
+
+    #[test]
+    fn labels_reject_repeats_and_bad_keys() {
+        let l = parse_labels(&["a=1".into(), "b=".into()], "--label").unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(parse_labels(&["a=1".into(), "a=2".into()], "--label").is_err());
+        assert!(parse_labels(&["noequals".into()], "--label").is_err());
+        assert!(parse_labels(&["b d=1".into()], "--label").is_err());
+    }
+}
