@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use arcade_p2p::{ContentId, Manifest};
+use arcade_p2p::ContentId;
 use arcade_proto::v1 as pb;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -98,50 +98,12 @@ async fn one(size: u64) -> anyhow::Result<SizeFigures> {
     let rss_push = proc.peak_rss().unwrap_or(0);
 
     let token = conn.register_with("bench-agent", &[], vec![], "").await?;
-    let manifest = conn
-        .agent(&token)
-        .await
-        .get_manifest(pb::GetManifestRequest {
-            plugin_id: "bench/plugin".into(),
-            version: "1.0.0".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .manifest
-        .ok_or_else(|| anyhow::anyhow!("no manifest"))?;
-    let manifest = Manifest::from_proto(&manifest)?;
-    let mut sha = Sha256::new();
-    let mut received = 0u64;
-    let mut bad = None;
     let started = Instant::now();
-    conn.download_each(
-        &token,
-        pb::DownloadPluginRequest {
-            plugin_id: "bench/plugin".into(),
-            version: "1.0.0".into(),
-            ..Default::default()
-        },
-        |msg| {
-            if bad.is_none() {
-                if let Err(e) = manifest.verify_chunk(msg.chunk_index, &msg.data) {
-                    bad = Some(e);
-                }
-            }
-            sha.update(&msg.data);
-            received += msg.data.len() as u64;
-        },
-    )
-    .await?;
+    // Verified as it streams: every chunk against the manifest, the whole against the
+    // manifest's SHA-256 — which the push already checked against `expected`.
+    let received = conn.fetch_verified(&token, "bench/plugin", "1.0.0").await?;
     let download_secs = started.elapsed().as_secs_f64();
-    if let Some(e) = bad {
-        anyhow::bail!("downloaded chunk failed verification: {e}");
-    }
     anyhow::ensure!(received == size, "received {received} of {size} bytes");
-    anyhow::ensure!(
-        ContentId::from_bytes(sha.finalize().into()) == expected,
-        "downloaded content has the wrong SHA-256"
-    );
     let rss_download = proc.peak_rss().unwrap_or(0);
     proc.kill9();
     let mb = size as f64 / 1e6;

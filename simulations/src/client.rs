@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use arcade_coordinator::RunningCoordinator;
+use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::MAX_MESSAGE;
 pub use arcade_proto::auth::{Authed, Bearer};
 use arcade_proto::v1 as pb;
@@ -11,6 +12,7 @@ use arcade_proto::v1::agent_client::AgentClient;
 use arcade_proto::v1::fleet_client::FleetClient;
 use arcade_proto::v1::jobs_client::JobsClient;
 use arcade_proto::v1::plugin_admin_client::PluginAdminClient;
+use sha2::{Digest, Sha256};
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -193,6 +195,58 @@ impl Conn {
             each(msg);
         }
         Ok(())
+    }
+
+    /// Fetches a plugin as `token`, checking every chunk's BLAKE3 against the
+    /// manifest as it arrives and the whole SHA-256 at the end, without keeping the
+    /// bytes; returns the bytes received.
+    pub async fn fetch_verified(
+        &self,
+        token: &str,
+        plugin: &str,
+        version: &str,
+    ) -> anyhow::Result<u64> {
+        let mut client = self.agent(token).await;
+        let resp = client
+            .get_manifest(pb::GetManifestRequest {
+                plugin_id: plugin.into(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let manifest = Manifest::from_proto(
+            resp.manifest
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("coordinator sent no manifest"))?,
+        )?;
+        let mut sha = Sha256::new();
+        let mut bytes = 0u64;
+        let mut bad = None;
+        self.download_each(
+            token,
+            pb::DownloadPluginRequest {
+                plugin_id: plugin.into(),
+                version: version.into(),
+                ..Default::default()
+            },
+            |msg| {
+                if bad.is_none() {
+                    if let Err(e) = manifest.verify_chunk(msg.chunk_index, &msg.data) {
+                        bad = Some(e);
+                    }
+                }
+                sha.update(&msg.data);
+                bytes += msg.data.len() as u64;
+            },
+        )
+        .await?;
+        if let Some(e) = bad {
+            anyhow::bail!("chunk check failed: {e}");
+        }
+        let got = ContentId::from_bytes(sha.finalize().into());
+        anyhow::ensure!(got == manifest.content_id(), "SHA-256 mismatch: got {got}");
+        Ok(bytes)
     }
 
     /// The text of `GET /metrics`.

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
+use arcade_p2p::ContentId;
 use arcade_p2p::settings::ByteSize;
-use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::client::Conn;
 use crate::sample::sample_plugin;
@@ -101,57 +100,6 @@ impl DemoReport {
     }
 }
 
-/// Fetches a plugin as `token`, verifying each chunk and the whole; returns bytes
-/// received.
-async fn fetch_verified(
-    conn: &Conn,
-    token: &str,
-    plugin: &str,
-    version: &str,
-) -> anyhow::Result<u64> {
-    let mut client = conn.agent(token).await;
-    let resp = client
-        .get_manifest(pb::GetManifestRequest {
-            plugin_id: plugin.into(),
-            version: version.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let manifest = Manifest::from_proto(
-        resp.manifest
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("coordinator sent no manifest"))?,
-    )?;
-    let mut sha = Sha256::new();
-    let mut bytes = 0u64;
-    let mut bad = None;
-    conn.download_each(
-        token,
-        pb::DownloadPluginRequest {
-            plugin_id: plugin.into(),
-            version: version.into(),
-            ..Default::default()
-        },
-        |msg| {
-            if bad.is_none() {
-                if let Err(e) = manifest.verify_chunk(msg.chunk_index, &msg.data) {
-                    bad = Some(e);
-                }
-            }
-            sha.update(&msg.data);
-            bytes += msg.data.len() as u64;
-        },
-    )
-    .await?;
-    if let Some(e) = bad {
-        anyhow::bail!("chunk check failed: {e}");
-    }
-    let got = ContentId::from_bytes(sha.finalize().into());
-    anyhow::ensure!(got == manifest.content_id(), "SHA-256 mismatch: got {got}");
-    Ok(bytes)
-}
-
 /// Runs the demo.
 pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let dir = tempfile::tempdir()?;
@@ -202,7 +150,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
             let started = Instant::now();
             let outcome = tokio::time::timeout(
                 Duration::from_secs(120),
-                fetch_verified(&conn, &token, id, version),
+                conn.fetch_verified(&token, id, version),
             )
             .await;
             let secs = started.elapsed().as_secs_f64();

@@ -403,23 +403,10 @@ impl Agent for AgentService {
         };
         let r = record.clone();
         s.store.call(move |st| st.register_agent(&r)).await?;
-        {
-            let mut fleet = s.fleet.lock().expect("fleet lock");
-            if let Some(old) = fleet.agents.get(&record.agent_id) {
-                let old_hash = old.record.token_hash;
-                fleet.tokens.remove(&old_hash);
-            }
-            fleet
-                .tokens
-                .insert(record.token_hash, record.agent_id.clone());
-            fleet.agents.insert(
-                record.agent_id.clone(),
-                LiveAgent {
-                    record: record.clone(),
-                    last_seen: now_ms(),
-                },
-            );
-        }
+        s.fleet
+            .lock()
+            .expect("fleet lock")
+            .insert(record.clone(), now_ms());
         s.metrics.registrations.inc();
         tracing::info!(agent = %record.agent_id, labels = ?record.labels, installed = record.installed.len(), "agent registered");
         let jobs = &s.config.raw.jobs;

@@ -143,6 +143,20 @@ pub(crate) struct Fleet {
     pub(crate) tokens: HashMap<[u8; 32], String>,
 }
 
+impl Fleet {
+    /// Adds or replaces an agent; its previous token (if any) stops being valid.
+    pub(crate) fn insert(&mut self, record: AgentRecord, last_seen: i64) {
+        if let Some(old) = self.agents.get(&record.agent_id) {
+            let old_hash = old.record.token_hash;
+            self.tokens.remove(&old_hash);
+        }
+        self.tokens
+            .insert(record.token_hash, record.agent_id.clone());
+        self.agents
+            .insert(record.agent_id.clone(), LiveAgent { record, last_seen });
+    }
+}
+
 /// State shared by every service.
 pub(crate) struct Shared {
     pub(crate) config: ValidConfig,
@@ -191,16 +205,7 @@ impl Shared {
     ) -> Result<Self, StoreError> {
         let mut fleet = Fleet::default();
         for record in store.list_agents()? {
-            fleet
-                .tokens
-                .insert(record.token_hash, record.agent_id.clone());
-            fleet.agents.insert(
-                record.agent_id.clone(),
-                LiveAgent {
-                    record,
-                    last_seen: 0,
-                },
-            );
+            fleet.insert(record, 0);
         }
         // Leases survive a restart; their agents get one full lease_ttl to heartbeat.
         let deadline = Instant::now() + config.raw.jobs.lease_ttl.get();
