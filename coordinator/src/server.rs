@@ -31,7 +31,7 @@ use crate::store::Store;
 /// Largest message the coordinator accepts (pushes, results) and sends (manifests of
 /// up to 2^20 chunks, chunks of up to 64 MiB).
 const MAX_DECODE: usize = 8 << 20;
-const MAX_ENCODE: usize = 80 << 20;
+const MAX_ENCODE: usize = arcade_proto::MAX_MESSAGE;
 
 /// Starting the coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +209,8 @@ impl RunningCoordinator {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .initial_stream_window_size(Some(arcade_proto::STREAM_WINDOW))
+            .initial_connection_window_size(Some(arcade_proto::CONNECTION_WINDOW))
             .add_service(health)
             .add_service(reflection)
             .add_service(

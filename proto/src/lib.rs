@@ -23,6 +23,23 @@ pub const AUTHORIZATION: &str = "authorization";
 /// (~35 MB) or a chunk of up to 64 MiB, with headroom.
 pub const MAX_MESSAGE: usize = 80 << 20;
 
+/// HTTP/2 stream receive window used by clients and the coordinator: a 1 MiB chunk
+/// must not wait for a round of window updates per 64 KiB (the protocol default).
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 connection receive window (several streams in flight).
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// A client endpoint for `url` with the project's transport settings: connect timeout,
+/// `TCP_NODELAY`, HTTP/2 keep-alive and receive windows sized for chunk traffic.
+pub fn client_endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW))
+}
+
 /// Client-side authentication: adds `authorization: Bearer <token>` to every call.
 pub mod auth {
     use tonic::metadata::{Ascii, MetadataValue};

@@ -1,8 +1,6 @@
 //! Authenticated gRPC clients of a coordinator and streaming helpers: push from memory,
 //! register agents, download chunk ranges, read `/metrics`.
 
-use std::time::Duration;
-
 use arcade_coordinator::RunningCoordinator;
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::MAX_MESSAGE;
@@ -45,9 +43,8 @@ impl Conn {
     /// coordinator shows up as an `UNAVAILABLE` status of the call.
     pub async fn channel(&self) -> Channel {
         // The URL comes from a started coordinator (`http://ADDR`), so it parses.
-        Channel::from_shared(self.url.clone())
+        arcade_proto::client_endpoint(&self.url)
             .expect("coordinator URL is http://ADDR")
-            .connect_timeout(Duration::from_secs(5))
             .connect_lazy()
     }
 

@@ -7,7 +7,7 @@ use arcade_proto::auth::{Authed, Bearer};
 use arcade_proto::v1::fleet_client::FleetClient;
 use arcade_proto::v1::jobs_client::JobsClient;
 use arcade_proto::v1::plugin_admin_client::PluginAdminClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::error::{CtlError, error_chain};
 
@@ -54,14 +54,12 @@ impl Connection {
                 reason: "https is not supported by this build; use an http:// URL (e.g. through a TLS-terminating tunnel)".into(),
             });
         }
-        let endpoint = Endpoint::from_shared(url.clone())
+        let endpoint = arcade_proto::client_endpoint(&url)
             .map_err(|e| CtlError::BadUrl {
                 url: url.clone(),
                 reason: error_chain(&e),
             })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30));
+            .connect_timeout(CONNECT_TIMEOUT);
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
