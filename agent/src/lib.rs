@@ -1,4 +1,26 @@
-//! The Arcade Mesh agent: registration, job execution with plugin stages, the verified
-//! plugin cache and resumable downloads. Its code arrives with the agent issue; the crate
-//! exists now so the workspace tree matches the architecture in `DESIGN.md`.
+//! The Arcade Mesh agent: registers with the coordinator, long-polls for jobs, makes
+//! sure every plugin a job needs is in its verified cache (fetching what is missing),
+//! runs the job's plugin stages and commands as child processes, and reports results.
+//!
+//! Module map:
+//! - [`cache`] — the plugin cache (`builtin/`, `downloaded/`, `temp/`, redb index),
+//!   eviction, pins, resumable-download progress.
+//! - [`exec`] — running plugin stages and job commands as bounded child processes.
+//! - [`fetch`] — the fetch path (cache hit, or verified chunks from a source into a
+//!   resumable partial file); [`fetch::source`] is where chunks come from.
+//! - [`job`] — one job: plugins, stages, commands, the report.
+//! - [`session`] — the connection and token to the coordinator.
+//! - [`runtime`] — the running agent: register, heartbeat, poll, shutdown.
+//! - [`config`], [`cli`], [`metrics`].
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod fetch;
+pub mod job;
+pub mod metrics;
+pub mod runtime;
+pub mod session;

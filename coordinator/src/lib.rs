@@ -30,13 +30,5 @@ pub use server::{RunningCoordinator, StartError};
 
 /// Installs the tracing subscriber for a binary (`RUST_LOG` filters; default `info`).
 pub fn init_logging(format: config::LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        config::LogFormat::Human => builder.try_init(),
-        config::LogFormat::Json => builder.json().try_init(),
-    };
+    arcade_p2p::logging::init(format == config::LogFormat::Json);
 }

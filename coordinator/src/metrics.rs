@@ -1,5 +1,5 @@
 //! Prometheus metrics of one coordinator, in its own registry (no global state), served
-//! as text on `/metrics` by [`serve`].
+//! as text on `/metrics` by `arcade_p2p::metrics_http`.
 //!
 //! | name | type | labels |
 //! |---|---|---|
@@ -13,7 +13,6 @@
 //! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`) |
 //! | `arcade_coordinator_agent_registrations_total` | counter | — |
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +20,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
 /// Labels of a plugin download.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -186,36 +184,4 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
-/// The address a metrics listener is bound to (for logs and tests).
-pub fn describe(addr: SocketAddr) -> String {
-    format!("http://{addr}/metrics")
 }

@@ -247,11 +247,11 @@ impl RunningCoordinator {
         if let Some(listener) = metrics_listener {
             let token = shutdown.clone();
             let m = metrics.clone();
-            tasks.spawn(async move {
-                if let Err(e) = crate::metrics::serve(listener, m, token).await {
-                    tracing::error!(error = %e, "metrics server failed");
-                }
-            });
+            tasks.spawn(arcade_p2p::metrics_http::serve_metrics(
+                listener,
+                move || m.render(),
+                token,
+            ));
         }
         let token = shutdown.clone();
         let sweeper = shared.clone();

@@ -7,6 +7,8 @@
 //! - [`labels`] — agent labels and label requirements (access control, job selectors).
 //! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
 //!   durations.
+//! - [`logging`] — log setup for the binaries.
+//! - [`metrics_http`] — the `GET /metrics` endpoint for Prometheus scrapes.
 //!
 //! The mesh (libp2p host, chunk exchange, swarm scheduler) joins this crate next.
 #![forbid(unsafe_code)]
@@ -14,7 +16,9 @@
 #![warn(missing_docs)]
 
 pub mod labels;
+pub mod logging;
 pub mod manifest;
+pub mod metrics_http;
 pub mod plugin_ref;
 pub mod settings;
 

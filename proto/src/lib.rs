@@ -56,9 +56,10 @@ pub mod auth {
 
     impl std::error::Error for InvalidToken {}
 
-    /// The interceptor; clone it into every client of a channel.
+    /// The interceptor; clone it into every client of a channel. Clones share the
+    /// token, so [`Bearer::replace`] (after a re-registration) reaches them all.
     #[derive(Clone)]
-    pub struct Bearer(MetadataValue<Ascii>);
+    pub struct Bearer(std::sync::Arc<std::sync::RwLock<MetadataValue<Ascii>>>);
 
     impl std::fmt::Debug for Bearer {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,17 +67,30 @@ pub mod auth {
         }
     }
 
+    fn value(token: &str) -> Result<MetadataValue<Ascii>, InvalidToken> {
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidToken);
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
     impl Bearer {
         /// Checks that `token` can travel as metadata (marked sensitive).
         pub fn new(token: &str) -> Result<Self, InvalidToken> {
-            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(InvalidToken);
-            }
-            let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| InvalidToken)?;
-            value.set_sensitive(true);
-            Ok(Self(value))
+            Ok(Self(std::sync::Arc::new(std::sync::RwLock::new(value(
+                token,
+            )?))))
+        }
+
+        /// Replaces the token for this interceptor and every clone of it.
+        pub fn replace(&self, token: &str) -> Result<(), InvalidToken> {
+            let v = value(token)?;
+            *self.0.write().unwrap_or_else(|e| e.into_inner()) = v;
+            Ok(())
         }
     }
 
@@ -85,8 +99,8 @@ pub mod auth {
             &mut self,
             mut req: tonic::Request<()>,
         ) -> Result<tonic::Request<()>, tonic::Status> {
-            req.metadata_mut()
-                .insert(super::AUTHORIZATION, self.0.clone());
+            let v = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+            req.metadata_mut().insert(super::AUTHORIZATION, v);
             Ok(req)
         }
     }
@@ -106,6 +120,16 @@ pub mod auth {
             assert!(Bearer::new("has space").is_err());
             assert!(Bearer::new("tøken").is_err());
             assert!(Bearer::new("line\nbreak").is_err());
+            let b = Bearer::new("first").unwrap();
+            let clone = b.clone();
+            b.replace("second").unwrap();
+            assert!(b.replace("bad token").is_err());
+            let mut c = clone;
+            let req = tonic::service::Interceptor::call(&mut c, tonic::Request::new(())).unwrap();
+            assert_eq!(
+                req.metadata().get(crate::AUTHORIZATION).unwrap(),
+                "Bearer second"
+            );
         }
     }
 }

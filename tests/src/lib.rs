@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod agents;
 pub mod process;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

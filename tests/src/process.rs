@@ -1,16 +1,19 @@
 //! Real `arcade-coordinator` processes for the crash tests.
 //!
-//! The binary is the one `cargo test --workspace` builds beside the test executables
-//! (`target/<profile>/arcade-coordinator`); `ARCADE_COORDINATOR_BIN` names another.
+//! Binaries are the ones `cargo test --workspace` builds beside the test executables
+//! (`target/<profile>/arcade-coordinator`, `arcade-agent`); `ARCADE_COORDINATOR_BIN` /
+//! `ARCADE_AGENT_BIN` name others.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{ADMIN, Conn, ENROLL};
 
-/// Path of the coordinator binary.
-pub fn coordinator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ARCADE_COORDINATOR_BIN") {
+/// Path of a workspace binary (`arcade-coordinator`, `arcade-agent`): the one built
+/// beside the test executables, or `$ARCADE_<NAME>_BIN` (e.g. `ARCADE_AGENT_BIN`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&var) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
@@ -18,10 +21,10 @@ pub fn coordinator_bin() -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("arcade-coordinator");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (which builds it) or `cargo build -p arcade-coordinator` first",
+        "{} is missing: run the tests with `cargo test --workspace` (which builds it) or `cargo build --bins` first",
         bin.display()
     );
     bin
@@ -38,7 +41,7 @@ impl CoordinatorProcess {
     /// Starts the binary with `--config config --data-dir data_dir` on 127.0.0.1:0.
     /// The config must set the test tokens ([`ADMIN`], [`ENROLL`]).
     pub fn start(config: &Path, data_dir: &Path, metrics: bool) -> Self {
-        let mut cmd = Command::new(coordinator_bin());
+        let mut cmd = Command::new(workspace_bin("arcade-coordinator"));
         cmd.arg("--config")
             .arg(config)
             .arg("--data-dir")

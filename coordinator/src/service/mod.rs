@@ -343,20 +343,20 @@ impl Shared {
         }
     }
 
-    /// Extends every lease `agent_id` holds; returns the `claimed` jobs it does not hold.
+    /// Extends the leases of the `claimed` jobs that `agent_id` holds; returns the
+    /// claimed jobs it does not hold (the agent should stop them). Leases the agent
+    /// holds but no longer claims (it restarted and lost them) are left to expire.
     pub(crate) fn extend_leases(&self, agent_id: &str, claimed: &[String]) -> Vec<String> {
         let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
         let mut leases = self.leases.lock().expect("lease lock");
-        for (agent, at) in leases.values_mut() {
-            if agent == agent_id {
-                *at = deadline;
+        let mut revoked = Vec::new();
+        for job in claimed {
+            match leases.get_mut(job) {
+                Some((agent, at)) if agent == agent_id => *at = deadline,
+                _ => revoked.push(job.clone()),
             }
         }
-        claimed
-            .iter()
-            .filter(|j| leases.get(*j).is_none_or(|(a, _)| a != agent_id))
-            .cloned()
-            .collect()
+        revoked
     }
 
     /// Ends expired leases (re-queue or fail); called periodically by the server.

@@ -1,0 +1,569 @@
+//! Agent configuration: a TOML file (every key optional) with `ARCADE_…` environment
+//! overrides (the loader shared with the coordinator), then command-line overrides,
+//! validated before anything starts. It holds every key of the original design's agent
+//! config (`id`, `plugins.directory`, `download.*`, `cache.*`, `builtin`) plus the
+//! fallback policy, job limits and the metrics listener. `arcade-agent
+//! --print-default-config` prints [`DEFAULT_CONFIG_TOML`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arcade_p2p::PluginRef;
+use arcade_p2p::labels::{self, Labels};
+use arcade_p2p::settings::{self, ByteSize, Seconds, SettingsError};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cache::EvictionPolicy;
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "ARCADE";
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Agent id; empty = the host name.
+    pub id: String,
+    /// Coordinator gRPC URL.
+    pub coordinator: String,
+    /// Enrollment token for `Register`.
+    pub enroll_token: String,
+    /// Base directory for plugins and job work directories; empty = `~/.arcade`.
+    pub data_dir: PathBuf,
+    /// Prometheus `/metrics` listen address, or `off`.
+    pub metrics_listen: String,
+    /// Jobs run at once.
+    pub max_concurrent_jobs: u32,
+    /// Log format: `human` or `json`.
+    pub log_format: String,
+    /// Labels reported at registration (`zone`, `os`, …).
+    pub labels: BTreeMap<String, String>,
+    /// `[plugins]`.
+    pub plugins: PluginsConfig,
+    /// `[download]`.
+    pub download: DownloadConfig,
+    /// `[cache]`.
+    pub cache: CacheConfig,
+    /// `[jobs]`.
+    pub jobs: JobsConfig,
+    /// `[[builtin]]`: pre-installed plugins, `plugin = "id@version"`, `file` under `builtin/`.
+    pub builtin: Vec<BuiltinPlugin>,
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Plugin cache root; empty = `<data_dir>/plugins`.
+    pub directory: PathBuf,
+}
+
+/// What to do when a plugin cannot be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Fail the job, naming the plugin and the last error.
+    #[default]
+    Fail,
+    /// Use the newest cached version of the same plugin id, recorded in the results.
+    PreviousVersion,
+}
+
+/// `[download]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// Plugins fetched at once.
+    pub concurrent: u32,
+    /// Timeout of one download request (a range of at most `request_chunks` chunks).
+    pub timeout: Seconds,
+    /// Attempts after the first failure (exponential backoff with jitter).
+    pub retry: u32,
+    /// First backoff delay (doubles per attempt, capped at 30 s, ±50 % jitter).
+    pub backoff: Seconds,
+    /// Most chunks asked for in one request.
+    pub request_chunks: u32,
+    /// When a plugin cannot be had: `fail` or `previous-version`.
+    pub fallback: Fallback,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of downloaded plugins kept (an integer is MiB, as in the original design).
+    pub max_size: ByteSize,
+    /// `lru`, `lfu` or `fifo`.
+    pub eviction: EvictionPolicy,
+    /// Unused downloaded plugins are dropped after this long (an integer is hours, as
+    /// in the original design; `0` = never).
+    pub ttl: HoursTtl,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Timeout of one plugin stage run.
+    pub stage_timeout: Seconds,
+    /// Timeout of the job's commands when the job sets none.
+    pub command_timeout: Seconds,
+    /// Output kept per stream (plugin stages) and for the command tail.
+    pub max_output: ByteSize,
+    /// On SIGTERM, running jobs get this long to finish before they are stopped and
+    /// reported failed.
+    pub shutdown_grace: Seconds,
+    /// Longest FetchJob long-poll asked for.
+    pub poll_wait: Seconds,
+}
+
+/// A builtin plugin: `plugin = "id@version"`, `file` relative to `builtin/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinPlugin {
+    /// `id@version`.
+    pub plugin: String,
+    /// File under `<plugins.directory>/builtin/`.
+    pub file: String,
+}
+
+/// `cache.ttl`: an integer is hours (original design), a string has a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HoursTtl(pub Seconds);
+
+impl Serialize for HoursTtl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for HoursTtl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected hours (an integer) or a duration like \"24h\"")
+        })? {
+            Raw::Int(n) if n >= 0 => Ok(Self(Seconds::secs(n as u64 * 3600))),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!(
+                "ttl must not be negative, got {n}"
+            ))),
+            Raw::Str(s) => Seconds::parse(&s)
+                .map(Self)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            coordinator: "http://127.0.0.1:50051".into(),
+            enroll_token: String::new(),
+            data_dir: PathBuf::new(),
+            metrics_listen: "127.0.0.1:9465".into(),
+            max_concurrent_jobs: 2,
+            log_format: "human".into(),
+            labels: BTreeMap::new(),
+            plugins: PluginsConfig::default(),
+            download: DownloadConfig::default(),
+            cache: CacheConfig::default(),
+            jobs: JobsConfig::default(),
+            builtin: Vec::new(),
+        }
+    }
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        Self {
+            concurrent: 3,
+            timeout: Seconds::secs(300),
+            retry: 3,
+            backoff: Seconds(Duration::from_millis(500)),
+            request_chunks: 64,
+            fallback: Fallback::Fail,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize::mib(1000),
+            eviction: EvictionPolicy::Lru,
+            ttl: HoursTtl(Seconds::secs(24 * 3600)),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            stage_timeout: Seconds::secs(300),
+            command_timeout: Seconds::secs(3600),
+            max_output: ByteSize::kib(64),
+            shutdown_grace: Seconds::secs(30),
+            poll_wait: Seconds::secs(30),
+        }
+    }
+}
+
+/// The commented default configuration printed by `--print-default-config`.
+pub const DEFAULT_CONFIG_TOML: &str = r##"# Arcade Mesh agent configuration. Every key is optional; the values below are the
+# defaults. Any key can be overridden by an environment variable ARCADE_<PATH>, e.g.
+# ARCADE_ENROLL_TOKEN=... or ARCADE_DOWNLOAD_RETRY=5.
+# Sizes: an integer is MiB, or a string like "512KiB", "1GiB".
+# Durations: an integer is seconds (cache.ttl: hours), or a string like "30s", "5m", "2h".
+
+# Agent id. Empty: the host name. Flag: --id.
+id = ""
+# Coordinator gRPC URL. Flag: --coordinator.
+coordinator = "http://127.0.0.1:50051"
+# Enrollment token for Register. Flag/env: --enroll-token, ARCADE_ENROLL_TOKEN.
+enroll_token = ""
+# Base directory: plugins under <data_dir>/plugins, job work dirs under <data_dir>/jobs.
+# Empty: ~/.arcade. Flag: --data-dir.
+data_dir = ""
+# Prometheus /metrics listen address (port 0 picks a free port), or "off".
+# Flag: --metrics-listen.
+metrics_listen = "127.0.0.1:9465"
+# Jobs run at once.
+max_concurrent_jobs = 2
+# Log format: "human" or "json".
+log_format = "human"
+# Builtin plugins (repeat the block). `file` is relative to <plugins.directory>/builtin/.
+builtin = []
+# [[builtin]]
+# plugin = "notify/stdout@1.0.0"
+# file = "notify-stdout"
+
+# Labels reported at registration; jobs and plugins may require them. Flag: --label K=V.
+[labels]
+# zone = "eu-west-1a"
+
+[plugins]
+# Plugin cache (builtin/, downloaded/, temp/, index.redb). Empty: <data_dir>/plugins.
+directory = ""
+
+[download]
+# Plugins fetched at once.
+concurrent = 3
+# Timeout of one download request (at most request_chunks chunks).
+timeout = "5m"
+# Attempts after the first failure, with exponential backoff and jitter.
+retry = 3
+# First backoff delay (doubles per attempt, at most 30s, +-50% jitter).
+backoff = "500ms"
+# Most chunks asked for in one request.
+request_chunks = 64
+# A plugin that cannot be had: "fail" the job (naming the plugin and the last error),
+# or use the newest cached "previous-version" of the same plugin (recorded in results).
+fallback = "fail"
+
+[cache]
+# Bytes of downloaded plugins kept (builtin plugins do not count and are never evicted).
+max_size = "1000MiB"
+# Eviction order when over max_size: "lru", "lfu" or "fifo".
+eviction = "lru"
+# Unused downloaded plugins are dropped after this long ("0s" = never).
+ttl = "1d"
+
+[jobs]
+# Timeout of one plugin stage run.
+stage_timeout = "5m"
+# Timeout of a job's commands when the job sets none.
+command_timeout = "1h"
+# Output kept per plugin stream and for the command output tail.
+max_output = "64KiB"
+# On SIGTERM, running jobs get this long to finish before they are stopped.
+shutdown_grace = "30s"
+# Longest FetchJob long-poll.
+poll_wait = "30s"
+"##;
+
+/// A configuration checked for consistency, with derived values resolved.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The configuration as given.
+    pub raw: AgentConfig,
+    /// Resolved agent id.
+    pub id: String,
+    /// Validated labels.
+    pub labels: Labels,
+    /// Resolved plugin cache root.
+    pub plugin_dir: PathBuf,
+    /// Resolved job work directory root.
+    pub jobs_dir: PathBuf,
+    /// Parsed metrics address (None = off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Parsed builtin plugins.
+    pub builtin: Vec<(PluginRef, String)>,
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+impl AgentConfig {
+    /// Loads the file (if any) and the `ARCADE_…` environment overrides.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        settings::load(path, ENV_PREFIX, env)
+    }
+
+    /// Checks every key; errors name the key.
+    pub fn validate(self) -> Result<ValidConfig, SettingsError> {
+        fn bad(key: &str, message: impl Into<String>) -> SettingsError {
+            SettingsError::invalid(key, message)
+        }
+        let id = if self.id.is_empty() {
+            host_name()
+        } else {
+            self.id.clone()
+        };
+        let id_ok = id.len() <= 128
+            && id.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(bad(
+                "id",
+                format!(
+                    "{id:?} must be 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit"
+                ),
+            ));
+        }
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(bad(
+                "coordinator",
+                format!(
+                    "{:?} must be a URL like http://127.0.0.1:50051",
+                    self.coordinator
+                ),
+            ));
+        }
+        if self.coordinator.starts_with("https://") {
+            return Err(bad(
+                "coordinator",
+                "https is not supported by this build; use http:// (e.g. through a TLS-terminating tunnel)",
+            ));
+        }
+        if self
+            .enroll_token
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+            || self.enroll_token.len() > 512
+        {
+            return Err(bad(
+                "enroll_token",
+                "must be at most 512 characters without whitespace",
+            ));
+        }
+        let label_list: Vec<arcade_proto::v1::Label> = self
+            .labels
+            .iter()
+            .map(|(k, v)| arcade_proto::v1::Label {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect();
+        let labels = labels::from_proto(&label_list).map_err(|e| bad("labels", e.to_string()))?;
+        let metrics_listen = if self.metrics_listen == "off" {
+            None
+        } else {
+            Some(self.metrics_listen.parse().map_err(|_| {
+                bad(
+                    "metrics_listen",
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:9465 or \"off\"",
+                        self.metrics_listen
+                    ),
+                )
+            })?)
+        };
+        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 256 {
+            return Err(bad("max_concurrent_jobs", "must be between 1 and 256"));
+        }
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return Err(bad("log_format", "must be \"human\" or \"json\""));
+        }
+        let d = &self.download;
+        if d.concurrent == 0 || d.concurrent > 64 {
+            return Err(bad("download.concurrent", "must be between 1 and 64"));
+        }
+        if d.timeout.get() < Duration::from_secs(1) {
+            return Err(bad("download.timeout", "must be at least 1s"));
+        }
+        if d.retry > 100 {
+            return Err(bad("download.retry", "must be at most 100"));
+        }
+        if d.backoff.get() > Duration::from_secs(60) {
+            return Err(bad("download.backoff", "must be at most 60s"));
+        }
+        if d.request_chunks == 0 || d.request_chunks > 4096 {
+            return Err(bad("download.request_chunks", "must be between 1 and 4096"));
+        }
+        if self.cache.max_size.bytes() == 0 {
+            return Err(bad("cache.max_size", "must be positive"));
+        }
+        let j = &self.jobs;
+        for (key, v) in [
+            ("jobs.stage_timeout", j.stage_timeout),
+            ("jobs.command_timeout", j.command_timeout),
+        ] {
+            if v.get() < Duration::from_millis(100) || v.get() > Duration::from_secs(7 * 86_400) {
+                return Err(bad(key, "must be between 100ms and 7d"));
+            }
+        }
+        if j.max_output.bytes() < 1024 || j.max_output > ByteSize::mib(16) {
+            return Err(bad("jobs.max_output", "must be between 1KiB and 16MiB"));
+        }
+        if j.shutdown_grace.get() > Duration::from_secs(3600) {
+            return Err(bad("jobs.shutdown_grace", "must be at most 1h"));
+        }
+        if j.poll_wait.get() < Duration::from_secs(1)
+            || j.poll_wait.get() > Duration::from_secs(300)
+        {
+            return Err(bad("jobs.poll_wait", "must be between 1s and 5m"));
+        }
+        let mut builtin = Vec::new();
+        for (i, b) in self.builtin.iter().enumerate() {
+            let r: PluginRef = b.plugin.parse().map_err(|e: arcade_p2p::PluginRefError| {
+                bad(&format!("builtin[{i}].plugin"), e.to_string())
+            })?;
+            let f = Path::new(&b.file);
+            if b.file.is_empty()
+                || f.is_absolute()
+                || f.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(bad(
+                    &format!("builtin[{i}].file"),
+                    "must be a relative path under builtin/ without `..`",
+                ));
+            }
+            builtin.push((r, b.file.clone()));
+        }
+        let base = if self.data_dir.as_os_str().is_empty() {
+            home_dir().join(".arcade")
+        } else {
+            self.data_dir.clone()
+        };
+        let plugin_dir = if self.plugins.directory.as_os_str().is_empty() {
+            base.join("plugins")
+        } else {
+            self.plugins.directory.clone()
+        };
+        Ok(ValidConfig {
+            id,
+            labels,
+            plugin_dir,
+            jobs_dir: base.join("jobs"),
+            metrics_listen,
+            builtin,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_default_config_is_the_default() {
+        let parsed: AgentConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, AgentConfig::default());
+        let c = AgentConfig {
+            id: "a1".into(),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn seed_style_values_and_directory_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "id = \"agent-001\"\ndata_dir = \"/srv/arcade\"\n[download]\nconcurrent = 3\ntimeout = 300\nretry = 3\n[cache]\nmax_size = 1000\neviction = \"lfu\"\nttl = 24\n[[builtin]]\nplugin = \"notify/stdout@1.0.0\"\nfile = \"notify-stdout\"\n",
+        )
+        .unwrap();
+        let v = AgentConfig::load(Some(&path), |_| None)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(v.raw.cache.ttl.0, Seconds::secs(24 * 3600));
+        assert_eq!(v.raw.cache.max_size, ByteSize::mib(1000));
+        assert_eq!(v.raw.cache.eviction, EvictionPolicy::Lfu);
+        assert_eq!(v.plugin_dir, PathBuf::from("/srv/arcade/plugins"));
+        assert_eq!(v.builtin[0].0.to_string(), "notify/stdout@1.0.0");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        type Mutation = fn(&mut AgentConfig);
+        let cases: Vec<(Mutation, &str)> = vec![
+            (|c| c.id = "bad id".into(), "id"),
+            (|c| c.coordinator = "127.0.0.1:1".into(), "coordinator"),
+            (|c| c.metrics_listen = "x".into(), "metrics_listen"),
+            (|c| c.download.concurrent = 0, "download.concurrent"),
+            (|c| c.max_concurrent_jobs = 0, "max_concurrent_jobs"),
+            (|c| c.jobs.max_output = ByteSize(10), "jobs.max_output"),
+            (
+                |c| {
+                    c.labels
+                        .insert("bad key".into(), "v".into())
+                        .map(|_| ())
+                        .unwrap_or(())
+                },
+                "labels",
+            ),
+            (
+                |c| {
+                    c.builtin.push(BuiltinPlugin {
+                        plugin: "x/y@1.0.0".into(),
+                        file: "../etc/passwd".into(),
+                    })
+                },
+                "builtin[0].file",
+            ),
+        ];
+        for (mutate, key) in cases {
+            let mut c = AgentConfig {
+                id: "a1".into(),
+                ..Default::default()
+            };
+            mutate(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{err}");
+        }
+        let err = AgentConfig::load(None, |k| {
+            (k == "ARCADE_CACHE_EVICTION").then(|| "random".into())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("cache.eviction"), "{err}");
+    }
+}

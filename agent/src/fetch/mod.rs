@@ -1,0 +1,554 @@
+//! The fetch path: plugin info + manifest in, a verified cached plugin out.
+//!
+//! 1. Cache hit (by id@version and SHA-256) → no network.
+//! 2. Miss → the partial file `temp/<sha>.part` is opened at full size; chunks recorded
+//!    as done by an earlier run are re-verified (BLAKE3) and kept, so a restarted agent
+//!    fetches only what is missing.
+//! 3. Missing chunks are requested in ranges of at most `download.request_chunks`; the
+//!    one decision of *where a chunk comes from* is [`Fetcher::route`] (the coordinator
+//!    today; peers join there with the mesh). Every chunk is checked against the
+//!    manifest's BLAKE3 before it is written at its offset; a bad chunk is counted and
+//!    fetched again. Progress is recorded every few chunks.
+//! 4. Failures are retried `download.retry` times with exponential backoff and jitter;
+//!    errors that retrying cannot fix (not found, permission denied) end at once.
+//! 5. The cache publishes the file: whole SHA-256 check, `chmod +x`, rename into
+//!    `downloaded/`, index update, eviction.
+//!
+//! At most `download.concurrent` plugins are fetched at once; two jobs needing the same
+//! content share one fetch. Memory per fetch is one chunk in flight plus the stream's
+//! buffers; nothing scales with plugin size.
+
+pub mod source;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arcade_p2p::{ContentId, Manifest, PluginRef};
+use arcade_proto::v1 as pb;
+use futures::StreamExt;
+use rand::Rng as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{CacheError, CachedPlugin, PluginCache};
+use crate::config::DownloadConfig;
+use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel, SourceLabel};
+use source::{ChunkSource, SourceError};
+
+/// Record progress after this many new chunks (and at the end of every request).
+const PROGRESS_EVERY: usize = 8;
+
+/// A plugin could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The job's plugin info is unusable.
+    #[error("plugin info for {plugin} is invalid: {reason}")]
+    BadInfo {
+        /// id@version as given.
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
+    /// A source refused in a way retrying cannot fix.
+    #[error("cannot fetch {plugin}: {source}")]
+    Refused {
+        /// id@version.
+        plugin: String,
+        /// The refusal.
+        #[source]
+        source: SourceError,
+    },
+    /// Every attempt failed.
+    #[error("cannot fetch {plugin} after {attempts} attempt(s); last error: {last}")]
+    Exhausted {
+        /// id@version.
+        plugin: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: String,
+    },
+    /// The cache failed (disk full, I/O).
+    #[error("cache error for {plugin}: {source}")]
+    Cache {
+        /// id@version.
+        plugin: String,
+        /// The cache error.
+        #[source]
+        source: CacheError,
+    },
+    /// The agent is shutting down.
+    #[error("fetch of {0} cancelled: agent shutting down")]
+    Cancelled(String),
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The cached plugin.
+    pub plugin: CachedPlugin,
+    /// True when it was already cached.
+    pub cache_hit: bool,
+    /// Verified bytes received, by source kind.
+    pub bytes_by_source: HashMap<&'static str, u64>,
+}
+
+/// Which source to ask for which chunk ranges.
+struct FetchPlan {
+    source: Arc<dyn ChunkSource>,
+    ranges: Vec<(u32, u32)>,
+}
+
+/// Fetches plugins into the cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Fetcher {
+    cache: PluginCache,
+    server: Arc<dyn ChunkSource>,
+    config: DownloadConfig,
+    metrics: Metrics,
+    agent_id: String,
+    permits: Arc<Semaphore>,
+    /// Per-content locks: one fetch per content at a time.
+    inflight: Arc<Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(CacheError::from(std::io::Error::other(format!(
+            "cache task failed: {e}"
+        ))))
+    })
+}
+
+/// Half-open ranges of consecutive indices, each at most `max` long.
+fn to_ranges(missing: &[u32], max: u32) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &i in missing {
+        match out.last_mut() {
+            Some((start, end)) if *end == i && i - *start < max => *end = i + 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
+}
+
+/// Exponential backoff with ±50 % jitter, capped at 30 s.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(30));
+    let jitter = rand::rng().random_range(0.5..1.5);
+    exp.mul_f64(jitter)
+}
+
+impl Fetcher {
+    /// A fetcher into `cache` from the coordinator `server`.
+    pub fn new(
+        cache: PluginCache,
+        server: Arc<dyn ChunkSource>,
+        config: DownloadConfig,
+        metrics: Metrics,
+        agent_id: String,
+    ) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(config.concurrent as usize)),
+            cache,
+            server,
+            config,
+            metrics,
+            agent_id,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The one decision of where chunks come from: the sources to ask for `missing`,
+    /// with the ranges each gets. Today everything goes to the coordinator.
+    fn route(&self, missing: &[u32]) -> Vec<FetchPlan> {
+        vec![FetchPlan {
+            source: self.server.clone(),
+            ranges: to_ranges(missing, self.config.request_chunks),
+        }]
+    }
+
+    /// Makes sure the plugin `info` describes is in the cache, fetching what is missing.
+    pub async fn ensure(
+        &self,
+        info: &pb::PluginInfo,
+        cancel: &CancellationToken,
+    ) -> Result<Fetched, FetchError> {
+        let shown = format!("{}@{}", info.plugin_id, info.version);
+        let bad = |reason: String| FetchError::BadInfo {
+            plugin: shown.clone(),
+            reason,
+        };
+        let plugin =
+            PluginRef::new(&info.plugin_id, &info.version).map_err(|e| bad(e.to_string()))?;
+        let sha: ContentId = info
+            .checksum
+            .parse()
+            .map_err(|e| bad(format!("checksum: {e}")))?;
+        let manifest = Manifest::from_proto(
+            info.manifest
+                .as_ref()
+                .ok_or_else(|| bad("no manifest".into()))?,
+        )
+        .map_err(|e| bad(format!("manifest: {e}")))?;
+        if manifest.content_id() != sha || manifest.size() != info.size as u64 {
+            return Err(bad("manifest does not match the checksum and size".into()));
+        }
+        let cache_err = |source| FetchError::Cache {
+            plugin: shown.clone(),
+            source,
+        };
+
+        let lookup =
+            |cache: PluginCache, plugin: PluginRef| blocking(move || cache.get(&plugin, &sha));
+        if let Some(hit) = lookup(self.cache.clone(), plugin.clone())
+            .await
+            .map_err(cache_err)?
+        {
+            self.metrics.cache_hits.inc();
+            return Ok(Fetched {
+                plugin: hit,
+                cache_hit: true,
+                bytes_by_source: HashMap::new(),
+            });
+        }
+        let lock = {
+            let mut map = self.inflight.lock().expect("inflight lock");
+            map.entry(sha).or_default().clone()
+        };
+        let _same_content = lock.lock().await;
+        // Another job may have fetched it while we waited.
+        if let Some(hit) = lookup(self.cache.clone(), plugin.clone())
+            .await
+            .map_err(cache_err)?
+        {
+            self.metrics.cache_hits.inc();
+            return Ok(Fetched {
+                plugin: hit,
+                cache_hit: true,
+                bytes_by_source: HashMap::new(),
+            });
+        }
+        self.metrics.cache_misses.inc();
+        let _permit = tokio::select! {
+            p = self.permits.acquire() => p.map_err(|_| FetchError::Cancelled(shown.clone()))?,
+            _ = cancel.cancelled() => return Err(FetchError::Cancelled(shown)),
+        };
+        let started = Instant::now();
+        let result = self.fetch_and_publish(&plugin, &manifest, cancel).await;
+        {
+            let mut map = self.inflight.lock().expect("inflight lock");
+            if map.get(&sha).is_some_and(|l| Arc::strong_count(l) <= 2) {
+                map.remove(&sha);
+            }
+        }
+        let status = if result.is_ok() { "success" } else { "failed" };
+        self.metrics
+            .downloads
+            .get_or_create(&DownloadLabels {
+                plugin_id: plugin.id.to_string(),
+                version: plugin.version.to_string(),
+                status: status.into(),
+            })
+            .inc();
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(f) => {
+                self.metrics
+                    .download_duration
+                    .get_or_create(&PluginIdLabel {
+                        plugin_id: plugin.id.to_string(),
+                    })
+                    .observe(elapsed.as_secs_f64());
+                tracing::info!(
+                    agent = %self.agent_id,
+                    plugin = %plugin.id,
+                    version = %plugin.version,
+                    size = manifest.size(),
+                    checksum = %&sha.to_hex()[..12],
+                    duration_ms = elapsed.as_millis() as u64,
+                    bytes_from_server = f.bytes_by_source.get("server").copied().unwrap_or(0),
+                    bytes_from_peers = f.bytes_by_source.get("peer").copied().unwrap_or(0),
+                    "plugin downloaded"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(agent = %self.agent_id, plugin = %plugin, error = %e, "plugin download failed")
+            }
+        }
+        result
+    }
+
+    async fn fetch_and_publish(
+        &self,
+        plugin: &PluginRef,
+        manifest: &Manifest,
+        cancel: &CancellationToken,
+    ) -> Result<Fetched, FetchError> {
+        let shown = plugin.to_string();
+        let cache_err = |source| FetchError::Cache {
+            plugin: shown.clone(),
+            source,
+        };
+        let sha = manifest.content_id();
+        let path = self.cache.partial_path(&sha);
+        let (cache, m, p) = (self.cache.clone(), manifest.clone(), path.clone());
+        // Open the partial file at full size and keep the recorded chunks that verify.
+        let (file, mut have) = blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)?;
+            if file.metadata()?.len() != m.size() {
+                file.set_len(m.size())?;
+            }
+            let mut have = vec![false; m.chunk_count() as usize];
+            let recorded = cache.load_progress(&m.content_id())?;
+            let mut buf = Vec::new();
+            for i in recorded {
+                let Some(range) = m.chunk_range(i) else {
+                    continue;
+                };
+                buf.resize((range.end - range.start) as usize, 0);
+                use std::os::unix::fs::FileExt as _;
+                if file.read_exact_at(&mut buf, range.start).is_ok()
+                    && m.verify_chunk(i, &buf).is_ok()
+                {
+                    have[i as usize] = true;
+                }
+            }
+            Ok((Arc::new(file), have))
+        })
+        .await
+        .map_err(cache_err)?;
+        let resumed = have.iter().filter(|h| **h).count();
+        if resumed > 0 {
+            tracing::info!(plugin = %plugin, chunks = resumed, of = have.len(), "resuming download");
+        }
+
+        let mut bytes_by_source: HashMap<&'static str, u64> = HashMap::new();
+        let mut failures = 0u32;
+        let mut last_error = String::new();
+        loop {
+            let missing: Vec<u32> = (0..have.len() as u32)
+                .filter(|&i| !have[i as usize])
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            let mut failed_round = false;
+            'sources: for FetchPlan { source, ranges } in self.route(&missing) {
+                for window in ranges {
+                    let outcome = tokio::select! {
+                        r = tokio::time::timeout(
+                            self.config.timeout.get(),
+                            self.fetch_range(source.as_ref(), plugin, manifest, &file, &mut have, window, &mut bytes_by_source),
+                        ) => r,
+                        _ = cancel.cancelled() => {
+                            self.save_progress(sha, &have).await;
+                            return Err(FetchError::Cancelled(shown));
+                        }
+                    };
+                    self.save_progress(sha, &have).await;
+                    let err = match outcome {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => e,
+                        Err(_) => SourceError::transient(format!(
+                            "request for chunks [{}, {}) timed out after {:?} (download.timeout)",
+                            window.0,
+                            window.1,
+                            self.config.timeout.get()
+                        )),
+                    };
+                    if !err.retryable {
+                        return Err(FetchError::Refused {
+                            plugin: shown,
+                            source: err,
+                        });
+                    }
+                    last_error = err.message;
+                    failed_round = true;
+                    break 'sources;
+                }
+            }
+            if failed_round || have.iter().any(|h| !h) {
+                failures += 1;
+                if last_error.is_empty() {
+                    last_error = "some chunks failed verification".into();
+                }
+                if failures > self.config.retry {
+                    return Err(FetchError::Exhausted {
+                        plugin: shown,
+                        attempts: failures,
+                        last: last_error,
+                    });
+                }
+                let delay = backoff(self.config.backoff.get(), failures - 1);
+                tracing::warn!(plugin = %plugin, attempt = failures, delay_ms = delay.as_millis() as u64, error = %last_error, "retrying download");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(FetchError::Cancelled(shown)),
+                }
+            }
+        }
+        drop(file);
+        let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());
+        let published = blocking(move || cache.publish(&p, &m))
+            .await
+            .map_err(cache_err)?;
+        self.refresh_cache_metrics().await;
+        Ok(Fetched {
+            plugin: published,
+            cache_hit: false,
+            bytes_by_source,
+        })
+    }
+
+    /// Streams one window of chunks from `source`, verifying and writing each.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_range(
+        &self,
+        source: &dyn ChunkSource,
+        plugin: &PluginRef,
+        manifest: &Manifest,
+        file: &Arc<std::fs::File>,
+        have: &mut [bool],
+        window: (u32, u32),
+        bytes_by_source: &mut HashMap<&'static str, u64>,
+    ) -> Result<(), SourceError> {
+        let kind = source.kind();
+        let mut stream = source
+            .open(
+                manifest.content_id(),
+                plugin.id.as_str(),
+                &plugin.version.to_string(),
+                &[window],
+            )
+            .await?;
+        let mut since_save = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let i = chunk.index;
+            if !(window.0..window.1).contains(&i) || have.get(i as usize) != Some(&false) {
+                continue;
+            }
+            if let Err(e) = manifest.verify_chunk(i, &chunk.data) {
+                self.metrics
+                    .bad_chunks
+                    .get_or_create(&SourceLabel {
+                        source: kind.into(),
+                    })
+                    .inc();
+                tracing::warn!(plugin = %plugin, chunk = i, source = kind, error = %e, "bad chunk rejected");
+                continue;
+            }
+            let offset = manifest.chunk_range(i).map(|r| r.start).unwrap_or(0);
+            let len = chunk.data.len() as u64;
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt as _;
+                f.write_all_at(&chunk.data, offset)
+            })
+            .await
+            .map_err(|e| SourceError::transient(format!("write task failed: {e}")))?
+            .map_err(|e| SourceError {
+                retryable: false,
+                message: format!(
+                    "cannot write chunk {i} to the cache: {}",
+                    CacheError::from(e)
+                ),
+            })?;
+            have[i as usize] = true;
+            *bytes_by_source.entry(kind).or_default() += len;
+            self.metrics
+                .fetched_bytes
+                .get_or_create(&SourceLabel {
+                    source: kind.into(),
+                })
+                .inc_by(len);
+            since_save += 1;
+            if since_save >= PROGRESS_EVERY {
+                since_save = 0;
+                self.save_progress(manifest.content_id(), have).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_progress(&self, sha: ContentId, have: &[bool]) {
+        let done: Vec<u32> = (0..have.len() as u32)
+            .filter(|&i| have[i as usize])
+            .collect();
+        let cache = self.cache.clone();
+        if let Err(e) = blocking(move || cache.save_progress(&sha, &done)).await {
+            tracing::warn!(content = %sha, error = %e, "cannot record download progress");
+        }
+    }
+
+    /// Brings the cache metrics up to date (bytes gauge, eviction counters) after a
+    /// publish or an eviction pass.
+    pub async fn refresh_cache_metrics(&self) {
+        let cache = self.cache.clone();
+        let Ok(stats) = blocking(move || cache.stats()).await else {
+            return;
+        };
+        self.metrics.cache_bytes.set(stats.downloaded_bytes as i64);
+        for (reason, total) in [
+            ("size", stats.evicted_by_size),
+            ("ttl", stats.evicted_by_ttl),
+        ] {
+            let counter = self.metrics.cache_evictions.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_runs_and_cap_length() {
+        assert_eq!(to_ranges(&[], 4), vec![]);
+        assert_eq!(
+            to_ranges(&[0, 1, 2, 5, 6, 9], 64),
+            vec![(0, 3), (5, 7), (9, 10)]
+        );
+        assert_eq!(to_ranges(&[0, 1, 2, 3, 4], 2), vec![(0, 2), (2, 4), (4, 5)]);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for attempt in 0..20 {
+            let d = backoff(base, attempt);
+            let nominal = base
+                .saturating_mul(1 << attempt.min(16))
+                .min(Duration::from_secs(30));
+            assert!(
+                d >= nominal.mul_f64(0.5) && d <= nominal.mul_f64(1.5),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+}

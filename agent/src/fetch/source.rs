@@ -1,0 +1,135 @@
+//! Where chunks come from. A [`ChunkSource`] streams the chunks of given ranges; the
+//! fetcher verifies and stores them. Today the only source is the coordinator
+//! ([`CoordinatorSource`], the streaming `DownloadPlugin` call); the mesh adds peers
+//! behind the same trait.
+
+use std::pin::Pin;
+
+use arcade_p2p::ContentId;
+use arcade_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use tonic::Code;
+
+use crate::session::Session;
+
+/// One chunk as a source delivered it (unverified).
+#[derive(Debug)]
+pub struct RawChunk {
+    /// Chunk index.
+    pub index: u32,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// A source failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// Whether trying again (later, or elsewhere) can help.
+    pub retryable: bool,
+    /// What happened.
+    pub message: String,
+}
+
+impl SourceError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for SourceError {
+    fn from(s: tonic::Status) -> Self {
+        let retryable = !matches!(
+            s.code(),
+            Code::NotFound
+                | Code::PermissionDenied
+                | Code::InvalidArgument
+                | Code::OutOfRange
+                | Code::FailedPrecondition
+                | Code::DataLoss
+        );
+        Self {
+            retryable,
+            message: format!("coordinator: {:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+/// A stream of raw chunks.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<RawChunk, SourceError>> + Send>>;
+
+/// Something that can stream chunks of a content.
+#[async_trait::async_trait]
+pub trait ChunkSource: Send + Sync {
+    /// `server` or `peer` (the `source` metric label).
+    fn kind(&self) -> &'static str;
+    /// Streams the chunks of `ranges` (half-open, in order) of `content`, which is
+    /// `plugin_id@version`.
+    async fn open(
+        &self,
+        content: ContentId,
+        plugin_id: &str,
+        version: &str,
+        ranges: &[(u32, u32)],
+    ) -> Result<ChunkStream, SourceError>;
+}
+
+/// The coordinator's `DownloadPlugin` stream.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSource {
+    session: Session,
+}
+
+impl CoordinatorSource {
+    /// A source over `session`.
+    pub fn new(session: Session) -> Self {
+        Self { session }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for CoordinatorSource {
+    fn kind(&self) -> &'static str {
+        "server"
+    }
+
+    async fn open(
+        &self,
+        content: ContentId,
+        plugin_id: &str,
+        version: &str,
+        ranges: &[(u32, u32)],
+    ) -> Result<ChunkStream, SourceError> {
+        let req = pb::DownloadPluginRequest {
+            agent_id: self.session.agent_id.clone(),
+            plugin_id: plugin_id.into(),
+            version: version.into(),
+            sha256: if plugin_id.is_empty() {
+                content.to_hex()
+            } else {
+                String::new()
+            },
+            ranges: ranges
+                .iter()
+                .map(|&(start, end)| pb::ChunkRange { start, end })
+                .collect(),
+        };
+        let stream = self
+            .session
+            .client()
+            .download_plugin(req)
+            .await?
+            .into_inner();
+        Ok(Box::pin(stream.map(|item| {
+            item.map(|m| RawChunk {
+                index: m.chunk_index,
+                data: m.data,
+            })
+            .map_err(SourceError::from)
+        })))
+    }
+}

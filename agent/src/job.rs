@@ -1,0 +1,365 @@
+//! Running one job: pin and fetch its plugins (with the configured fallback), then
+//! every plugin's `before` → the job's commands → `on_success` or `on_failure` →
+//! `after`, each plugin × stage as a child process, and build the report.
+//!
+//! A failing `before` fails the job and skips the commands (the `on_failure` and
+//! `after` stages still run, so notification plugins see the failure). Failures in later
+//! stages are recorded, not fatal. A plugin that cannot be fetched fails the job before
+//! anything runs — unless the fallback is `previous-version` and an older version is
+//! cached, which is then used and recorded as a `fetch` result. A job never runs
+//! without a plugin it requires.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use arcade_p2p::PluginRef;
+use arcade_proto::v1 as pb;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{CachedPlugin, PinGuard, PluginCache};
+use crate::config::{Fallback, ValidConfig};
+use crate::exec::{self, CommandRun, StageRun};
+use crate::fetch::Fetcher;
+
+/// What a job needs to run.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    /// Agent config.
+    pub config: ValidConfig,
+    /// The plugin cache.
+    pub cache: PluginCache,
+    /// The fetcher.
+    pub fetcher: Fetcher,
+}
+
+/// A plugin ready to run for this job.
+struct Ready {
+    info: pb::PluginInfo,
+    cached: CachedPlugin,
+    _pin: PinGuard,
+}
+
+fn stage_name(stage: pb::Stage) -> &'static str {
+    match stage {
+        pb::Stage::Before => "before",
+        pb::Stage::OnSuccess => "on_success",
+        pb::Stage::OnFailure => "on_failure",
+        pb::Stage::After => "after",
+        pb::Stage::Unspecified => "unspecified",
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `job` and returns the report to send (never fails: failures are reported).
+pub async fn run_job(
+    ctx: &JobContext,
+    job: pb::Job,
+    cancel: &CancellationToken,
+) -> pb::ReportJobResultRequest {
+    let started_at = now_ms();
+    let mut results: Vec<pb::PluginExecutionResult> = Vec::new();
+    let mut report = pb::ReportJobResultRequest {
+        agent_id: ctx.config.id.clone(),
+        job_id: job.job_id.clone(),
+        started_at,
+        ..Default::default()
+    };
+    let fail = |mut report: pb::ReportJobResultRequest, results, message: String| {
+        report.status = pb::JobStatus::Failed as i32;
+        report.error_message = message;
+        report.plugin_results = results;
+        report.exit_code = -1;
+        report.finished_at = now_ms();
+        report
+    };
+
+    // 1. Plugins: pinned for the whole job, fetched (concurrently, bounded by the fetcher).
+    let fetches = job
+        .plugins
+        .iter()
+        .map(|info| ensure_plugin(ctx, info, cancel));
+    let mut ready = Vec::new();
+    for (info, outcome) in job
+        .plugins
+        .iter()
+        .zip(futures::future::join_all(fetches).await)
+    {
+        match outcome {
+            Ok((r, note)) => {
+                if let Some(note) = note {
+                    results.push(note);
+                }
+                ready.push(r);
+            }
+            Err(message) => {
+                results.push(pb::PluginExecutionResult {
+                    plugin_id: info.plugin_id.clone(),
+                    plugin_name: info.name.clone(),
+                    version: info.version.clone(),
+                    stage: "fetch".into(),
+                    success: false,
+                    error_message: message.clone(),
+                    start_time: started_at,
+                    end_time: now_ms(),
+                    ..Default::default()
+                });
+                return fail(report, results, message);
+            }
+        }
+    }
+
+    // 2. Working directory.
+    let workdir = ctx.config.jobs_dir.join(sanitize(&job.job_id));
+    if let Err(e) = fresh_dir(&workdir).await {
+        return fail(
+            report,
+            results,
+            format!("cannot create job directory {}: {e}", workdir.display()),
+        );
+    }
+
+    // 3. Stages and commands.
+    let mut failed = false;
+    let mut why = String::new();
+    for r in &ready {
+        if let Some(res) = run_plugin_stage(ctx, &job, r, pb::Stage::Before, None, &workdir).await {
+            if !res.success && !failed {
+                failed = true;
+                why = format!(
+                    "before stage of {}@{} failed: {}",
+                    r.info.plugin_id, r.cached.plugin.version, res.error_message
+                );
+            }
+            results.push(res);
+        }
+    }
+    let mut output = String::new();
+    let max_output = ctx.config.raw.jobs.max_output.bytes() as usize;
+    if !failed {
+        let timeout = if job.timeout_seconds > 0 {
+            Duration::from_secs(u64::from(job.timeout_seconds))
+        } else {
+            ctx.config.raw.jobs.command_timeout.get()
+        };
+        for command in &job.commands {
+            let env = job
+                .parameters
+                .iter()
+                .filter(|(k, _)| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                .map(|(k, v)| {
+                    (
+                        format!("ARCADE_PARAM_{}", k.to_ascii_uppercase()),
+                        v.clone(),
+                    )
+                })
+                .chain([("ARCADE_JOB_ID".to_string(), job.job_id.clone())])
+                .collect();
+            let run = CommandRun {
+                command: command.clone(),
+                workdir: workdir.clone(),
+                env,
+                timeout,
+                max_output,
+            };
+            let out = tokio::select! {
+                out = exec::run_command(&run) => out,
+                _ = cancel.cancelled() => {
+                    failed = true;
+                    why = "agent shutting down: job stopped".into();
+                    break;
+                }
+            };
+            output.push_str(&out.output_tail);
+            report.exit_code = out.exit_code.unwrap_or(-1);
+            if !out.success {
+                failed = true;
+                why = if out.timed_out {
+                    format!("command {command:?} timed out after {timeout:?}")
+                } else {
+                    format!("command {command:?} failed: {}", out.error_message)
+                };
+                break;
+            }
+        }
+    }
+    let status = if failed { "failed" } else { "succeeded" };
+    let finish = if failed {
+        pb::Stage::OnFailure
+    } else {
+        pb::Stage::OnSuccess
+    };
+    for stage in [finish, pb::Stage::After] {
+        for r in &ready {
+            if let Some(res) = run_plugin_stage(ctx, &job, r, stage, Some(status), &workdir).await {
+                results.push(res);
+            }
+        }
+    }
+
+    let _ = tokio::fs::remove_dir_all(&workdir).await;
+    report.status = if failed {
+        pb::JobStatus::Failed
+    } else {
+        pb::JobStatus::Succeeded
+    } as i32;
+    report.error_message = why;
+    report.output_tail = tail(&output, max_output);
+    report.plugin_results = results;
+    report.finished_at = now_ms();
+    report
+}
+
+/// Fetches (or finds) one plugin, applying the fallback policy. Returns the ready
+/// plugin and, when a fallback was used, the result that records it.
+async fn ensure_plugin(
+    ctx: &JobContext,
+    info: &pb::PluginInfo,
+    cancel: &CancellationToken,
+) -> Result<(Ready, Option<pb::PluginExecutionResult>), String> {
+    let wanted = PluginRef::new(&info.plugin_id, &info.version)
+        .map_err(|e| format!("plugin {}@{} is invalid: {e}", info.plugin_id, info.version))?;
+    let pin = ctx.cache.pin(&wanted);
+    let started = now_ms();
+    let error = match ctx.fetcher.ensure(info, cancel).await {
+        Ok(f) => {
+            return Ok((
+                Ready {
+                    info: info.clone(),
+                    cached: f.plugin,
+                    _pin: pin,
+                },
+                None,
+            ));
+        }
+        Err(e) => e,
+    };
+    let message = format!("plugin {wanted} unavailable: {error}");
+    if ctx.config.raw.download.fallback != Fallback::PreviousVersion {
+        return Err(message);
+    }
+    let cache = ctx.cache.clone();
+    let (id, version) = (wanted.id.clone(), wanted.version.clone());
+    let previous = tokio::task::spawn_blocking(move || cache.newest_other_version(&id, &version))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let Some(previous) = previous else {
+        return Err(format!(
+            "{message}; fallback previous-version found no cached version of {}",
+            wanted.id
+        ));
+    };
+    tracing::warn!(plugin = %wanted, using = %previous.plugin, "plugin unavailable: using the newest cached version");
+    let note = pb::PluginExecutionResult {
+        plugin_id: info.plugin_id.clone(),
+        plugin_name: info.name.clone(),
+        version: previous.plugin.version.to_string(),
+        stage: "fetch".into(),
+        success: false,
+        error_message: format!(
+            "{message}; fallback previous-version: ran {} instead",
+            previous.plugin
+        ),
+        start_time: started,
+        end_time: now_ms(),
+        ..Default::default()
+    };
+    let pin = ctx.cache.pin(&previous.plugin);
+    Ok((
+        Ready {
+            info: info.clone(),
+            cached: previous,
+            _pin: pin,
+        },
+        Some(note),
+    ))
+}
+
+/// Runs plugin `r` in `stage` if it takes part in it.
+async fn run_plugin_stage(
+    ctx: &JobContext,
+    job: &pb::Job,
+    r: &Ready,
+    stage: pb::Stage,
+    job_status: Option<&str>,
+    workdir: &std::path::Path,
+) -> Option<pb::PluginExecutionResult> {
+    if !r.info.stages.contains(&(stage as i32)) {
+        return None;
+    }
+    let name = stage_name(stage);
+    let version = r.cached.plugin.version.to_string();
+    let context = json!({
+        "job_id": job.job_id,
+        "job_name": job.name,
+        "stage": name,
+        "job_status": job_status.unwrap_or("running"),
+        "plugin_id": r.info.plugin_id,
+        "plugin_version": version,
+        "parameters": job.parameters,
+        "attempt": job.attempt,
+    });
+    let out = exec::run_stage(&StageRun {
+        program: r.cached.path.clone(),
+        stage: name.into(),
+        job_id: job.job_id.clone(),
+        plugin_id: r.info.plugin_id.clone(),
+        plugin_version: version.clone(),
+        job_status: job_status.map(str::to_owned),
+        workdir: workdir.to_owned(),
+        context,
+        timeout: ctx.config.raw.jobs.stage_timeout.get(),
+        max_output: ctx.config.raw.jobs.max_output.bytes() as usize,
+    })
+    .await;
+    Some(pb::PluginExecutionResult {
+        plugin_id: r.info.plugin_id.clone(),
+        plugin_name: r.info.name.clone(),
+        version,
+        stage: name.into(),
+        success: out.success,
+        error_message: out.error_message,
+        start_time: out.start_time_ms,
+        end_time: out.end_time_ms,
+        result: out.result,
+    })
+}
+
+/// A job id as a directory name.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+async fn fresh_dir(dir: &PathBuf) -> std::io::Result<()> {
+    let _ = tokio::fs::remove_dir_all(dir).await;
+    tokio::fs::create_dir_all(dir).await
+}
+
+/// The last `max` bytes of `s` on a char boundary.
+fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_owned()
+}

@@ -1,0 +1,203 @@
+//! Prometheus metrics of one agent, in its own registry (several agents can share a
+//! process in simulations), served on `metrics_listen` by `arcade_p2p::metrics_http`.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `failed`) |
+//! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
+//! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`) |
+//! | `arcade_agent_bad_chunks_total` | counter | `source` |
+//! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
+//! | `arcade_agent_cache_evictions_total` | counter | `reason` (`size`, `ttl`) |
+//! | `arcade_agent_cache_bytes` | gauge | — |
+//! | `arcade_agent_jobs_total` | counter | `status` (`succeeded`, `failed`) |
+//! | `arcade_agent_running_jobs` | gauge | — |
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `plugin_id`, `version`, `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownloadLabels {
+    /// Plugin id.
+    pub plugin_id: String,
+    /// Version.
+    pub version: String,
+    /// Outcome.
+    pub status: String,
+}
+
+/// `plugin_id`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginIdLabel {
+    /// Plugin id.
+    pub plugin_id: String,
+}
+
+/// `source` of chunk bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `server` (the coordinator) or `peer`.
+    pub source: String,
+}
+
+/// One string label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: String,
+}
+
+/// A job status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// Status.
+    pub status: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 18))
+}
+
+/// The agent's metric families.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// `plugin_download_total`.
+    pub downloads: Family<DownloadLabels, Counter>,
+    /// `plugin_download_duration_seconds`.
+    pub download_duration: Family<PluginIdLabel, Histogram, fn() -> Histogram>,
+    /// `arcade_agent_fetched_bytes_total`.
+    pub fetched_bytes: Family<SourceLabel, Counter>,
+    /// `arcade_agent_bad_chunks_total`.
+    pub bad_chunks: Family<SourceLabel, Counter>,
+    /// `arcade_agent_cache_hits_total`.
+    pub cache_hits: Counter,
+    /// `arcade_agent_cache_misses_total`.
+    pub cache_misses: Counter,
+    /// `arcade_agent_cache_evictions_total`.
+    pub cache_evictions: Family<ReasonLabel, Counter>,
+    /// `arcade_agent_cache_bytes`.
+    pub cache_bytes: Gauge,
+    /// `arcade_agent_jobs_total`.
+    pub jobs: Family<StatusLabel, Counter>,
+    /// `arcade_agent_running_jobs`.
+    pub running_jobs: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let downloads = Family::<DownloadLabels, Counter>::default();
+        r.register(
+            "plugin_download",
+            "Plugin downloads, by outcome",
+            downloads.clone(),
+        );
+        let download_duration =
+            Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        r.register(
+            "plugin_download_duration_seconds",
+            "Time from cache miss to a verified plugin",
+            download_duration.clone(),
+        );
+        let fetched_bytes = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "arcade_agent_fetched_bytes",
+            "Verified chunk bytes received, by source",
+            fetched_bytes.clone(),
+        );
+        let bad_chunks = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "arcade_agent_bad_chunks",
+            "Chunks that failed their BLAKE3 check, by source",
+            bad_chunks.clone(),
+        );
+        let cache_hits = Counter::default();
+        r.register(
+            "arcade_agent_cache_hits",
+            "Plugins found in the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        r.register(
+            "arcade_agent_cache_misses",
+            "Plugins not in the cache",
+            cache_misses.clone(),
+        );
+        let cache_evictions = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "arcade_agent_cache_evictions",
+            "Cache entries evicted, by reason",
+            cache_evictions.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        r.register(
+            "arcade_agent_cache_bytes",
+            "Bytes of downloaded plugins in the cache",
+            cache_bytes.clone(),
+        );
+        let jobs = Family::<StatusLabel, Counter>::default();
+        r.register(
+            "arcade_agent_jobs",
+            "Jobs run, by final status",
+            jobs.clone(),
+        );
+        let running_jobs = Gauge::default();
+        r.register(
+            "arcade_agent_running_jobs",
+            "Jobs running now",
+            running_jobs.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            downloads,
+            download_duration,
+            fetched_bytes,
+            bad_chunks,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_bytes,
+            jobs,
+            running_jobs,
+        }
+    }
+
+    /// Bytes fetched from `source` so far.
+    pub fn fetched_from(&self, source: &str) -> u64 {
+        self.fetched_bytes
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .get()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,503 @@
+//! The running agent: one main loop that registers, long-polls for jobs and runs up to
+//! `max_concurrent_jobs` of them; a heartbeat task that keeps leases alive, reports the
+//! installed plugins and re-registers when the coordinator has forgotten us or comes
+//! back after an outage; the metrics endpoint.
+//!
+//! Ownership: [`RunningAgent`] owns every task through two cancellation tokens —
+//! `shutdown` (stop taking jobs) and `stop_jobs` (stop running ones, fired after
+//! `jobs.shutdown_grace`). SIGTERM → shutdown → running jobs finish or are stopped and
+//! reported failed → the process exits 0.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arcade_proto::v1 as pb;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::cache::{CacheOptions, PluginCache};
+use crate::config::ValidConfig;
+use crate::fetch::Fetcher;
+use crate::fetch::source::CoordinatorSource;
+use crate::job::{JobContext, run_job};
+use crate::metrics::{Metrics, StatusLabel};
+use crate::session::{Session, installed_list};
+
+/// Most installed plugins reported (the coordinator's limit).
+const MAX_REPORTED: usize = 10_000;
+
+/// Starting the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The plugin cache cannot be opened.
+    #[error("cannot open the plugin cache at {dir}: {source}")]
+    Cache {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: crate::cache::CacheError,
+    },
+    /// A builtin plugin is missing or unusable.
+    #[error("builtin plugin {plugin} (file {file}): {source}")]
+    Builtin {
+        /// id@version.
+        plugin: String,
+        /// Its file.
+        file: String,
+        /// Why.
+        #[source]
+        source: crate::cache::CacheError,
+    },
+    /// The session cannot be set up.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    /// The metrics listener cannot be bound.
+    #[error("cannot listen on {addr} (metrics_listen): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The coordinator refused to register us (bad enrollment token, bad id).
+    #[error("the coordinator refused registration: {0}")]
+    Refused(String),
+}
+
+/// State shared by the agent's tasks.
+struct Core {
+    config: ValidConfig,
+    session: Session,
+    cache: PluginCache,
+    fetcher: Fetcher,
+    metrics: Metrics,
+    /// Running job id → its stop token.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    shutdown: CancellationToken,
+    stop_jobs: CancellationToken,
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    /// Bound metrics address, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    core: Arc<Core>,
+    main: tokio::task::JoinHandle<Result<(), StartError>>,
+    background: JoinSet<()>,
+}
+
+impl std::fmt::Debug for RunningAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAgent")
+            .field("id", &self.core.config.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backoff_step(current: Duration) -> Duration {
+    (current * 2).min(Duration::from_secs(10))
+}
+
+impl Core {
+    async fn installed(&self) -> Vec<pb::InstalledPlugin> {
+        let cache = self.cache.clone();
+        match tokio::task::spawn_blocking(move || cache.installed()).await {
+            Ok(Ok(mut list)) => {
+                list.truncate(MAX_REPORTED);
+                installed_list(&list)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    async fn register(&self) -> Result<Duration, tonic::Status> {
+        let req = pb::RegisterRequest {
+            agent_id: self.config.id.clone(),
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+            labels: arcade_p2p::labels::to_proto(&self.config.labels),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            max_concurrent_jobs: self.config.raw.max_concurrent_jobs,
+            installed_plugins: self.installed().await,
+            ..Default::default()
+        };
+        let reg = self.session.register(req).await?;
+        tracing::info!(agent = %self.config.id, "registered with the coordinator");
+        Ok(reg.heartbeat_interval)
+    }
+
+    /// Registers, retrying transient failures until shutdown. `Ok(None)` = shut down.
+    async fn register_until_ok(&self) -> Result<Option<Duration>, StartError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.register().await {
+                Ok(interval) => return Ok(Some(interval)),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
+                    ) =>
+                {
+                    return Err(StartError::Refused(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    )));
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), code = ?s.code(), "cannot register yet; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => return Ok(None),
+            }
+            delay = backoff_step(delay);
+        }
+    }
+
+    fn running_ids(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration) {
+        let mut was_down = false;
+        let mut beats = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.stop_jobs.cancelled() => return,
+            }
+            beats += 1;
+            let req = pb::HeartbeatRequest {
+                agent_id: self.config.id.clone(),
+                running_jobs: self.running_ids(),
+                installed_plugins: self.installed().await,
+                installed_set: true,
+            };
+            match self.session.client().heartbeat(req).await {
+                Ok(resp) => {
+                    if was_down {
+                        // The coordinator may have restarted: tell it everything again.
+                        if let Ok(i) = self.register().await {
+                            interval = i;
+                        }
+                        was_down = false;
+                    }
+                    for job in resp.into_inner().revoked_jobs {
+                        if let Some(token) = self.running.lock().expect("running lock").get(&job) {
+                            tracing::warn!(job = %job, "lease revoked by the coordinator: stopping the job");
+                            token.cancel();
+                        }
+                    }
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    tracing::warn!("coordinator does not know our token: registering again");
+                    if let Ok(i) = self.register().await {
+                        interval = i;
+                    }
+                }
+                Err(s) => {
+                    if !was_down {
+                        tracing::warn!(error = %s.message(), "heartbeat failed; coordinator unreachable?");
+                    }
+                    was_down = true;
+                }
+            }
+            if beats % 6 == 0 {
+                let cache = self.cache.clone();
+                if let Ok(Ok(evicted)) = tokio::task::spawn_blocking(move || cache.evict()).await {
+                    if !evicted.is_empty() {
+                        self.fetcher.refresh_cache_metrics().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report(&self, report: pb::ReportJobResultRequest) {
+        let job = report.job_id.clone();
+        let mut delay = Duration::from_millis(200);
+        for attempt in 0..30 {
+            match self
+                .session
+                .client()
+                .report_job_result(report.clone())
+                .await
+            {
+                Ok(_) => return,
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    tracing::warn!(job = %job, error = %s.message(), "result not accepted: the lease is gone");
+                    return;
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    let _ = self.register().await;
+                }
+                Err(s) => {
+                    tracing::warn!(job = %job, attempt, error = %s.message(), "cannot report the result yet; retrying");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = backoff_step(delay);
+        }
+        tracing::error!(job = %job, "giving up reporting the result");
+    }
+
+    async fn run_and_report(self: Arc<Self>, job: pb::Job) {
+        let token = self.stop_jobs.child_token();
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(job.job_id.clone(), token.clone());
+        self.metrics.running_jobs.inc();
+        let ctx = JobContext {
+            config: self.config.clone(),
+            cache: self.cache.clone(),
+            fetcher: self.fetcher.clone(),
+        };
+        let id = job.job_id.clone();
+        tracing::info!(job = %id, plugins = job.plugins.len(), "job started");
+        let report = run_job(&ctx, job, &token).await;
+        let status = if report.status == pb::JobStatus::Succeeded as i32 {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        tracing::info!(job = %id, status, error = %report.error_message, "job finished");
+        self.report(report).await;
+        self.running.lock().expect("running lock").remove(&id);
+        self.metrics.running_jobs.dec();
+        self.metrics
+            .jobs
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .inc();
+    }
+
+    async fn main_loop(self: Arc<Self>) -> Result<(), StartError> {
+        let Some(interval) = self.register_until_ok().await? else {
+            return Ok(());
+        };
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(interval));
+        let slots = Arc::new(Semaphore::new(self.config.raw.max_concurrent_jobs as usize));
+        let mut jobs = JoinSet::new();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            while jobs.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                _ = self.shutdown.cancelled() => break,
+            };
+            let req = pb::FetchJobRequest {
+                agent_id: self.config.id.clone(),
+                max_jobs: 1,
+                wait_seconds: self.config.raw.jobs.poll_wait.get().as_secs() as u32,
+            };
+            let mut client = self.session.client();
+            let fetched = tokio::select! {
+                r = client.fetch_job(req) => r,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match fetched {
+                Ok(resp) => {
+                    delay = Duration::from_millis(200);
+                    let mut permit = Some(permit);
+                    for job in resp.into_inner().jobs {
+                        let core = self.clone();
+                        let held = permit.take();
+                        jobs.spawn(async move {
+                            let _slot = held;
+                            core.run_and_report(job).await;
+                        });
+                    }
+                }
+                Err(s) => {
+                    drop(permit);
+                    if s.code() == Code::Unauthenticated {
+                        tracing::warn!("coordinator does not know our token: registering again");
+                        if let Err(e) = self.register().await {
+                            tracing::warn!(error = %e.message(), "re-registration failed");
+                        }
+                    } else {
+                        tracing::warn!(error = %s.message(), code = ?s.code(), "cannot fetch jobs; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                    delay = backoff_step(delay);
+                }
+            }
+        }
+        // Shutdown: no new jobs; running ones get the grace period, then are stopped.
+        let grace = self.config.raw.jobs.shutdown_grace.get();
+        if !jobs.is_empty() {
+            tracing::info!(
+                running = jobs.len(),
+                grace_s = grace.as_secs(),
+                "waiting for running jobs"
+            );
+        }
+        let drained =
+            tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("grace period over: stopping running jobs");
+            self.stop_jobs.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                while jobs.join_next().await.is_some() {}
+            })
+            .await;
+        }
+        self.stop_jobs.cancel();
+        let _ = heartbeat.await;
+        Ok(())
+    }
+}
+
+impl Drop for RunningAgent {
+    /// A dropped agent stops at once (no grace): its tasks must not outlive it.
+    fn drop(&mut self) {
+        self.core.shutdown.cancel();
+        self.core.stop_jobs.cancel();
+    }
+}
+
+impl RunningAgent {
+    /// Opens the cache, registers builtins, binds metrics and starts the loops.
+    pub async fn start(config: ValidConfig) -> Result<Self, StartError> {
+        let dir = config.plugin_dir.clone();
+        let opts = CacheOptions {
+            max_size: config.raw.cache.max_size.bytes(),
+            eviction: config.raw.cache.eviction,
+            ttl: Some(config.raw.cache.ttl.0.get()).filter(|d| !d.is_zero()),
+        };
+        let d = dir.clone();
+        let cache = tokio::task::spawn_blocking(move || PluginCache::open(&d, opts))
+            .await
+            .map_err(|e| StartError::Cache {
+                dir: dir.clone(),
+                source: std::io::Error::other(e.to_string()).into(),
+            })?
+            .map_err(|source| StartError::Cache {
+                dir: dir.clone(),
+                source,
+            })?;
+        for (plugin, file) in config.builtin.clone() {
+            let c = cache.clone();
+            let (p, f) = (plugin.clone(), file.clone());
+            tokio::task::spawn_blocking(move || c.register_builtin(&p, &f))
+                .await
+                .map_err(|e| StartError::Builtin {
+                    plugin: plugin.to_string(),
+                    file: file.clone(),
+                    source: std::io::Error::other(e.to_string()).into(),
+                })?
+                .map_err(|source| StartError::Builtin {
+                    plugin: plugin.to_string(),
+                    file: file.clone(),
+                    source,
+                })?;
+            tracing::info!(plugin = %plugin, "builtin plugin registered");
+        }
+        let session = Session::new(
+            &config.raw.coordinator,
+            &config.id,
+            &config.raw.enroll_token,
+        )?;
+        let metrics = Metrics::new();
+        let fetcher = Fetcher::new(
+            cache.clone(),
+            Arc::new(CoordinatorSource::new(session.clone())),
+            config.raw.download.clone(),
+            metrics.clone(),
+            config.id.clone(),
+        );
+        fetcher.refresh_cache_metrics().await;
+        let shutdown = CancellationToken::new();
+        let stop_jobs = CancellationToken::new();
+        let mut background = JoinSet::new();
+        let metrics_addr = match config.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener.local_addr().ok();
+                let m = metrics.clone();
+                background.spawn(arcade_p2p::metrics_http::serve_metrics(
+                    listener,
+                    move || m.render(),
+                    stop_jobs.clone(),
+                ));
+                bound
+            }
+        };
+        let core = Arc::new(Core {
+            config,
+            session,
+            cache,
+            fetcher,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+            stop_jobs,
+        });
+        let main = tokio::spawn(core.clone().main_loop());
+        Ok(Self {
+            metrics_addr,
+            core,
+            main,
+            background,
+        })
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.core.metrics
+    }
+
+    /// The plugin cache.
+    pub fn cache(&self) -> &PluginCache {
+        &self.core.cache
+    }
+
+    /// A token that starts a graceful shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.core.shutdown.clone()
+    }
+
+    /// Runs until shut down (or a fatal registration refusal), then drains.
+    pub async fn wait(mut self) -> Result<(), StartError> {
+        let result = match (&mut self.main).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "agent main loop failed");
+                Ok(())
+            }
+        };
+        self.core.shutdown.cancel();
+        self.core.stop_jobs.cancel();
+        while self.background.join_next().await.is_some() {}
+        result
+    }
+
+    /// Graceful shutdown: stop taking jobs, let running ones finish within the grace
+    /// period, report them, stop.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        self.core.shutdown.cancel();
+        self.wait().await
+    }
+}

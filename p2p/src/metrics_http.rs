@@ -1,0 +1,110 @@
+//! A minimal HTTP/1 endpoint for Prometheus scrapes: `GET /metrics` answers the text
+//! exposition produced by a render function; anything else gets 404. Shared by the
+//! coordinator and the agent. Requests are bounded (8 KiB of headers, 5 s to send
+//! them); each connection is answered once and closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve_metrics<F>(listener: TcpListener, render: F, shutdown: CancellationToken)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let render = Arc::new(render);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                if connections.len() >= MAX_CONNECTIONS {
+                    continue; // dropped: the scraper retries
+                }
+                let render = render.clone();
+                connections.spawn(async move {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &*render)).await;
+                });
+            }
+        }
+    }
+    connections.shutdown().await;
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut piece = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut piece).await?;
+        if n == 0 || buf.len() + n > MAX_REQUEST {
+            break;
+        }
+        buf.extend_from_slice(&piece[..n]);
+    }
+    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, body) =
+        if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
+            ("200 OK", render())
+        } else {
+            ("404 Not Found", "only GET /metrics is served\n".to_owned())
+        };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_404s_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve_metrics(
+            listener,
+            || "up 1\n".to_owned(),
+            token.clone(),
+        ));
+        let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.ends_with("up 1\n"));
+        let missing = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let junk = get(addr, "\u{0}\u{1}garbage\r\n\r\n").await;
+        assert!(junk.starts_with("HTTP/1.1 404"));
+        token.cancel();
+        server.await.unwrap();
+    }
+}
