@@ -62,3 +62,54 @@ fn bad_config_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+#[test]
+fn sigterm_stops_the_agent_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on the coordinator port: the agent keeps retrying registration.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let mut child = agent()
+        .args([
+            "--id",
+            "term-test",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            &url,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It is up once it prints its metrics line.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.starts_with("metrics listening on 127.0.0.1:"),
+        "{line}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent did not stop within 20 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -423,3 +423,19 @@ async fn shutdown_lets_a_running_job_finish_and_report() {
         job.error_message
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_enrollment_token_is_a_clear_fatal_error() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let mut a = TestAgent::start(&c.url, "not-the-enroll-token", "intruder", |_, _| {}).await;
+    let agent = a.running.take().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), agent.wait())
+        .await
+        .expect("the agent gives up instead of retrying forever")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("refused registration") && msg.contains("enrollment token"),
+        "{msg}"
+    );
+}

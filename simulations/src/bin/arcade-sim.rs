@@ -38,6 +38,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Job-start latency with a cached plugin (p50/p99) and agent peak RSS while
+    /// fetching plugins of growing size.
+    BenchAgent {
+        /// Jobs for the latency figure.
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        /// Plugin sizes in MiB for the RSS figure (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+        sizes_mib: Vec<u64>,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a coordinator exactly like `arcade-coordinator ARGS…` (used by benchmarks
     /// to measure a coordinator in its own process).
     #[command(hide = true)]
@@ -45,13 +58,26 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Runs an agent exactly like `arcade-agent ARGS…` (used by benchmarks).
+    #[command(hide = true)]
+    Agent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Cmd::Coordinator { args } = args.command {
-        let argv = std::iter::once(OsString::from("arcade-coordinator")).chain(args);
-        return arcade_coordinator::cli::main_with(argv);
+    match args.command {
+        Cmd::Coordinator { args } => {
+            let argv = std::iter::once(OsString::from("arcade-coordinator")).chain(args);
+            return arcade_coordinator::cli::main_with(argv);
+        }
+        Cmd::Agent { args } => {
+            let argv = std::iter::once(OsString::from("arcade-agent")).chain(args);
+            return arcade_agent::cli::main_with(argv);
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -85,7 +111,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Cmd::BenchCoordinator { sizes_mib, json } => {
-                let figures = arcade_simulations::bench::run(&sizes_mib).await?;
+                let figures = arcade_simulations::bench::coordinator::run(&sizes_mib).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&figures)?);
                 } else {
@@ -110,7 +136,24 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Cmd::Coordinator { .. } => unreachable!("handled above"),
+            Cmd::BenchAgent { jobs, sizes_mib, json } => {
+                let f = arcade_simulations::bench::agent::run(jobs, &sizes_mib).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&f)?);
+                } else {
+                    let l = &f.start_latency;
+                    println!(
+                        "job received -> before started (cached plugin, {} jobs): p50 {} ms, p99 {} ms, max {} ms ({:.0} jobs/s)",
+                        l.jobs, l.p50_ms, l.p99_ms, l.max_ms, l.jobs_per_s
+                    );
+                    println!("{:>12} {:>10} {:>20}", "plugin MiB", "job s", "agent peak RSS MiB");
+                    for r in &f.fetch_rss {
+                        println!("{:>12} {:>10.2} {:>20.1}", r.plugin_bytes >> 20, r.job_seconds, r.agent_peak_rss_mib);
+                    }
+                }
+                Ok(())
+            }
+            Cmd::Coordinator { .. } | Cmd::Agent { .. } => unreachable!("handled above"),
         }
     });
     match result {

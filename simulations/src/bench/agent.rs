@@ -1,0 +1,284 @@
+//! `arcade-sim bench-agent`:
+//! 1. **Start latency** — an embedded coordinator and an in-process agent on loopback;
+//!    `jobs` jobs each need one cached plugin in its `before` stage. For every job the
+//!    figure is `before.start_time − job.started_at` (the agent stamps `started_at` when
+//!    it receives the job), in milliseconds as the API carries them; p50/p99/max.
+//! 2. **Agent peak RSS** — for each plugin size a fresh agent *process* (this binary
+//!    re-executed as `arcade-sim agent …`, the same code as `arcade-agent`) fetches a
+//!    generated plugin of that size from an embedded coordinator and runs it; its
+//!    VmHWM is read from `/proc` when the job is done.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arcade_agent::config::AgentConfig;
+use arcade_agent::runtime::RunningAgent;
+use arcade_coordinator::RunningCoordinator;
+use arcade_coordinator::config::CoordinatorConfig;
+use arcade_p2p::ContentId;
+use arcade_p2p::settings::{ByteSize, Seconds};
+use arcade_proto::v1 as pb;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::client::Conn;
+use crate::sample::ContentStream;
+
+/// Start-latency figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct StartLatency {
+    /// Jobs measured.
+    pub jobs: usize,
+    /// Median job-received → `before`-started, ms.
+    pub p50_ms: i64,
+    /// 99th percentile, ms.
+    pub p99_ms: i64,
+    /// Worst, ms.
+    pub max_ms: i64,
+    /// Jobs per second through one agent (one job at a time).
+    pub jobs_per_s: f64,
+}
+
+/// Peak RSS of an agent fetching one plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchRss {
+    /// Plugin size in bytes.
+    pub plugin_bytes: u64,
+    /// Seconds from job creation to the job's success.
+    pub job_seconds: f64,
+    /// Agent peak RSS (VmHWM), MiB.
+    pub agent_peak_rss_mib: f64,
+}
+
+/// Everything `bench-agent` measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentFigures {
+    /// Start latency with a cached plugin.
+    pub start_latency: StartLatency,
+    /// Peak RSS per plugin size.
+    pub fetch_rss: Vec<FetchRss>,
+}
+
+async fn coordinator(
+    dir: &std::path::Path,
+    max: ByteSize,
+) -> anyhow::Result<(RunningCoordinator, Conn)> {
+    let mut config = CoordinatorConfig {
+        listen: "127.0.0.1:0".into(),
+        metrics_listen: "off".into(),
+        data_dir: dir.join("coordinator"),
+        ..Default::default()
+    };
+    config.plugin.max_plugin_size = max;
+    config.jobs.long_poll_max = Seconds::secs(5);
+    let running = RunningCoordinator::start(config.validate()?).await?;
+    let conn = Conn::of(&running);
+    Ok((running, conn))
+}
+
+fn job_request(plugin: &str, version: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        commands: vec!["true".into()],
+        required_plugins: vec![pb::RequiredPlugin {
+            plugin_id: plugin.into(),
+            version: version.into(),
+            stages: vec![pb::Stage::Before as i32],
+        }],
+        ..Default::default()
+    }
+}
+
+async fn wait_jobs(
+    conn: &Conn,
+    count: usize,
+    limit: Duration,
+) -> anyhow::Result<Vec<pb::JobDetail>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let done = conn
+            .jobs(&conn.admin_token)
+            .await
+            .list_jobs(pb::ListJobsRequest {
+                status: pb::JobStatus::Unspecified as i32,
+                limit: count as u32,
+            })
+            .await?
+            .into_inner()
+            .jobs;
+        let finished = done
+            .iter()
+            .filter(|j| matches!(j.status(), pb::JobStatus::Succeeded | pb::JobStatus::Failed))
+            .count();
+        if finished >= count {
+            if let Some(bad) = done.iter().find(|j| j.status() == pb::JobStatus::Failed) {
+                anyhow::bail!("job {} failed: {}", bad.job_id, bad.error_message);
+            }
+            return Ok(done);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {finished} of {count} jobs finished in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Measures start latency over `jobs` jobs with a cached plugin.
+pub async fn start_latency(jobs: usize) -> anyhow::Result<StartLatency> {
+    let dir = tempfile::tempdir()?;
+    let (coordinator, conn) = coordinator(dir.path(), ByteSize::mib(1)).await?;
+    let script = b"#!/bin/sh\nexit 0\n".to_vec();
+    conn.push(
+        "bench/noop",
+        "1.0.0",
+        &script,
+        pb::PushPluginHeader {
+            expected_sha256: ContentId::of_bytes(&script).to_hex(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut config = AgentConfig {
+        id: "bench-agent".into(),
+        coordinator: conn.url.clone(),
+        enroll_token: conn.enroll_token.clone(),
+        data_dir: dir.path().join("agent"),
+        metrics_listen: "off".into(),
+        max_concurrent_jobs: 1,
+        ..Default::default()
+    };
+    config.jobs.poll_wait = Seconds::secs(5);
+    let agent = RunningAgent::start(config.validate()?).await?;
+    // Warm the cache with one job, then measure.
+    let mut client = conn.jobs(&conn.admin_token).await;
+    client
+        .create_job(job_request("bench/noop", "1.0.0"))
+        .await?;
+    wait_jobs(&conn, 1, Duration::from_secs(60)).await?;
+    let started = Instant::now();
+    for _ in 0..jobs {
+        client
+            .create_job(job_request("bench/noop", "1.0.0"))
+            .await?;
+    }
+    let done = wait_jobs(&conn, jobs + 1, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    let mut delays: Vec<i64> = done
+        .iter()
+        .take(jobs) // newest first: skip the warm-up job
+        .filter_map(|j| {
+            let before = j.plugin_results.iter().find(|r| r.stage == "before")?;
+            Some(before.start_time - j.started_at)
+        })
+        .collect();
+    delays.sort_unstable();
+    agent.shutdown().await?;
+    coordinator.shutdown().await;
+    Ok(StartLatency {
+        jobs: delays.len(),
+        p50_ms: percentile(&delays, 50.0),
+        p99_ms: percentile(&delays, 99.0),
+        max_ms: delays.last().copied().unwrap_or(0),
+        jobs_per_s: jobs as f64 / elapsed.as_secs_f64(),
+    })
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Measures an agent process's peak RSS while it fetches and runs a plugin of `size`.
+pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
+    let dir = tempfile::tempdir()?;
+    let (coordinator, conn) = coordinator(dir.path(), ByteSize(size + (1 << 20))).await?;
+    let head = b"#!/bin/sh\nexit 0\n".to_vec();
+    let blocks = move || {
+        let mut rest = ContentStream::new(size.saturating_sub(head.len() as u64), size);
+        std::iter::once(head.clone()).chain(std::iter::from_fn(move || rest.next_block(1 << 20)))
+    };
+    let mut sha = Sha256::new();
+    for b in blocks() {
+        sha.update(&b);
+    }
+    conn.push_stream(
+        "bench/big",
+        "1.0.0",
+        pb::PushPluginHeader {
+            expected_sha256: ContentId::from_bytes(sha.finalize().into()).to_hex(),
+            ..Default::default()
+        },
+        blocks(),
+    )
+    .await?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("agent")
+        .args([
+            "--id",
+            "rss-agent",
+            "--metrics-listen",
+            "off",
+            "--coordinator",
+            &conn.url,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .env("ARCADE_ENROLL_TOKEN", &conn.enroll_token)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    conn.jobs(&conn.admin_token)
+        .await
+        .create_job(job_request("bench/big", "1.0.0"))
+        .await?;
+    let outcome = wait_jobs(&conn, 1, Duration::from_secs(600)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = rss_of(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    coordinator.shutdown().await;
+    outcome?;
+    Ok(FetchRss {
+        plugin_bytes: size,
+        job_seconds: seconds,
+        agent_peak_rss_mib: rss.unwrap_or(0) as f64 / (1u64 << 20) as f64,
+    })
+}
+
+/// Runs both measurements.
+pub async fn run(jobs: usize, sizes_mib: &[u64]) -> anyhow::Result<AgentFigures> {
+    let start_latency = start_latency(jobs).await?;
+    let mut fetch = Vec::new();
+    for &mib in sizes_mib {
+        fetch.push(fetch_rss(mib << 20).await?);
+    }
+    Ok(AgentFigures {
+        start_latency,
+        fetch_rss: fetch,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_by_rank() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}

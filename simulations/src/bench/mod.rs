@@ -1,0 +1,7 @@
+//! Benchmarks that print figures (`--json`), never timed assertions:
+//! - [`coordinator`] — push and streamed-download throughput, coordinator peak RSS.
+//! - [`agent`] — job-received → `before`-started latency with a cached plugin, and the
+//!   agent's peak RSS while fetching plugins of growing size.
+
+pub mod agent;
+pub mod coordinator;
