@@ -88,39 +88,53 @@ fn job_request(plugin: &str, version: &str) -> pb::CreateJobRequest {
     }
 }
 
+/// Waits until every job in `ids` has finished; returns them (all must succeed).
 async fn wait_jobs(
     conn: &Conn,
-    count: usize,
+    ids: &[String],
     limit: Duration,
 ) -> anyhow::Result<Vec<pb::JobDetail>> {
     let deadline = Instant::now() + limit;
+    let mut jobs = conn.jobs(&conn.admin_token).await;
+    // Cheap progress check first: nothing queued or running any more.
     loop {
-        let done = conn
-            .jobs(&conn.admin_token)
-            .await
-            .list_jobs(pb::ListJobsRequest {
-                status: pb::JobStatus::Unspecified as i32,
-                limit: count as u32,
-            })
-            .await?
-            .into_inner()
-            .jobs;
-        let finished = done
-            .iter()
-            .filter(|j| matches!(j.status(), pb::JobStatus::Succeeded | pb::JobStatus::Failed))
-            .count();
-        if finished >= count {
-            if let Some(bad) = done.iter().find(|j| j.status() == pb::JobStatus::Failed) {
-                anyhow::bail!("job {} failed: {}", bad.job_id, bad.error_message);
-            }
-            return Ok(done);
+        let mut busy = 0;
+        for status in [pb::JobStatus::Queued, pb::JobStatus::Running] {
+            busy += jobs
+                .list_jobs(pb::ListJobsRequest {
+                    status: status as i32,
+                    limit: 1,
+                })
+                .await?
+                .into_inner()
+                .jobs
+                .len();
+        }
+        if busy == 0 {
+            break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {finished} of {count} jobs finished in {limit:?}"
+            "jobs still unfinished after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = jobs
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await?
+            .into_inner()
+            .job
+            .ok_or_else(|| anyhow::anyhow!("job {id} missing"))?;
+        anyhow::ensure!(
+            job.status() == pb::JobStatus::Succeeded,
+            "job {id} did not succeed: {}",
+            job.error_message
+        );
+        out.push(job);
+    }
+    Ok(out)
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {
@@ -159,21 +173,26 @@ pub async fn start_latency(jobs: usize) -> anyhow::Result<StartLatency> {
     let agent = RunningAgent::start(config.validate()?).await?;
     // Warm the cache with one job, then measure.
     let mut client = conn.jobs(&conn.admin_token).await;
-    client
+    let warm = client
         .create_job(job_request("bench/noop", "1.0.0"))
-        .await?;
-    wait_jobs(&conn, 1, Duration::from_secs(60)).await?;
+        .await?
+        .into_inner()
+        .job_id;
+    wait_jobs(&conn, &[warm], Duration::from_secs(60)).await?;
     let started = Instant::now();
+    let mut ids = Vec::with_capacity(jobs);
     for _ in 0..jobs {
-        client
+        let id = client
             .create_job(job_request("bench/noop", "1.0.0"))
-            .await?;
+            .await?
+            .into_inner()
+            .job_id;
+        ids.push(id);
     }
-    let done = wait_jobs(&conn, jobs + 1, Duration::from_secs(600)).await?;
+    let done = wait_jobs(&conn, &ids, Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
     let mut delays: Vec<i64> = done
         .iter()
-        .take(jobs) // newest first: skip the warm-up job
         .filter_map(|j| {
             let before = j.plugin_results.iter().find(|r| r.stage == "before")?;
             Some(before.start_time - j.started_at)
@@ -238,11 +257,14 @@ pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
         .stdout(Stdio::null())
         .spawn()?;
     let started = Instant::now();
-    conn.jobs(&conn.admin_token)
+    let id = conn
+        .jobs(&conn.admin_token)
         .await
         .create_job(job_request("bench/big", "1.0.0"))
-        .await?;
-    let outcome = wait_jobs(&conn, 1, Duration::from_secs(600)).await;
+        .await?
+        .into_inner()
+        .job_id;
+    let outcome = wait_jobs(&conn, &[id], Duration::from_secs(600)).await;
     let seconds = started.elapsed().as_secs_f64();
     let rss = rss_of(child.id());
     let _ = child.kill();
