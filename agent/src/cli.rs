@@ -130,7 +130,7 @@ where
         let _ = std::io::stdout().flush();
         let token = agent.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            arcade_p2p::shutdown::signal().await;
             tracing::info!("signal received: shutting down");
             token.cancel();
         });
@@ -142,19 +142,4 @@ where
             }
         }
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -141,23 +141,7 @@ impl Serialize for HoursTtl {
 
 impl<'de> Deserialize<'de> for HoursTtl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected hours (an integer) or a duration like \"24h\"")
-        })? {
-            Raw::Int(n) if n >= 0 => Ok(Self(Seconds::secs(n as u64 * 3600))),
-            Raw::Int(n) => Err(serde::de::Error::custom(format!(
-                "ttl must not be negative, got {n}"
-            ))),
-            Raw::Str(s) => Seconds::parse(&s)
-                .map(Self)
-                .map_err(serde::de::Error::custom),
-        }
+        settings::duration_with_int_unit(d, 3600).map(Self)
     }
 }
 

@@ -135,33 +135,11 @@ where
         let _ = std::io::stdout().flush();
         let token = running.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            arcade_p2p::shutdown::signal().await;
             tracing::info!("signal received: shutting down");
             token.cancel();
         });
         running.wait().await;
         ExitCode::SUCCESS
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -8,6 +8,7 @@
 //! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
 //!   durations.
 //! - [`logging`] — log setup for the binaries.
+//! - [`shutdown`] — the binaries' termination signal.
 //! - [`metrics_http`] — the `GET /metrics` endpoint for Prometheus scrapes.
 //!
 //! The mesh (libp2p host, chunk exchange, swarm scheduler) joins this crate next.
@@ -21,6 +22,7 @@ pub mod manifest;
 pub mod metrics_http;
 pub mod plugin_ref;
 pub mod settings;
+pub mod shutdown;
 
 pub use manifest::{ContentId, Manifest, ManifestBuilder, VerifyError};
 pub use plugin_ref::{PluginId, PluginRef, PluginRefError};

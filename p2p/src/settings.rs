@@ -227,27 +227,57 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a size: an integer of MiB or a string like \"512KiB\" or \"1GiB\"",
-            )
-        })? {
-            Raw::Int(n) if n >= 0 => (n as u64)
-                .checked_mul(1 << 20)
-                .map(ByteSize)
-                .ok_or_else(|| serde::de::Error::custom("size is too large")),
-            Raw::Int(n) => Err(serde::de::Error::custom(format!(
-                "size must not be negative, got {n}"
-            ))),
-            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
-        }
+        int_or_text(
+            d,
+            "a size: an integer of MiB or a string like \"512KiB\" or \"1GiB\"",
+            |n| n.checked_mul(1 << 20).map(ByteSize),
+            ByteSize::parse,
+        )
     }
+}
+
+/// An integer (in `int_unit`) or a string parsed by `parse`: the shape every size and
+/// duration key accepts.
+fn int_or_text<'de, D, T>(
+    d: D,
+    expected: &str,
+    from_int: impl FnOnce(u64) -> Option<T>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Str(String),
+    }
+    match Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom(format!("expected {expected}")))?
+    {
+        Raw::Int(n) if n >= 0 => {
+            from_int(n as u64).ok_or_else(|| serde::de::Error::custom("value is too large"))
+        }
+        Raw::Int(n) => Err(serde::de::Error::custom(format!(
+            "must not be negative, got {n}"
+        ))),
+        Raw::Str(s) => parse(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Deserializes a duration whose integer form counts `secs_per_unit` seconds (e.g.
+/// 3600 for keys that the original design gave in hours).
+pub fn duration_with_int_unit<'de, D: Deserializer<'de>>(
+    d: D,
+    secs_per_unit: u64,
+) -> Result<Seconds, D::Error> {
+    int_or_text(
+        d,
+        "a duration: an integer or a string like \"30s\", \"5m\" or \"2h\"",
+        |n| n.checked_mul(secs_per_unit).map(Seconds::secs),
+        Seconds::parse,
+    )
 }
 
 /// A duration; see the module documentation for the accepted forms.
@@ -313,23 +343,7 @@ impl Serialize for Seconds {
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a duration: an integer of seconds or a string like \"30s\" or \"5m\"",
-            )
-        })? {
-            Raw::Int(n) if n >= 0 => Ok(Seconds::secs(n as u64)),
-            Raw::Int(n) => Err(serde::de::Error::custom(format!(
-                "duration must not be negative, got {n}"
-            ))),
-            Raw::Str(s) => Seconds::parse(&s).map_err(serde::de::Error::custom),
-        }
+        duration_with_int_unit(d, 1)
     }
 }
 
