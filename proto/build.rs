@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/arcade/v1/agent.proto",
     "proto/arcade/v1/job.proto",
     "proto/arcade/v1/plugin.proto",
+    "proto/arcade/v1/mesh.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -37,6 +37,25 @@ pub struct CoordinatorConfig {
     pub plugin: PluginConfig,
     /// Job leasing.
     pub jobs: JobsConfig,
+    /// The agent mesh.
+    pub mesh: MeshConfig,
+}
+
+/// `[mesh]`: what the coordinator does for the agent mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Lifetime of the tickets that admit an agent's libp2p peer to the mesh; agents
+    /// get a fresh one in a heartbeat once half of it has passed.
+    pub ticket_ttl: Seconds,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            ticket_ttl: Seconds::secs(3600),
+        }
+    }
 }
 
 /// Log output format.
@@ -105,6 +124,7 @@ impl Default for CoordinatorConfig {
             log_format: LogFormat::Human,
             plugin: PluginConfig::default(),
             jobs: JobsConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -195,6 +215,11 @@ max_attempts = 3
 long_poll_max = "30s"
 # Longest command output tail kept per job.
 max_output_tail = "64KiB"
+
+[mesh]
+# Lifetime of the coordinator-signed tickets that admit an agent's libp2p peer to the
+# mesh (signed with <data_dir>/mesh.key); renewed through heartbeats at half-life.
+ticket_ttl = "1h"
 "##;
 
 /// Where a metrics listener should go.
@@ -317,6 +342,12 @@ impl CoordinatorConfig {
         }
         if j.max_output_tail > ByteSize::mib(1) {
             return Err(bad("jobs.max_output_tail", "must be at most 1MiB"));
+        }
+        let ttl = self.mesh.ticket_ttl.get();
+        if ttl < std::time::Duration::from_secs(60)
+            || ttl > std::time::Duration::from_secs(7 * 86_400)
+        {
+            return Err(bad("mesh.ticket_ttl", "must be between 1m and 7d"));
         }
         let storage_path = if p.storage_path.as_os_str().is_empty() {
             self.data_dir.join("plugins")

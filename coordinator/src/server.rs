@@ -27,6 +27,7 @@ use crate::service::agents::{AgentService, FleetService};
 use crate::service::jobs::JobsService;
 use crate::service::plugins::{PluginAdminService, collect_orphans};
 use crate::store::Store;
+use arcade_p2p::mesh::ticket::TicketIssuer;
 
 /// Largest message the coordinator accepts (pushes, results) and sends (manifests of
 /// up to 2^20 chunks, chunks of up to 64 MiB).
@@ -93,6 +94,46 @@ fn path_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     move |source| StartError::Path { what, path, source }
 }
 
+/// Writes `bytes` to `path` atomically with mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StartError> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(path_err("cannot write", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(path_err("cannot write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(path_err("cannot write", path))
+}
+
+/// The mesh ticket key in `<data_dir>/mesh.key`, created on first start.
+fn mesh_key(data_dir: &Path) -> Result<TicketIssuer, StartError> {
+    let path = data_dir.join("mesh.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => TicketIssuer::from_bytes(&bytes).map_err(|e| StartError::Path {
+            what: "unusable mesh key",
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let issuer = TicketIssuer::generate();
+            let bytes = issuer.to_bytes().map_err(|e| StartError::Path {
+                what: "cannot encode mesh key",
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            write_private(&path, &bytes)?;
+            Ok(issuer)
+        }
+        Err(e) => Err(path_err("cannot read mesh key", &path)(e)),
+    }
+}
+
 /// The configured token, or the one in `<data_dir>/<file>`, or a new one written there.
 fn resolve_token(configured: &str, data_dir: &Path, file: &str) -> Result<String, StartError> {
     if !configured.is_empty() {
@@ -108,24 +149,7 @@ fn resolve_token(configured: &str, data_dir: &Path, file: &str) -> Result<String
     let mut raw = [0u8; 24];
     rand::rng().fill_bytes(&mut raw);
     let token = hex::encode(raw);
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            opts.mode(0o600);
-        }
-        let mut f = opts
-            .open(&tmp)
-            .map_err(path_err("cannot write token file", &tmp))?;
-        f.write_all(token.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(path_err("cannot write token file", &tmp))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(path_err("cannot write token file", &path))?;
+    write_private(&path, token.as_bytes())?;
     tracing::warn!(path = %path.display(), "no {file} configured: generated one");
     Ok(token)
 }
@@ -138,6 +162,7 @@ impl RunningCoordinator {
             .map_err(path_err("cannot create data_dir", &data_dir))?;
         let admin_token = resolve_token(&config.raw.admin_token, &data_dir, "admin.token")?;
         let enroll_token = resolve_token(&config.raw.enroll_token, &data_dir, "enroll.token")?;
+        let tickets = mesh_key(&data_dir)?;
         let db_path = data_dir.join("coordinator.redb");
         let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
             .await
@@ -178,6 +203,7 @@ impl RunningCoordinator {
             blobs,
             &admin_token,
             &enroll_token,
+            tickets,
             shutdown.clone(),
         )?);
         let removed = collect_orphans(&shared)

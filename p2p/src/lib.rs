@@ -19,6 +19,7 @@
 pub mod labels;
 pub mod logging;
 pub mod manifest;
+pub mod mesh;
 pub mod metrics_http;
 pub mod plugin_ref;
 pub mod settings;

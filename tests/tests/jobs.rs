@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use arcade_p2p::ContentId;
+use arcade_p2p::mesh::ticket::{PeerId, TicketVerifier};
 use arcade_p2p::settings::Seconds;
 use arcade_proto::v1 as pb;
 use arcade_tests::{ADMIN, TestCoordinator, content, eventually};
@@ -63,22 +64,19 @@ async fn job_carries_plugins_manifests_and_peer_hints_and_records_results() {
         sha256: sha.clone(),
     };
     // Two holders: one in the requester's zone, one elsewhere.
+    let far_peer = PeerId::random().to_string();
+    let near_peer = PeerId::random().to_string();
     let far = c
         .register_with(
             "holder-far",
             &[("zone", "us")],
             vec![holder.clone()],
-            "12D3KooWFar",
+            &far_peer,
         )
         .await
         .unwrap();
     let near = c
-        .register_with(
-            "holder-near",
-            &[("zone", "eu")],
-            vec![holder],
-            "12D3KooWNear",
-        )
+        .register_with("holder-near", &[("zone", "eu")], vec![holder], &near_peer)
         .await
         .unwrap();
     for t in [&far, &near] {
@@ -140,7 +138,7 @@ async fn job_carries_plugins_manifests_and_peer_hints_and_records_results() {
     assert_eq!(m.content_id().to_hex(), sha);
     let hints: Vec<&str> = p.peer_hints.iter().map(|h| h.agent_id.as_str()).collect();
     assert_eq!(hints, vec!["holder-near", "holder-far"], "same zone first");
-    assert_eq!(p.peer_hints[0].peer_id, "12D3KooWNear");
+    assert_eq!(p.peer_hints[0].peer_id, near_peer);
     assert!(p.peer_hints[0].complete);
     assert_eq!(job(&c, &id).await.status(), pb::JobStatus::Running);
 
@@ -526,4 +524,69 @@ async fn bad_job_requests_are_invalid_arguments() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn register_issues_a_mesh_ticket_bound_to_the_peer_and_renews_it() {
+    let mut c = TestCoordinator::start(|_| {}).await;
+    let peer = PeerId::random();
+    let mut client = c.agent(&c.enroll_token).await;
+    let resp = client
+        .register(pb::RegisterRequest {
+            agent_id: "meshy".into(),
+            peer_id: peer.to_string(),
+            labels: vec![label("team", "red")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let verifier = TicketVerifier::new(&resp.mesh_public_key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ticket = verifier
+        .verify(&resp.mesh_ticket, &peer, now)
+        .expect("valid ticket for our peer");
+    assert_eq!(ticket.agent_id, "meshy");
+    assert_eq!(ticket.labels.get("team").map(String::as_str), Some("red"));
+    assert!(
+        verifier
+            .verify(&resp.mesh_ticket, &PeerId::random(), now)
+            .is_err(),
+        "bound to the peer"
+    );
+    // Fresh ticket: a heartbeat does not renew it yet.
+    let hb = c
+        .agent(&resp.agent_token)
+        .await
+        .heartbeat(pb::HeartbeatRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hb.mesh_ticket.is_empty());
+    // A bad peer id is refused.
+    let err = client
+        .register(pb::RegisterRequest {
+            agent_id: "bad-peer".into(),
+            peer_id: "not-a-peer-id".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // After a restart the coordinator does not know the ticket's age: it renews, with
+    // the same key (mesh.key is persisted).
+    c.restart().await;
+    let hb = c
+        .agent(&resp.agent_token)
+        .await
+        .heartbeat(pb::HeartbeatRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    verifier
+        .verify(&hb.mesh_ticket, &peer, now)
+        .expect("renewed ticket signed by the same key");
 }

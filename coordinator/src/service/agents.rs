@@ -401,12 +401,16 @@ impl Agent for AgentService {
             registered_at: now_ms(),
             token_hash: token_hash(&token),
         };
+        let (mesh_ticket, ticket_expires_at) = s.issue_ticket(&record)?;
         let r = record.clone();
         s.store.call(move |st| st.register_agent(&r)).await?;
-        s.fleet
-            .lock()
-            .expect("fleet lock")
-            .insert(record.clone(), now_ms());
+        {
+            let mut fleet = s.fleet.lock().expect("fleet lock");
+            fleet.insert(record.clone(), now_ms());
+            if let Some(live) = fleet.agents.get_mut(&record.agent_id) {
+                live.ticket_expires_at = ticket_expires_at;
+            }
+        }
         s.metrics.registrations.inc();
         tracing::info!(agent = %record.agent_id, labels = ?record.labels, installed = record.installed.len(), "agent registered");
         let jobs = &s.config.raw.jobs;
@@ -414,6 +418,8 @@ impl Agent for AgentService {
             agent_token: token,
             heartbeat_interval_seconds: jobs.heartbeat_interval.get().as_secs().max(1) as u32,
             lease_ttl_seconds: jobs.lease_ttl.get().as_secs().max(1) as u32,
+            mesh_ticket,
+            mesh_public_key: s.tickets.public_key(),
         }))
     }
 
@@ -440,7 +446,33 @@ impl Agent for AgentService {
             }
         }
         let revoked_jobs = s.extend_leases(&agent.agent_id, &req.running_jobs);
-        Ok(Response::new(pb::HeartbeatResponse { revoked_jobs }))
+        // Renew the mesh ticket once half of its lifetime has passed.
+        let half = s.config.raw.mesh.ticket_ttl.get().as_millis() as i64 / 2;
+        let due = s
+            .fleet
+            .lock()
+            .expect("fleet lock")
+            .agents
+            .get(&agent.agent_id)
+            .is_some_and(|a| a.ticket_expires_at - now_ms() < half);
+        let mut mesh_ticket = Vec::new();
+        if due {
+            let (ticket, expires) = s.issue_ticket(&agent)?;
+            if let Some(live) = s
+                .fleet
+                .lock()
+                .expect("fleet lock")
+                .agents
+                .get_mut(&agent.agent_id)
+            {
+                live.ticket_expires_at = expires;
+            }
+            mesh_ticket = ticket;
+        }
+        Ok(Response::new(pb::HeartbeatResponse {
+            revoked_jobs,
+            mesh_ticket,
+        }))
     }
 
     async fn fetch_job(

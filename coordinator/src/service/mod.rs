@@ -134,6 +134,8 @@ pub(crate) struct LiveAgent {
     pub(crate) record: AgentRecord,
     /// Unix ms of the last authenticated call since start (0 = none).
     pub(crate) last_seen: i64,
+    /// Expiry (unix ms) of the mesh ticket last issued to it since start (0 = none).
+    pub(crate) ticket_expires_at: i64,
 }
 
 #[derive(Default)]
@@ -152,8 +154,14 @@ impl Fleet {
         }
         self.tokens
             .insert(record.token_hash, record.agent_id.clone());
-        self.agents
-            .insert(record.agent_id.clone(), LiveAgent { record, last_seen });
+        self.agents.insert(
+            record.agent_id.clone(),
+            LiveAgent {
+                record,
+                last_seen,
+                ticket_expires_at: 0,
+            },
+        );
     }
 }
 
@@ -164,6 +172,8 @@ pub(crate) struct Shared {
     pub(crate) blobs: Arc<dyn BlobStore>,
     pub(crate) metrics: Metrics,
     pub(crate) admin_hash: [u8; 32],
+    /// Signs mesh tickets.
+    pub(crate) tickets: arcade_p2p::mesh::ticket::TicketIssuer,
     pub(crate) enroll_hash: [u8; 32],
     pub(crate) fleet: Mutex<Fleet>,
     /// Job id → (agent id, lease deadline).
@@ -201,6 +211,7 @@ impl Shared {
         blobs: Arc<dyn BlobStore>,
         admin_token: &str,
         enroll_token: &str,
+        tickets: arcade_p2p::mesh::ticket::TicketIssuer,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let mut fleet = Fleet::default();
@@ -224,6 +235,7 @@ impl Shared {
             blobs,
             metrics: Metrics::new(),
             admin_hash: token_hash(admin_token),
+            tickets,
             enroll_hash: token_hash(enroll_token),
             fleet: Mutex::new(fleet),
             leases: Mutex::new(leases),
@@ -234,6 +246,27 @@ impl Shared {
             shutdown,
             config,
         })
+    }
+
+    /// A mesh ticket for `agent` (empty when it registered without a peer id), and
+    /// its expiry.
+    pub(crate) fn issue_ticket(&self, agent: &AgentRecord) -> Result<(Vec<u8>, i64), Status> {
+        if agent.peer_id.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let peer: arcade_p2p::mesh::ticket::PeerId = agent.peer_id.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "peer_id {:?} is not a libp2p peer id",
+                shown(&agent.peer_id)
+            ))
+        })?;
+        let now = now_ms();
+        let ttl = self.config.raw.mesh.ticket_ttl.get().as_millis() as i64;
+        let ticket = self
+            .tickets
+            .issue(&peer, &agent.agent_id, &agent.labels, now, ttl)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok((ticket, now + ttl))
     }
 
     /// Checks the admin token.
