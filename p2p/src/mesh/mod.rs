@@ -1,7 +1,13 @@
 //! The mesh: agents fetching plugin chunks from each other.
 //!
+//! - [`bitfield`] — which chunks a peer holds, and its wire form.
+//! - [`host`] — the libp2p host: transport, DHT, and serving/requesting chunks.
+//! - [`protocol`] — the `/arcade/chunks/1` wire format and its limits.
 //! - [`limiter`] — the node-wide upload/download rate limiter and upload slots.
 //! - [`ticket`] — coordinator-signed tickets that admit a peer to the mesh.
 
+pub mod bitfield;
+pub mod host;
 pub mod limiter;
+pub mod protocol;
 pub mod ticket;

@@ -1,0 +1,878 @@
+//! The agent's libp2p host: TCP + noise + yamux, identify, Kademlia in server mode (the
+//! DHT key of a content is its SHA-256) and the `/arcade/chunks/1` request-response
+//! protocol.
+//!
+//! Ownership: [`MeshHost::start`] spawns one actor task that owns the swarm; it is
+//! driven through a cloneable [`MeshHandle`] (bounded command channel, `oneshot`
+//! replies) and stops when the handle's [`MeshHandle::shutdown`] is called or every
+//! handle is dropped.
+//!
+//! Serving: every inbound request must carry a coordinator-signed ticket bound to the
+//! requesting connection's peer id ([`super::ticket`]); content restricted by
+//! `allowed_labels` is served only when the ticket's labels satisfy them; chunk reads
+//! take an upload slot (busy → `REFUSAL_BUSY`, never an unbounded queue) and pass the
+//! node-wide upload [`RateLimiter`]. The bytes come from a [`ChunkStore`] the agent
+//! implements over its cache (complete plugins and partial downloads alike).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arcade_proto::v1 as pb;
+use futures::StreamExt;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, tcp, yamux};
+use libp2p_identity::Keypair;
+use tokio::sync::{mpsc, oneshot};
+
+use super::bitfield::Bitfield;
+use super::limiter::{RateLimiter, UploadSlots};
+use super::protocol::{ChunkCodec, PROTOCOL, refused};
+use super::ticket::{TicketError, TicketVerifier};
+use crate::ContentId;
+use crate::labels::Labels;
+
+/// What the host serves from: the agent's cache.
+pub trait ChunkStore: Send + Sync + 'static {
+    /// The labels a requester needs for `content`, or `None` when this node does not
+    /// know the content (nothing is served then).
+    fn allowed_labels(&self, content: &ContentId) -> Option<Labels>;
+    /// The chunks of `content` this node holds.
+    fn held(&self, content: &ContentId) -> Option<Bitfield>;
+    /// Reads one held chunk (blocking; called off the async runtime). `Ok(None)` when
+    /// the chunk is not held.
+    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>>;
+}
+
+/// Host settings.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Listen addresses, e.g. `/ip4/127.0.0.1/tcp/0`.
+    pub listen: Vec<Multiaddr>,
+    /// Connections idle this long are closed.
+    pub idle_timeout: Duration,
+    /// Outbound request timeout.
+    pub request_timeout: Duration,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: usize,
+    /// Upload rate, bytes/s (0 = unlimited).
+    pub upload_rate: u64,
+    /// Upload burst, bytes.
+    pub upload_burst: u64,
+    /// Concurrent chunk uploads.
+    pub max_uploads: usize,
+    /// Provider record TTL.
+    pub provider_ttl: Duration,
+    /// Provider republish interval.
+    pub provider_republish: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 64,
+            upload_rate: 0,
+            upload_burst: 1 << 20,
+            max_uploads: 8,
+            provider_ttl: Duration::from_secs(15 * 60),
+            provider_republish: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// A mesh request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MeshError {
+    /// The peer refused.
+    #[error("peer refused ({reason:?}): {message}")]
+    Refused {
+        /// Why.
+        reason: pb::Refusal,
+        /// Its message.
+        message: String,
+    },
+    /// The request failed on the network (dial, timeout, stream error).
+    #[error("request failed: {0}")]
+    Failed(String),
+    /// The answer does not match the question.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+    /// The host has stopped.
+    #[error("mesh host stopped")]
+    Closed,
+    /// The host could not start.
+    #[error("mesh host cannot start: {0}")]
+    Start(String),
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    chunks: request_response::Behaviour<ChunkCodec>,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, MeshError>>;
+
+enum Command {
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: pb::ChunkRequest,
+        reply: Reply<pb::ChunkResponse>,
+    },
+    Credentials {
+        ticket: Vec<u8>,
+        verifier: TicketVerifier,
+    },
+    Provide(ContentId, bool),
+    Providers(ContentId, Reply<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Respond(ResponseChannel<pb::ChunkResponse>, pb::ChunkResponse),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A handle to a running host. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MeshHandle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+/// Starts hosts.
+#[derive(Debug)]
+pub struct MeshHost;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    rx: mpsc::Receiver<Command>,
+    /// For upload tasks to hand responses back to the swarm.
+    respond: mpsc::Sender<Command>,
+    store: Arc<dyn ChunkStore>,
+    verifier: Option<TicketVerifier>,
+    ticket: Vec<u8>,
+    limiter: RateLimiter,
+    slots: UploadSlots,
+    outbound: HashMap<OutboundRequestId, Reply<pb::ChunkResponse>>,
+    queries: HashMap<kad::QueryId, (Vec<PeerId>, Reply<Vec<PeerId>>)>,
+}
+
+impl MeshHost {
+    /// Starts a host with `keypair` serving from `store`; returns its handle once it
+    /// listens.
+    pub async fn start(
+        keypair: Keypair,
+        config: HostConfig,
+        store: Arc<dyn ChunkStore>,
+    ) -> Result<MeshHandle, MeshError> {
+        let peer_id = keypair.public().to_peer_id();
+        let start = |e: &dyn std::fmt::Display| MeshError::Start(e.to_string());
+        let request_timeout = config.request_timeout;
+        let streams = config.max_concurrent_streams;
+        let (ttl, republish) = (config.provider_ttl, config.provider_republish);
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| start(&e))?
+            .with_behaviour(|key| {
+                let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+                kad_config
+                    .set_provider_record_ttl(Some(ttl))
+                    .set_provider_publication_interval(Some(republish));
+                let store = MemoryStore::with_config(
+                    key.public().to_peer_id(),
+                    kad::store::MemoryStoreConfig {
+                        max_providers_per_key: 1024,
+                        ..Default::default()
+                    },
+                );
+                let mut kad =
+                    kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
+                kad.set_mode(Some(kad::Mode::Server));
+                Behaviour {
+                    chunks: request_response::Behaviour::with_codec(
+                        ChunkCodec,
+                        [(PROTOCOL, ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(request_timeout)
+                            .with_max_concurrent_streams(streams),
+                    ),
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/arcade/1".into(),
+                        key.public(),
+                    )),
+                    kad,
+                }
+            })
+            .map_err(|e| start(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+            .build();
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| start(&e))?;
+        }
+        // Wait until every listener reported its address.
+        let mut bound = 0;
+        while bound < config.listen.len() {
+            match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr { .. }) => bound += 1,
+                Ok(SwarmEvent::ListenerError { error, .. }) => return Err(start(&error)),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(MeshError::Start(
+                        "listener did not come up within 10 s".into(),
+                    ));
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let actor = Actor {
+            swarm,
+            rx,
+            respond: tx.clone(),
+            store,
+            verifier: None,
+            ticket: Vec::new(),
+            limiter: RateLimiter::new(config.upload_rate, config.upload_burst),
+            slots: UploadSlots::new(config.max_uploads),
+            outbound: HashMap::new(),
+            queries: HashMap::new(),
+        };
+        tokio::spawn(actor.run());
+        Ok(MeshHandle { tx, peer_id })
+    }
+}
+
+impl Actor {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(Command::Shutdown(done)) => {
+                        let _ = done.send(());
+                        break;
+                    }
+                    Some(c) => self.command(c),
+                    // Only our own `respond` sender is left when every handle dropped.
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+            }
+            if self.rx.sender_strong_count() <= 1 && self.outbound.is_empty() && self.rx.is_empty()
+            {
+                break;
+            }
+        }
+        for (_, reply) in self.outbound.drain() {
+            let _ = reply.send(Err(MeshError::Closed));
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                addrs,
+                mut request,
+                reply,
+            } => {
+                request.ticket = self.ticket.clone();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunks
+                    .send_request_with_addresses(&peer, request, addrs);
+                self.outbound.insert(id, reply);
+            }
+            Command::Credentials { ticket, verifier } => {
+                self.ticket = ticket;
+                self.verifier = Some(verifier);
+            }
+            Command::Provide(content, on) => {
+                let key = kad::RecordKey::new(content.as_bytes());
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                if on {
+                    if let Err(e) = kad.start_providing(key) {
+                        tracing::warn!(content = %content, error = %e, "cannot provide content");
+                    }
+                } else {
+                    kad.stop_providing(&key);
+                }
+            }
+            Command::Providers(content, reply) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(content.as_bytes()));
+                self.queries.insert(id, (Vec::new(), reply));
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Respond(channel, response) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunks
+                    .send_response(channel, response);
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Chunks(e)) => self.chunk_event(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            })) => {
+                if let (
+                    Some((found, _)),
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }),
+                ) = (self.queries.get_mut(&id), result)
+                {
+                    found.extend(providers);
+                }
+                if step.last {
+                    if let Some((found, reply)) = self.queries.remove(&id) {
+                        let _ = reply.send(Ok(found));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn chunk_event(&mut self, event: request_response::Event<pb::ChunkRequest, pb::ChunkResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.inbound(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.outbound.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(MeshError::Failed(error.to_string())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks the requester's ticket and access; `Err` is the refusal to send.
+    fn admit(
+        &self,
+        peer: &PeerId,
+        request: &pb::ChunkRequest,
+    ) -> Result<ContentId, pb::ChunkResponse> {
+        let verifier = self.verifier.as_ref().ok_or_else(|| {
+            refused(
+                pb::Refusal::NotVouched,
+                "this peer has not joined the mesh yet",
+            )
+        })?;
+        let ticket = verifier
+            .verify(&request.ticket, peer, now_ms())
+            .map_err(|e: TicketError| refused(pb::Refusal::NotVouched, e.to_string()))?;
+        let content: [u8; 32] =
+            request.content.as_slice().try_into().map_err(|_| {
+                refused(pb::Refusal::BadRequest, "content must be a 32-byte SHA-256")
+            })?;
+        let content = ContentId::from_bytes(content);
+        let required = self.store.allowed_labels(&content).ok_or_else(|| {
+            refused(
+                pb::Refusal::UnknownContent,
+                format!("content {content} is not held here"),
+            )
+        })?;
+        if !ticket.allows(&required) {
+            return Err(refused(
+                pb::Refusal::Forbidden,
+                format!(
+                    "agent {} lacks the labels content {content} requires",
+                    ticket.agent_id
+                ),
+            ));
+        }
+        Ok(content)
+    }
+
+    fn inbound(
+        &mut self,
+        peer: PeerId,
+        request: pb::ChunkRequest,
+        channel: ResponseChannel<pb::ChunkResponse>,
+    ) {
+        let content = match self.admit(&peer, &request) {
+            Ok(c) => c,
+            Err(refusal) => {
+                tracing::debug!(peer = %peer, ?refusal, "chunk request refused");
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunks
+                    .send_response(channel, refusal);
+                return;
+            }
+        };
+        match request.kind {
+            Some(pb::chunk_request::Kind::Bitfield(_)) => {
+                let response = match self.store.held(&content) {
+                    Some(held) => pb::ChunkResponse {
+                        kind: Some(pb::chunk_response::Kind::Held(pb::HeldChunks {
+                            chunks: held.len(),
+                            bits: held.to_bytes(),
+                        })),
+                    },
+                    None => refused(
+                        pb::Refusal::UnknownContent,
+                        format!("content {content} is not held here"),
+                    ),
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .chunks
+                    .send_response(channel, response);
+            }
+            Some(pb::chunk_request::Kind::Chunk(index)) => {
+                let Some(slot) = self.slots.try_acquire() else {
+                    let _ = self.swarm.behaviour_mut().chunks.send_response(
+                        channel,
+                        refused(pb::Refusal::Busy, "every upload slot is busy"),
+                    );
+                    return;
+                };
+                let (store, limiter, respond) = (
+                    self.store.clone(),
+                    self.limiter.clone(),
+                    self.respond.clone(),
+                );
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let read =
+                        tokio::task::spawn_blocking(move || store.read_chunk(&content, index))
+                            .await;
+                    let response = match read {
+                        Ok(Ok(Some(data))) => {
+                            limiter.acquire(data.len() as u64).await;
+                            pb::ChunkResponse {
+                                kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
+                                    index,
+                                    data,
+                                })),
+                            }
+                        }
+                        Ok(Ok(None)) => refused(
+                            pb::Refusal::NoChunk,
+                            format!("chunk {index} is not held here"),
+                        ),
+                        Ok(Err(e)) => refused(
+                            pb::Refusal::NoChunk,
+                            format!("chunk {index} cannot be read: {e}"),
+                        ),
+                        Err(e) => refused(pb::Refusal::NoChunk, format!("read task failed: {e}")),
+                    };
+                    let _ = respond.send(Command::Respond(channel, response)).await;
+                });
+            }
+            None => {
+                let _ = self.swarm.behaviour_mut().chunks.send_response(
+                    channel,
+                    refused(
+                        pb::Refusal::BadRequest,
+                        "request names neither bitfield nor chunk",
+                    ),
+                );
+            }
+        }
+    }
+}
+
+impl MeshHandle {
+    /// This host's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, MeshError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| MeshError::Closed)?;
+        rx.await.map_err(|_| MeshError::Closed)?
+    }
+
+    /// The addresses this host listens on.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::ListenAddrs(reply)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Installs this agent's ticket (sent with every request) and the coordinator key
+    /// that tickets of requesters must verify against.
+    pub async fn set_credentials(
+        &self,
+        ticket: Vec<u8>,
+        coordinator_key: &[u8],
+    ) -> Result<(), MeshError> {
+        let verifier =
+            TicketVerifier::new(coordinator_key).map_err(|e| MeshError::Start(e.to_string()))?;
+        self.tx
+            .send(Command::Credentials { ticket, verifier })
+            .await
+            .map_err(|_| MeshError::Closed)
+    }
+
+    async fn request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        content: &ContentId,
+        kind: pb::chunk_request::Kind,
+    ) -> Result<pb::ChunkResponse, MeshError> {
+        let request = pb::ChunkRequest {
+            ticket: Vec::new(),
+            content: content.as_bytes().to_vec(),
+            kind: Some(kind),
+        };
+        let response = self
+            .call(|reply| Command::Request {
+                peer,
+                addrs,
+                request,
+                reply,
+            })
+            .await?;
+        if let Some(pb::chunk_response::Kind::Refused(r)) = &response.kind {
+            return Err(MeshError::Refused {
+                reason: r.reason(),
+                message: r.message.clone(),
+            });
+        }
+        Ok(response)
+    }
+
+    /// Which chunks of `content` (of `chunks` chunks) `peer` holds.
+    pub async fn held(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        content: &ContentId,
+        chunks: u32,
+    ) -> Result<Bitfield, MeshError> {
+        match self
+            .request(
+                peer,
+                addrs,
+                content,
+                pb::chunk_request::Kind::Bitfield(true),
+            )
+            .await?
+            .kind
+        {
+            Some(pb::chunk_response::Kind::Held(h)) if h.chunks == chunks => {
+                Bitfield::from_bytes(chunks, &h.bits)
+                    .map_err(|e| MeshError::Protocol(e.to_string()))
+            }
+            Some(pb::chunk_response::Kind::Held(h)) => Err(MeshError::Protocol(format!(
+                "peer describes {} chunks, the manifest has {chunks}",
+                h.chunks
+            ))),
+            _ => Err(MeshError::Protocol("expected a bitfield".into())),
+        }
+    }
+
+    /// Chunk `index` of `content` from `peer`, unverified: the caller checks it against
+    /// the manifest before using it.
+    pub async fn chunk(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        content: &ContentId,
+        index: u32,
+    ) -> Result<Vec<u8>, MeshError> {
+        match self
+            .request(peer, addrs, content, pb::chunk_request::Kind::Chunk(index))
+            .await?
+            .kind
+        {
+            Some(pb::chunk_response::Kind::Chunk(c)) if c.index == index => Ok(c.data),
+            _ => Err(MeshError::Protocol(format!("expected chunk {index}"))),
+        }
+    }
+
+    /// Starts (or stops) announcing `content` in the DHT.
+    pub async fn provide(&self, content: ContentId, on: bool) -> Result<(), MeshError> {
+        self.tx
+            .send(Command::Provide(content, on))
+            .await
+            .map_err(|_| MeshError::Closed)
+    }
+
+    /// Peers the DHT knows to provide `content`.
+    pub async fn providers(&self, content: ContentId) -> Result<Vec<PeerId>, MeshError> {
+        self.call(|reply| Command::Providers(content, reply)).await
+    }
+
+    /// Stops the host.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::ticket::TicketIssuer;
+
+    /// Required labels and the chunks held (None = missing).
+    type Held = (Labels, Vec<Option<Vec<u8>>>);
+
+    /// An in-memory store.
+    #[derive(Default)]
+    struct MemStore(HashMap<ContentId, Held>);
+
+    impl ChunkStore for MemStore {
+        fn allowed_labels(&self, content: &ContentId) -> Option<Labels> {
+            self.0.get(content).map(|(l, _)| l.clone())
+        }
+        fn held(&self, content: &ContentId) -> Option<Bitfield> {
+            let (_, chunks) = self.0.get(content)?;
+            let mut b = Bitfield::new(chunks.len() as u32);
+            for (i, c) in chunks.iter().enumerate() {
+                if c.is_some() {
+                    b.set(i as u32);
+                }
+            }
+            Some(b)
+        }
+        fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+            Ok(self
+                .0
+                .get(content)
+                .and_then(|(_, c)| c.get(index as usize).cloned().flatten()))
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    async fn host(store: MemStore, config: HostConfig) -> (MeshHandle, Vec<Multiaddr>) {
+        let h = MeshHost::start(Keypair::generate_ed25519(), config, Arc::new(store))
+            .await
+            .unwrap();
+        let addrs = h.listen_addrs().await;
+        assert!(!addrs.is_empty());
+        (h, addrs)
+    }
+
+    fn refusal(r: Result<Vec<u8>, MeshError>) -> pb::Refusal {
+        match r {
+            Err(MeshError::Refused { reason, .. }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_vouched_peers_only_and_honours_labels() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let open = ContentId::of_bytes(b"open");
+        let secret = ContentId::of_bytes(b"secret");
+        let mut store = MemStore::default();
+        store.0.insert(
+            open,
+            (
+                Labels::new(),
+                vec![Some(b"c0".to_vec()), Some(b"c1".to_vec()), None],
+            ),
+        );
+        store.0.insert(
+            secret,
+            (labels(&[("team", "red")]), vec![Some(b"s0".to_vec())]),
+        );
+        let (a, a_addrs) = host(store, HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let (c, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        let ticket =
+            |peer: &PeerId, l: Labels| issuer.issue(peer, "agent", &l, now, 60_000).unwrap();
+        a.set_credentials(ticket(&a.peer_id(), Labels::new()), &key)
+            .await
+            .unwrap();
+        b.set_credentials(ticket(&b.peer_id(), labels(&[("team", "blue")])), &key)
+            .await
+            .unwrap();
+
+        // A vouched peer gets the bitfield and the chunks A holds.
+        let held = b
+            .held(a.peer_id(), a_addrs.clone(), &open, 3)
+            .await
+            .unwrap();
+        assert_eq!(held.iter_set().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            b.chunk(a.peer_id(), a_addrs.clone(), &open, 1)
+                .await
+                .unwrap(),
+            b"c1"
+        );
+        assert_eq!(
+            refusal(b.chunk(a.peer_id(), a_addrs.clone(), &open, 2).await),
+            pb::Refusal::NoChunk
+        );
+        assert_eq!(
+            refusal(
+                b.chunk(
+                    a.peer_id(),
+                    a_addrs.clone(),
+                    &ContentId::of_bytes(b"other"),
+                    0
+                )
+                .await
+            ),
+            pb::Refusal::UnknownContent
+        );
+        // Labels: team=blue may not have content restricted to team=red.
+        assert_eq!(
+            refusal(b.chunk(a.peer_id(), a_addrs.clone(), &secret, 0).await),
+            pb::Refusal::Forbidden
+        );
+        assert!(matches!(
+            b.held(a.peer_id(), a_addrs.clone(), &open, 7).await,
+            Err(MeshError::Protocol(_))
+        ));
+
+        // An outsider without a ticket, then with B's stolen ticket, gets nothing.
+        assert_eq!(
+            refusal(c.chunk(a.peer_id(), a_addrs.clone(), &open, 0).await),
+            pb::Refusal::NotVouched
+        );
+        c.set_credentials(ticket(&b.peer_id(), Labels::new()), &key)
+            .await
+            .unwrap();
+        assert_eq!(
+            refusal(c.chunk(a.peer_id(), a_addrs.clone(), &open, 0).await),
+            pb::Refusal::NotVouched
+        );
+        // A ticket from another coordinator does not help either.
+        let rogue = TicketIssuer::generate()
+            .issue(&c.peer_id(), "x", &Labels::new(), now, 60_000)
+            .unwrap();
+        c.set_credentials(rogue, &key).await.unwrap();
+        assert_eq!(
+            refusal(c.chunk(a.peer_id(), a_addrs, &open, 0).await),
+            pb::Refusal::NotVouched
+        );
+        for h in [a, b, c] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_when_no_upload_slot_and_providers_found_through_the_dht() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let content = ContentId::of_bytes(b"c");
+        let mut store = MemStore::default();
+        store
+            .0
+            .insert(content, (Labels::new(), vec![Some(b"x".to_vec())]));
+        let (a, a_addrs) = host(
+            store,
+            HostConfig {
+                max_uploads: 0,
+                ..HostConfig::default()
+            },
+        )
+        .await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        for h in [&a, &b] {
+            h.set_credentials(
+                issuer
+                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                    .unwrap(),
+                &key,
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            refusal(b.chunk(a.peer_id(), a_addrs.clone(), &content, 0).await),
+            pb::Refusal::Busy
+        );
+        // Bitfields need no upload slot.
+        assert!(
+            b.held(a.peer_id(), a_addrs, &content, 1)
+                .await
+                .unwrap()
+                .is_full()
+        );
+
+        a.provide(content, true).await.unwrap();
+        let mut found = Vec::new();
+        for _ in 0..50 {
+            found = b.providers(content).await.unwrap();
+            if found.contains(&a.peer_id()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            found.contains(&a.peer_id()),
+            "DHT lists A as a provider: {found:?}"
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}

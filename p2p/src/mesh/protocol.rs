@@ -1,0 +1,188 @@
+//! The `/arcade/chunks/1` wire protocol: one request, one response per stream, each a
+//! protobuf message (`ChunkRequest` / `ChunkResponse` in `mesh.proto`) preceded by its
+//! length as a 4-byte big-endian integer. Lengths are checked before anything is
+//! allocated: requests are at most [`MAX_REQUEST_BYTES`], responses at most
+//! [`MAX_RESPONSE_BYTES`] (one chunk of the largest chunk size plus framing).
+
+use std::io;
+
+use arcade_proto::v1 as pb;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+
+use crate::manifest::MAX_CHUNK_SIZE;
+
+/// The protocol name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/arcade/chunks/1");
+/// Largest request accepted (a ticket, a content id and an index).
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Largest response accepted: one chunk plus framing.
+pub const MAX_RESPONSE_BYTES: usize = MAX_CHUNK_SIZE as usize + 64 * 1024;
+
+/// Reads one length-prefixed message of at most `max` bytes.
+pub async fn read_message<T, M>(io: &mut T, max: usize) -> io::Result<M>
+where
+    T: AsyncRead + Unpin + Send,
+    M: prost::Message + Default,
+{
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {len} bytes exceeds the {max}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    M::decode(buf.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Writes one length-prefixed message (refusing to send more than `max` bytes).
+pub async fn write_message<T, M>(io: &mut T, msg: &M, max: usize) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+    M: prost::Message,
+{
+    let bytes = msg.encode_to_vec();
+    if bytes.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "message of {} bytes exceeds the {max}-byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+/// The request-response codec of the protocol.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkCodec;
+
+#[async_trait::async_trait]
+impl libp2p::request_response::Codec for ChunkCodec {
+    type Protocol = StreamProtocol;
+    type Request = pb::ChunkRequest;
+    type Response = pb::ChunkResponse;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<pb::ChunkRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io, MAX_REQUEST_BYTES).await
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<pb::ChunkResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io, MAX_RESPONSE_BYTES).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: pb::ChunkRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &req, MAX_REQUEST_BYTES).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: pb::ChunkResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &res, MAX_RESPONSE_BYTES).await
+    }
+}
+
+/// A refusal response.
+pub fn refused(reason: pb::Refusal, message: impl Into<String>) -> pb::ChunkResponse {
+    pb::ChunkResponse {
+        kind: Some(pb::chunk_response::Kind::Refused(pb::Refused {
+            reason: reason as i32,
+            message: message.into(),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_limits() {
+        futures::executor::block_on(async {
+            let req = pb::ChunkRequest {
+                ticket: vec![1; 100],
+                content: vec![2; 32],
+                kind: Some(pb::chunk_request::Kind::Chunk(7)),
+            };
+            let mut buf = Cursor::new(Vec::new());
+            write_message(&mut buf, &req, MAX_REQUEST_BYTES)
+                .await
+                .unwrap();
+            let mut rd = Cursor::new(buf.into_inner());
+            let back: pb::ChunkRequest = read_message(&mut rd, MAX_REQUEST_BYTES).await.unwrap();
+            assert_eq!(back, req);
+
+            // An oversized length prefix is refused before allocating.
+            let mut huge = Cursor::new(u32::MAX.to_be_bytes().to_vec());
+            let err = read_message::<_, pb::ChunkRequest>(&mut huge, MAX_REQUEST_BYTES)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            // Sending an oversized message is refused too.
+            let big = pb::ChunkRequest {
+                ticket: vec![0; MAX_REQUEST_BYTES],
+                ..Default::default()
+            };
+            let mut sink = Cursor::new(Vec::new());
+            assert!(
+                write_message(&mut sink, &big, MAX_REQUEST_BYTES)
+                    .await
+                    .is_err()
+            );
+            // Truncated input is an error, not a hang or a panic.
+            let mut short = Cursor::new(vec![0, 0, 0, 10, 1, 2]);
+            assert!(
+                read_message::<_, pb::ChunkRequest>(&mut short, MAX_REQUEST_BYTES)
+                    .await
+                    .is_err()
+            );
+        });
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            futures::executor::block_on(async {
+                let _ = read_message::<_, pb::ChunkRequest>(&mut Cursor::new(bytes.clone()), MAX_REQUEST_BYTES).await;
+                let _ = read_message::<_, pb::ChunkResponse>(&mut Cursor::new(bytes), MAX_RESPONSE_BYTES).await;
+            });
+        }
+    }
+}
