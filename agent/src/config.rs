@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub cache: CacheConfig,
     /// `[jobs]`.
     pub jobs: JobsConfig,
+    /// `[mesh]`.
+    pub mesh: MeshConfig,
     /// `[[builtin]]`: pre-installed plugins, `plugin = "id@version"`, `file` under `builtin/`.
     pub builtin: Vec<BuiltinPlugin>,
 }
@@ -119,6 +121,38 @@ pub struct JobsConfig {
     pub poll_wait: Seconds,
 }
 
+/// `[mesh]`: the agent's libp2p host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Run the host and serve cached chunks to vouched peers.
+    pub enabled: bool,
+    /// libp2p listen multiaddresses.
+    pub listen: Vec<String>,
+    /// Addresses to advertise; empty = the listen addresses, minus loopback,
+    /// unspecified and docker-bridge (172.17.0.0/16) ones unless `allow_loopback`.
+    pub advertise: Vec<String>,
+    /// Also advertise loopback addresses (single-host fleets and tests).
+    pub allow_loopback: bool,
+    /// Node-wide upload rate to peers, bytes per second (`0B` = unlimited).
+    pub upload_rate: ByteSize,
+    /// Concurrent chunk uploads; more requests are answered "busy".
+    pub max_uploads: u32,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            advertise: Vec::new(),
+            allow_loopback: false,
+            upload_rate: ByteSize(0),
+            max_uploads: 8,
+        }
+    }
+}
+
 /// A builtin plugin: `plugin = "id@version"`, `file` relative to `builtin/`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,6 +194,7 @@ impl Default for AgentConfig {
             download: DownloadConfig::default(),
             cache: CacheConfig::default(),
             jobs: JobsConfig::default(),
+            mesh: MeshConfig::default(),
             builtin: Vec::new(),
         }
     }
@@ -271,6 +306,21 @@ max_output = "64KiB"
 shutdown_grace = "30s"
 # Longest FetchJob long-poll.
 poll_wait = "30s"
+
+[mesh]
+# Run the libp2p host and serve cached chunks to peers the coordinator vouched for.
+enabled = true
+# libp2p listen multiaddresses.
+listen = ["/ip4/0.0.0.0/tcp/0"]
+# Addresses to advertise. Empty: the listen addresses minus loopback, unspecified and
+# docker-bridge (172.17.0.0/16) ones.
+advertise = []
+# Also advertise loopback addresses (single-host fleets, tests).
+allow_loopback = false
+# Node-wide upload rate to peers per second ("0B" = unlimited).
+upload_rate = "0B"
+# Concurrent chunk uploads; further requests are answered "busy".
+max_uploads = 8
 "##;
 
 /// A configuration checked for consistency, with derived values resolved.
@@ -290,6 +340,8 @@ pub struct ValidConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Parsed builtin plugins.
     pub builtin: Vec<(PluginRef, String)>,
+    /// Where the libp2p identity (peer id) is kept.
+    pub mesh_identity: PathBuf,
 }
 
 fn home_dir() -> PathBuf {
@@ -454,6 +506,28 @@ impl AgentConfig {
         } else {
             self.data_dir.clone()
         };
+        if self.mesh.max_uploads > 1024 {
+            return Err(bad("mesh.max_uploads", "must be at most 1024"));
+        }
+        for (key, list) in [
+            ("mesh.listen", &self.mesh.listen),
+            ("mesh.advertise", &self.mesh.advertise),
+        ] {
+            for a in list.iter() {
+                if a.parse::<arcade_p2p::mesh::host::Multiaddr>().is_err() {
+                    return Err(bad(
+                        key,
+                        format!("{a:?} is not a multiaddress like /ip4/0.0.0.0/tcp/4001"),
+                    ));
+                }
+            }
+        }
+        if self.mesh.enabled && self.mesh.listen.is_empty() {
+            return Err(bad(
+                "mesh.listen",
+                "needs at least one address when mesh.enabled = true",
+            ));
+        }
         let plugin_dir = if self.plugins.directory.as_os_str().is_empty() {
             base.join("plugins")
         } else {
@@ -464,6 +538,7 @@ impl AgentConfig {
             labels,
             plugin_dir,
             jobs_dir: base.join("jobs"),
+            mesh_identity: base.join("mesh-identity.key"),
             metrics_listen,
             builtin,
             raw: self,

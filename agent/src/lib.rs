@@ -9,6 +9,7 @@
 //! - [`fetch`] — the fetch path (cache hit, or verified chunks from a source into a
 //!   resumable partial file); [`fetch::source`] is where chunks come from.
 //! - [`job`] — one job: plugins, stages, commands, the report.
+//! - [`mesh`] — the agent's libp2p host and what it serves from the cache.
 //! - [`session`] — the connection and token to the coordinator.
 //! - [`runtime`] — the running agent: register, heartbeat, poll, shutdown.
 //! - [`config`], [`cli`], [`metrics`].
@@ -21,6 +22,7 @@ pub mod config;
 pub mod exec;
 pub mod fetch;
 pub mod job;
+pub mod mesh;
 pub mod metrics;
 pub mod runtime;
 pub mod session;

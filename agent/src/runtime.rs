@@ -24,6 +24,7 @@ use crate::config::ValidConfig;
 use crate::fetch::Fetcher;
 use crate::fetch::source::CoordinatorSource;
 use crate::job::{JobContext, run_job};
+use crate::mesh::MeshNode;
 use crate::metrics::{Metrics, StatusLabel};
 use crate::session::{Session, installed_list};
 
@@ -65,6 +66,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The mesh host cannot start.
+    #[error("mesh: {0}")]
+    Mesh(#[source] arcade_p2p::mesh::host::MeshError),
     /// The coordinator refused to register us (bad enrollment token, bad id).
     #[error("the coordinator refused registration: {0}")]
     Refused(String),
@@ -73,6 +77,10 @@ pub enum StartError {
 /// State shared by the agent's tasks.
 struct Core {
     config: ValidConfig,
+    /// The libp2p host, when `mesh.enabled`.
+    mesh: Option<MeshNode>,
+    /// The coordinator's ticket key (from registration), for ticket renewals.
+    mesh_key: Mutex<Vec<u8>>,
     session: Session,
     cache: PluginCache,
     fetcher: Fetcher,
@@ -124,12 +132,26 @@ impl Core {
                 .unwrap_or_default(),
             labels: arcade_p2p::labels::to_proto(&self.config.labels),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            peer_id: self
+                .mesh
+                .as_ref()
+                .map(MeshNode::peer_id)
+                .unwrap_or_default(),
+            addrs: self
+                .mesh
+                .as_ref()
+                .map(|m| m.advertise.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
             max_concurrent_jobs: self.config.raw.max_concurrent_jobs,
             installed_plugins: self.installed().await,
-            ..Default::default()
         };
         let reg = self.session.register(req).await?;
         tracing::info!(agent = %self.config.id, "registered with the coordinator");
+        if let Some(mesh) = &self.mesh {
+            mesh.set_credentials(reg.mesh_ticket, &reg.mesh_public_key)
+                .await;
+            *self.mesh_key.lock().expect("mesh key lock") = reg.mesh_public_key;
+        }
         Ok(reg.heartbeat_interval)
     }
 
@@ -189,6 +211,11 @@ impl Core {
             };
             match self.session.client().heartbeat(req).await {
                 Ok(resp) => {
+                    let resp = resp.into_inner();
+                    if let (Some(mesh), false) = (&self.mesh, resp.mesh_ticket.is_empty()) {
+                        let key = self.mesh_key.lock().expect("mesh key lock").clone();
+                        mesh.set_credentials(resp.mesh_ticket.clone(), &key).await;
+                    }
                     if was_down {
                         // The coordinator may have restarted: tell it everything again.
                         if let Ok(i) = self.register().await {
@@ -196,7 +223,7 @@ impl Core {
                         }
                         was_down = false;
                     }
-                    for job in resp.into_inner().revoked_jobs {
+                    for job in resp.revoked_jobs {
                         if let Some(token) = self.running.lock().expect("running lock").get(&job) {
                             tracing::warn!(job = %job, "lease revoked by the coordinator: stopping the job");
                             token.cancel();
@@ -363,6 +390,9 @@ impl Core {
         }
         self.stop_jobs.cancel();
         let _ = heartbeat.await;
+        if let Some(mesh) = &self.mesh {
+            mesh.shutdown().await;
+        }
         Ok(())
     }
 }
@@ -417,6 +447,15 @@ impl RunningAgent {
             &config.id,
             &config.raw.enroll_token,
         )?;
+        let mesh = if config.raw.mesh.enabled {
+            Some(
+                MeshNode::start(&config, cache.clone())
+                    .await
+                    .map_err(StartError::Mesh)?,
+            )
+        } else {
+            None
+        };
         let metrics = Metrics::new();
         let fetcher = Fetcher::new(
             cache.clone(),
@@ -424,6 +463,7 @@ impl RunningAgent {
             config.raw.download.clone(),
             metrics.clone(),
             config.id.clone(),
+            mesh.clone(),
         );
         fetcher.refresh_cache_metrics().await;
         let shutdown = CancellationToken::new();
@@ -447,6 +487,8 @@ impl RunningAgent {
         };
         let core = Arc::new(Core {
             config,
+            mesh,
+            mesh_key: Mutex::new(Vec::new()),
             session,
             cache,
             fetcher,

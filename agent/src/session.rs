@@ -12,10 +12,14 @@ use tonic::transport::Channel;
 use crate::cache::CachedPlugin;
 
 /// What the coordinator told us at registration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Registration {
     /// Heartbeat interval it expects.
     pub heartbeat_interval: std::time::Duration,
+    /// The mesh ticket for our peer id (empty without one).
+    pub mesh_ticket: Vec<u8>,
+    /// The coordinator's ticket-signing public key.
+    pub mesh_public_key: Vec<u8>,
 }
 
 /// A connection to the coordinator on behalf of one agent.
@@ -102,6 +106,8 @@ impl Session {
             heartbeat_interval: std::time::Duration::from_secs(u64::from(
                 resp.heartbeat_interval_seconds.max(1),
             )),
+            mesh_ticket: resp.mesh_ticket,
+            mesh_public_key: resp.mesh_public_key,
         })
     }
 }

@@ -79,6 +79,7 @@ fn sigterm_stops_the_agent_with_exit_0() {
             "--coordinator",
             &url,
         ])
+        .env("ARCADE_MESH_LISTEN", r#"["/ip4/127.0.0.1/tcp/0"]"#)
         .arg("--data-dir")
         .arg(dir.path())
         .stdout(std::process::Stdio::piped())

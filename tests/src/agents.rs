@@ -31,6 +31,8 @@ pub fn agent_config(dir: &Path, coordinator: &str, enroll_token: &str, id: &str)
     c.jobs.poll_wait = Seconds::secs(2);
     c.jobs.shutdown_grace = Seconds::secs(5);
     c.download.backoff = Seconds(Duration::from_millis(50));
+    c.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    c.mesh.allow_loopback = true;
     c
 }
 

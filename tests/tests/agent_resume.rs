@@ -79,7 +79,7 @@ async fn killed_mid_download_resumes_with_only_the_missing_chunks() {
     std::fs::write(
         &config,
         format!(
-            "id = \"resumer\"\ncoordinator = \"{}\"\nenroll_token = \"{ENROLL}\"\ndata_dir = \"{}\"\nmetrics_listen = \"off\"\n[jobs]\npoll_wait = \"2s\"\n[cache]\nmax_size = \"1GiB\"\n",
+            "id = \"resumer\"\ncoordinator = \"{}\"\nenroll_token = \"{ENROLL}\"\ndata_dir = \"{}\"\nmetrics_listen = \"off\"\n[jobs]\npoll_wait = \"2s\"\n[cache]\nmax_size = \"1GiB\"\n[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n",
             proxy.url,
             dir.path().join("data").display()
         ),

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheError, CachedPlugin, PluginCache};
 use crate::config::DownloadConfig;
+use crate::mesh::MeshNode;
 use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel, SourceLabel};
 use source::{ChunkSource, SourceError};
 
@@ -108,6 +109,8 @@ pub struct Fetcher {
     config: DownloadConfig,
     metrics: Metrics,
     agent_id: String,
+    /// The mesh node that serves what we hold (None = mesh off).
+    mesh: Option<MeshNode>,
     permits: Arc<Semaphore>,
     /// Per-content locks: one fetch per content at a time.
     inflight: Arc<Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>>,
@@ -160,8 +163,10 @@ impl Fetcher {
         config: DownloadConfig,
         metrics: Metrics,
         agent_id: String,
+        mesh: Option<MeshNode>,
     ) -> Self {
         Self {
+            mesh,
             permits: Arc::new(Semaphore::new(config.concurrent as usize)),
             cache,
             server,
@@ -211,6 +216,10 @@ impl Fetcher {
             plugin: shown.clone(),
             source,
         };
+        // Peers may ask us for this content from now on (partial chunks included).
+        if let Some(mesh) = &self.mesh {
+            mesh.learn(info, &manifest).await;
+        }
 
         let lookup =
             |cache: PluginCache, plugin: PluginRef| blocking(move || cache.get(&plugin, &sha));

@@ -148,6 +148,7 @@ impl Shared {
             stages,
             manifest: Some(manifest.to_proto()),
             peer_hints: hints,
+            allowed_labels: plugin.allowed_labels.clone(),
         }
     }
 

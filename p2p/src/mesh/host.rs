@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use arcade_proto::v1 as pb;
 use futures::StreamExt;
+pub use libp2p::Multiaddr;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, tcp, yamux};
+use libp2p::{PeerId, Swarm, identify, noise, tcp, yamux};
 use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, oneshot};
 

@@ -3,6 +3,8 @@
 //! - [`bitfield`] — which chunks a peer holds, and its wire form.
 //! - [`host`] — the libp2p host: transport, DHT, and serving/requesting chunks.
 //! - [`protocol`] — the `/arcade/chunks/1` wire format and its limits.
+//! - [`scheduler`] — the sans-IO swarm scheduler (which chunk from whom, when to fall
+//!   back to the coordinator), driven by the agent runtime and by the simulator alike.
 //! - [`limiter`] — the node-wide upload/download rate limiter and upload slots.
 //! - [`ticket`] — coordinator-signed tickets that admit a peer to the mesh.
 
@@ -10,4 +12,5 @@ pub mod bitfield;
 pub mod host;
 pub mod limiter;
 pub mod protocol;
+pub mod scheduler;
 pub mod ticket;

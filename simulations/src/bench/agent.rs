@@ -170,6 +170,7 @@ pub async fn start_latency(jobs: usize) -> anyhow::Result<StartLatency> {
         ..Default::default()
     };
     config.jobs.poll_wait = Seconds::secs(5);
+    config.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
     let agent = RunningAgent::start(config.validate()?).await?;
     // Warm the cache with one job, then measure.
     let mut client = conn.jobs(&conn.admin_token).await;
@@ -249,6 +250,7 @@ pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
             "--coordinator",
             &conn.url,
         ])
+        .env("ARCADE_MESH_LISTEN", r#"["/ip4/127.0.0.1/tcp/0"]"#)
         .arg("--data-dir")
         .arg(dir.path().join("agent"))
         .env("ARCADE_ENROLL_TOKEN", &conn.enroll_token)

@@ -1,0 +1,272 @@
+//! The agent's place in the mesh: its libp2p host ([`arcade_p2p::mesh::host`]), the
+//! [`ChunkStore`] view of its cache that the host serves from, and the credentials
+//! (ticket, coordinator key) that registration brings.
+//!
+//! What is served: chunks of contents this agent has seen in a job's plugin info (so it
+//! knows their manifest and `allowed_labels`) — complete plugins from `downloaded/` and
+//! the recorded (verified) chunks of partial downloads from `temp/`. A content whose
+//! labels are unknown (e.g. cached before a restart and not yet needed again) is not
+//! served: refusing is the safe default.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use arcade_p2p::labels::Labels;
+use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
+use arcade_p2p::{ContentId, Manifest};
+use arcade_proto::v1 as pb;
+
+use crate::cache::PluginCache;
+use crate::config::ValidConfig;
+
+struct Known {
+    labels: Labels,
+    manifest: Arc<Manifest>,
+}
+
+/// The cache as the mesh host sees it.
+pub struct CacheChunks {
+    cache: PluginCache,
+    known: Mutex<HashMap<ContentId, Known>>,
+}
+
+impl CacheChunks {
+    fn content_file(&self, content: &ContentId) -> std::path::PathBuf {
+        self.cache.dir().join("downloaded").join(content.to_hex())
+    }
+}
+
+impl ChunkStore for CacheChunks {
+    fn allowed_labels(&self, content: &ContentId) -> Option<Labels> {
+        self.known
+            .lock()
+            .expect("known lock")
+            .get(content)
+            .map(|k| k.labels.clone())
+    }
+
+    fn held(&self, content: &ContentId) -> Option<Bitfield> {
+        let manifest = self
+            .known
+            .lock()
+            .expect("known lock")
+            .get(content)?
+            .manifest
+            .clone();
+        if self.content_file(content).exists() {
+            return Some(Bitfield::full(manifest.chunk_count()));
+        }
+        let mut held = Bitfield::new(manifest.chunk_count());
+        for i in self.cache.load_progress(content).ok()? {
+            if i < manifest.chunk_count() {
+                held.set(i);
+            }
+        }
+        Some(held)
+    }
+
+    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt as _;
+        let Some(manifest) = self
+            .known
+            .lock()
+            .expect("known lock")
+            .get(content)
+            .map(|k| k.manifest.clone())
+        else {
+            return Ok(None);
+        };
+        let Some(range) = manifest.chunk_range(index) else {
+            return Ok(None);
+        };
+        let complete = self.content_file(content);
+        let path = if complete.exists() {
+            complete
+        } else if self.held(content).is_some_and(|h| h.get(index)) {
+            self.cache.partial_path(content)
+        } else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        std::fs::File::open(path)?.read_exact_at(&mut buf, range.start)?;
+        // Never hand out bytes that would fail the requester's check.
+        if manifest.verify_chunk(index, &buf).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(buf))
+    }
+}
+
+/// A running mesh node of an agent.
+#[derive(Clone)]
+pub struct MeshNode {
+    handle: MeshHandle,
+    store: Arc<CacheChunks>,
+    /// Addresses reported to the coordinator.
+    pub advertise: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for MeshNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshNode")
+            .field("peer_id", &self.handle.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The libp2p identity in `path`, created (mode 0600) on first start so the peer id
+/// survives restarts.
+fn identity(path: &Path) -> std::io::Result<libp2p_identity::Keypair> {
+    match std::fs::read(path) {
+        Ok(bytes) => libp2p_identity::Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let key = libp2p_identity::Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(std::io::Error::other)?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `addr` may be advertised by default.
+fn advertisable(addr: &Multiaddr, allow_loopback: bool) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => {
+            let docker_bridge = ip.octets()[0] == 172 && ip.octets()[1] == 17;
+            let hidden_loopback = ip.is_loopback() && !allow_loopback;
+            !(ip.is_unspecified() || hidden_loopback || docker_bridge)
+        }
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified() && (allow_loopback || !ip.is_loopback()),
+        _ => true,
+    }
+}
+
+impl MeshNode {
+    /// Starts the host for `config` over `cache`.
+    pub async fn start(config: &ValidConfig, cache: PluginCache) -> Result<Self, MeshError> {
+        let m = &config.raw.mesh;
+        let keypair = identity(&config.mesh_identity)
+            .map_err(|e| MeshError::Start(format!("mesh identity: {e}")))?;
+        let parse = |list: &[String]| -> Result<Vec<Multiaddr>, MeshError> {
+            list.iter()
+                .map(|a| a.parse().map_err(|e| MeshError::Start(format!("{a}: {e}"))))
+                .collect()
+        };
+        let host_config = HostConfig {
+            listen: parse(&m.listen)?,
+            upload_rate: m.upload_rate.bytes(),
+            upload_burst: (1 << 20).max(m.upload_rate.bytes() / 10),
+            max_uploads: m.max_uploads as usize,
+            ..HostConfig::default()
+        };
+        let store = Arc::new(CacheChunks {
+            cache,
+            known: Mutex::new(HashMap::new()),
+        });
+        let handle = MeshHost::start(keypair, host_config, store.clone()).await?;
+        let advertise = if m.advertise.is_empty() {
+            handle
+                .listen_addrs()
+                .await
+                .into_iter()
+                .filter(|a| advertisable(a, m.allow_loopback))
+                .collect()
+        } else {
+            parse(&m.advertise)?
+        };
+        tracing::info!(peer_id = %handle.peer_id(), addrs = ?advertise, "mesh host started");
+        Ok(Self {
+            handle,
+            store,
+            advertise,
+        })
+    }
+
+    /// This node's peer id (as text, for registration).
+    pub fn peer_id(&self) -> String {
+        self.handle.peer_id().to_string()
+    }
+
+    /// The host handle.
+    pub fn handle(&self) -> &MeshHandle {
+        &self.handle
+    }
+
+    /// Installs the ticket and coordinator key from registration (or a renewal).
+    pub async fn set_credentials(&self, ticket: Vec<u8>, coordinator_key: &[u8]) {
+        if ticket.is_empty() || coordinator_key.is_empty() {
+            return;
+        }
+        if let Err(e) = self.handle.set_credentials(ticket, coordinator_key).await {
+            tracing::warn!(error = %e, "cannot install mesh credentials");
+        }
+    }
+
+    /// Remembers a plugin's manifest and access labels so its chunks can be served, and
+    /// announces the content in the DHT.
+    pub async fn learn(&self, info: &pb::PluginInfo, manifest: &Manifest) {
+        let labels = info
+            .allowed_labels
+            .iter()
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect();
+        let content = manifest.content_id();
+        self.store.known.lock().expect("known lock").insert(
+            content,
+            Known {
+                labels,
+                manifest: Arc::new(manifest.clone()),
+            },
+        );
+        let _ = self.handle.provide(content, true).await;
+    }
+
+    /// Stops the host.
+    pub async fn shutdown(&self) {
+        self.handle.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_advertising_skips_loopback_unspecified_and_docker() {
+        let a = |s: &str| s.parse::<Multiaddr>().unwrap();
+        assert!(!advertisable(&a("/ip4/127.0.0.1/tcp/1"), false));
+        assert!(advertisable(&a("/ip4/127.0.0.1/tcp/1"), true));
+        assert!(!advertisable(&a("/ip4/0.0.0.0/tcp/1"), true));
+        assert!(!advertisable(&a("/ip4/172.17.0.2/tcp/1"), false));
+        assert!(advertisable(&a("/ip4/10.1.2.3/tcp/1"), false));
+        assert!(!advertisable(&a("/ip6/::1/tcp/1"), false));
+    }
+
+    #[test]
+    fn identity_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id.key");
+        let first = identity(&path).unwrap().public().to_peer_id();
+        let again = identity(&path).unwrap().public().to_peer_id();
+        assert_eq!(first, again);
+    }
+}

@@ -1,0 +1,963 @@
+//! The swarm scheduler: which chunk to ask from whom, and when to fall back to the
+//! coordinator.
+//!
+//! [`Scheduler`] is sans-IO: a plain state machine with no sockets, no clock, no tasks
+//! and no async. Its driver (the agent runtime with real libp2p streams, or the simulator
+//! with simulated links) feeds it [`Event`]s together with the current monotonic time and
+//! carries out the [`Action`]s it returns. Given the same seed and the same timed events
+//! it returns the same actions, so a simulated run replays exactly.
+//!
+//! # Policy
+//!
+//! - **Rarest first.** Missing chunks that are not in flight are requested in order of
+//!   how few connected, unbanned peers may serve them, ties broken by a per-chunk random
+//!   key drawn from the seed (so different agents start on different chunks). Each goes
+//!   to the least-loaded holder with a free slot, ties broken at random. A peer is only
+//!   ever asked for a chunk it announced (in [`Event::PeerJoined`] or [`Event::Have`]).
+//! - **Limits.** At most [`max_inflight_per_peer`](SchedulerConfig::max_inflight_per_peer)
+//!   requests per peer, [`server_max_inflight`](SchedulerConfig::server_max_inflight) at
+//!   the server and [`max_inflight_total`](SchedulerConfig::max_inflight_total) in all
+//!   (server included), duplicates included.
+//! - **Server fallback.** The server is the source of last resort. It is asked for a
+//!   chunk only when (a) no connected peer that may serve it has existed for
+//!   [`server_fallback_after`](SchedulerConfig::server_fallback_after) (the clock of a
+//!   chunk nobody holds at start starts at the first [`Scheduler::handle`]), or at once
+//!   when every peer that held it has failed it; (b) as the hedge of a request older
+//!   than [`hedge_after`](SchedulerConfig::hedge_after) when no other peer can take it;
+//!   (c) in the endgame, for a chunk whose only request is older than
+//!   `server_fallback_after` and no other peer can take it. After
+//!   [`Event::ServerBusy`] it is not asked again before `now + retry_after`.
+//! - **Endgame.** When every missing chunk is in flight and at most
+//!   [`endgame_chunks`](SchedulerConfig::endgame_chunks) are missing, each chunk with a
+//!   single request gets a duplicate at another holder with a free slot (or the server,
+//!   as above). When a chunk arrives every other request for it is cancelled.
+//! - **Hedging and timeouts.** A chunk whose only request is older than `hedge_after`
+//!   gets one duplicate at another source; a chunk never has more than two requests
+//!   from hedging or the endgame. A request older than
+//!   [`request_timeout`](SchedulerConfig::request_timeout) is cancelled and counts as a
+//!   failure.
+//! - **Misbehaviour.** A bad chunk bans its peer at once. A failure or timeout is a
+//!   strike, and [`max_strikes`](SchedulerConfig::max_strikes) strikes ban the peer. A
+//!   banned peer's bitfield and requests are forgotten and its later events ignored.
+//!   While the server is allowed, a peer that failed a chunk is not asked for that chunk
+//!   again; without the server it may be asked again (until its strikes ban it), so
+//!   that a chunk only it holds can still complete.
+//!
+//! Completion: with the server allowed every run completes whatever the peers do (the
+//! server is assumed to answer eventually); without it a run completes whenever the
+//! honest peers together hold every chunk.
+//!
+//! # Driver contract
+//!
+//! - Call `handle(now, Event::Tick)` periodically (every 100 ms is plenty): timeouts,
+//!   hedges and fallbacks happen only inside `handle`. `now` must not go backwards.
+//! - Answer each [`Action::Request`] with exactly one of [`Event::ChunkArrived`] (after
+//!   verifying and writing the chunk), [`Event::ChunkBad`] or [`Event::RequestFailed`]
+//!   — or, for the server, [`Event::ServerBusy`].
+//! - [`Action::Cancel`] voids a request: abort it and drop its answer. A request that
+//!   timed out is cancelled this way. [`Event::ServerBusy`] voids every outstanding
+//!   server request (each gets a `Cancel`).
+//! - [`Action::Ban`] voids every request to that peer (no `Cancel` is sent for them):
+//!   disconnect or ignore the peer for this content. No `PeerLeft` is needed for it.
+//! - Answers to requests that are not outstanding (never made, cancelled, timed out, or
+//!   to a banned peer) are ignored, so a late or unsolicited chunk is never counted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::ops::Bound;
+use std::time::Duration;
+
+use super::bitfield::Bitfield;
+
+/// The knobs of the [`Scheduler`]. Every in-flight set it keeps is bounded by these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most outstanding requests to one peer (default 4).
+    pub max_inflight_per_peer: usize,
+    /// Most outstanding requests in all, server and duplicates included (default 32).
+    pub max_inflight_total: usize,
+    /// Most outstanding requests to the server (default 4).
+    pub server_max_inflight: usize,
+    /// A request older than this has failed: it is cancelled and counts a strike
+    /// (default 10 s).
+    pub request_timeout: Duration,
+    /// A chunk whose only request is older than this gets a duplicate at another source
+    /// (default 3 s).
+    pub hedge_after: Duration,
+    /// When no unrequested chunk is left and at most this many are missing, in-flight
+    /// requests are duplicated to other holders (default 8; 0 disables the endgame).
+    pub endgame_chunks: u32,
+    /// A missing chunk that no connected peer may serve for this long goes to the server
+    /// (default 500 ms).
+    pub server_fallback_after: Duration,
+    /// Whether the server may be asked at all (default true).
+    pub server_allowed: bool,
+    /// Failures and timeouts before a peer is banned for this content (default 3).
+    pub max_strikes: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight_per_peer: 4,
+            max_inflight_total: 32,
+            server_max_inflight: 4,
+            request_timeout: Duration::from_secs(10),
+            hedge_after: Duration::from_secs(3),
+            endgame_chunks: 8,
+            server_fallback_after: Duration::from_millis(500),
+            server_allowed: true,
+            max_strikes: 3,
+        }
+    }
+}
+
+/// A [`SchedulerConfig`] that would stall or misbehave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerConfigError {
+    /// A limit is zero, which would never let a request out (or ban on nothing).
+    #[error("scheduler setting {key} must be at least 1")]
+    Zero {
+        /// The offending setting.
+        key: &'static str,
+    },
+    /// The request timeout is zero: every request would time out at once.
+    #[error("scheduler setting request_timeout must be longer than zero")]
+    ZeroTimeout,
+}
+
+impl SchedulerConfig {
+    /// Checks that every limit lets the scheduler make progress.
+    ///
+    /// [`Scheduler::new`] does not fail on a bad config: it raises zero limits to 1.
+    pub fn validate(&self) -> Result<(), SchedulerConfigError> {
+        let zero = |key| Err(SchedulerConfigError::Zero { key });
+        if self.max_inflight_per_peer == 0 {
+            return zero("max_inflight_per_peer");
+        }
+        if self.max_inflight_total == 0 {
+            return zero("max_inflight_total");
+        }
+        if self.server_allowed && self.server_max_inflight == 0 {
+            return zero("server_max_inflight");
+        }
+        if self.max_strikes == 0 {
+            return zero("max_strikes");
+        }
+        if self.request_timeout.is_zero() {
+            return Err(SchedulerConfigError::ZeroTimeout);
+        }
+        Ok(())
+    }
+
+    fn sanitized(mut self) -> Self {
+        self.max_inflight_per_peer = self.max_inflight_per_peer.max(1);
+        self.max_inflight_total = self.max_inflight_total.max(1);
+        self.server_max_inflight = self.server_max_inflight.max(1);
+        self.max_strikes = self.max_strikes.max(1);
+        self.request_timeout = self.request_timeout.max(Duration::from_millis(1));
+        self
+    }
+}
+
+/// Where a chunk comes from: a peer, or the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source<P> {
+    /// A peer, by its key.
+    Peer(P),
+    /// The coordinator.
+    Server,
+}
+
+/// What the driver tells the [`Scheduler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<P> {
+    /// A peer connected for this content, with the chunks it holds (may be empty). For a
+    /// peer already connected the bitfield adds to what it announced before. Ignored for
+    /// a banned peer; bits at or past the content's chunk count are ignored.
+    PeerJoined {
+        /// The peer.
+        peer: P,
+        /// Its chunks.
+        have: Bitfield,
+    },
+    /// A peer disconnected: its requests are void and its chunks no longer count.
+    PeerLeft {
+        /// The peer.
+        peer: P,
+    },
+    /// A connected peer announced a new chunk.
+    Have {
+        /// The peer.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A requested chunk arrived, was verified against the manifest and written.
+    ChunkArrived {
+        /// Who sent it.
+        source: Source<P>,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A chunk failed its BLAKE3 check: a peer is banned for it; the server is retried.
+    ChunkBad {
+        /// Who sent it.
+        source: Source<P>,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A request failed (error or refusal); a strike for a peer.
+    RequestFailed {
+        /// Who was asked.
+        source: Source<P>,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// The coordinator refused to serve ("get it from peers"): every outstanding server
+    /// request is void and the server is not asked again before `now + retry_after`.
+    ServerBusy {
+        /// How long to leave the server alone.
+        retry_after: Duration,
+        /// Peers the coordinator suggests. Informational: the driver connects them and
+        /// sends [`Event::PeerJoined`] with their bitfields.
+        holders: Vec<P>,
+    },
+    /// Time passed; the time is the `now` argument of [`Scheduler::handle`].
+    Tick,
+}
+
+/// What the [`Scheduler`] asks the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask `source` for `chunk`.
+    Request {
+        /// Whom to ask.
+        source: Source<P>,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Abort the request for `chunk` at `source` and drop its answer.
+    Cancel {
+        /// Who was asked.
+        source: Source<P>,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Disconnect or ignore this peer for this content (bad chunk or too many strikes).
+    /// Every request to it is void. Emitted at most once per peer.
+    Ban {
+        /// The peer.
+        peer: P,
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Every chunk is here. Emitted exactly once; no action follows it.
+    Done,
+}
+
+/// Counters of one [`Scheduler`]'s run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Chunks that arrived from peers.
+    pub chunks_from_peers: u64,
+    /// Chunks that arrived from the server.
+    pub chunks_from_server: u64,
+    /// Requests sent to peers (duplicates included).
+    pub requests_to_peers: u64,
+    /// Requests sent to the server (duplicates included).
+    pub requests_to_server: u64,
+    /// Duplicate requests issued by hedging or the endgame.
+    pub duplicates: u64,
+    /// [`Action::Cancel`]s issued (losers of a duplicate race, timeouts, server busy).
+    pub cancels: u64,
+    /// Peers banned.
+    pub bans: u64,
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// Requests answered with [`Event::RequestFailed`], or a bad chunk from the server.
+    pub failures: u64,
+    /// [`Event::ServerBusy`] answers received.
+    pub server_busy: u64,
+}
+
+/// One outstanding request.
+#[derive(Debug, Clone)]
+struct Outstanding<P> {
+    source: Source<P>,
+    sent: Duration,
+}
+
+/// What the scheduler tracks about one chunk.
+#[derive(Debug, Clone)]
+struct ChunkSlot<P> {
+    /// Connected, unbanned peers that announced the chunk and did not fail it.
+    eligible: u32,
+    /// When `eligible == 0`: when the server may be asked for it.
+    ready_at: Duration,
+    /// Peers that failed or timed out on this chunk (only while the server is allowed).
+    failed: Vec<P>,
+}
+
+/// What the scheduler tracks about one connected peer.
+#[derive(Debug, Clone)]
+struct PeerSlot {
+    have: Bitfield,
+    inflight: usize,
+}
+
+/// `(eligible holders, random key, chunk)`: the rarest-first order.
+type QueueKey = (u32, u64, u32);
+/// `(ready_at, random key, chunk)`: the server fallback order.
+type StarvedKey = (Duration, u64, u32);
+
+/// The sans-IO swarm scheduler of one content; see the [module docs](self).
+///
+/// `P` is the peer key (a libp2p `PeerId` in the agent, an index in the simulator).
+#[derive(Debug, Clone)]
+pub struct Scheduler<P> {
+    config: SchedulerConfig,
+    have: Bitfield,
+    key_seed: u64,
+    rng: SplitMix64,
+    slots: Vec<ChunkSlot<P>>,
+    peers: BTreeMap<P, PeerSlot>,
+    strikes: BTreeMap<P, u32>,
+    banned: BTreeSet<P>,
+    /// Outstanding requests by chunk; an entry is never empty.
+    outstanding: BTreeMap<u32, Vec<Outstanding<P>>>,
+    inflight_total: usize,
+    server_inflight: usize,
+    server_blocked_until: Duration,
+    /// Missing chunks with no request and `eligible > 0`.
+    queue: BTreeSet<QueueKey>,
+    /// Missing chunks with `eligible == 0`, requested or not.
+    starved: BTreeSet<StarvedKey>,
+    started: bool,
+    done_emitted: bool,
+    stats: SchedulerStats,
+}
+
+impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
+    /// A scheduler for a content of `chunks` chunks of which `have` are already here.
+    ///
+    /// Zero limits in `config` are raised to 1 (see [`SchedulerConfig::validate`]).
+    /// `seed` drives every random choice.
+    ///
+    /// # Panics
+    ///
+    /// If `have.len() != chunks`.
+    pub fn new(chunks: u32, have: Bitfield, config: SchedulerConfig, seed: u64) -> Self {
+        assert_eq!(
+            have.len(),
+            chunks,
+            "the bitfield of chunks already here must cover the {chunks} chunks of the content"
+        );
+        let mut rng = SplitMix64(seed);
+        let key_seed = rng.next_u64();
+        Self {
+            config: config.sanitized(),
+            have,
+            key_seed,
+            rng,
+            slots: vec![
+                ChunkSlot {
+                    eligible: 0,
+                    ready_at: Duration::ZERO,
+                    failed: Vec::new(),
+                };
+                chunks as usize
+            ],
+            peers: BTreeMap::new(),
+            strikes: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            outstanding: BTreeMap::new(),
+            inflight_total: 0,
+            server_inflight: 0,
+            server_blocked_until: Duration::ZERO,
+            queue: BTreeSet::new(),
+            starved: BTreeSet::new(),
+            started: false,
+            done_emitted: false,
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    /// Feeds one event at time `now` (monotonic, from an arbitrary origin) and returns
+    /// what to do. Expires, hedges and schedules requests on every call.
+    pub fn handle(&mut self, now: Duration, event: Event<P>) -> Vec<Action<P>> {
+        let mut out = Vec::new();
+        if !self.started {
+            self.start(now);
+        }
+        if self.done_emitted {
+            return out;
+        }
+        if self.have.is_full() {
+            self.finish(&mut out);
+            return out;
+        }
+        match event {
+            Event::PeerJoined { peer, have } => self.peer_joined(peer, &have),
+            Event::PeerLeft { peer } => {
+                self.remove_peer(now, &peer);
+            }
+            Event::Have { peer, chunk } => self.announce(&peer, chunk),
+            Event::ChunkArrived { source, chunk } => self.chunk_arrived(source, chunk, &mut out),
+            Event::ChunkBad { source, chunk } => self.chunk_bad(now, source, chunk, &mut out),
+            Event::RequestFailed { source, chunk } => {
+                if self.drop_request(chunk, &source).is_some() {
+                    self.stats.failures += 1;
+                    if let Source::Peer(peer) = source {
+                        self.strike(now, peer, chunk, &mut out);
+                    }
+                }
+            }
+            Event::ServerBusy { retry_after, .. } => self.server_busy(now, retry_after, &mut out),
+            Event::Tick => {}
+        }
+        if !self.done_emitted {
+            self.expire(now, &mut out);
+            self.schedule(now, &mut out);
+        }
+        out
+    }
+
+    /// The chunks already here.
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// Whether every chunk is here.
+    pub fn is_done(&self) -> bool {
+        self.have.is_full()
+    }
+
+    /// Outstanding requests, server and duplicates included.
+    pub fn inflight(&self) -> usize {
+        self.inflight_total
+    }
+
+    /// Counters of this run.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    /// The configuration in effect (zero limits raised to 1).
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Whether `peer` is banned for this content.
+    pub fn is_banned(&self, peer: &P) -> bool {
+        self.banned.contains(peer)
+    }
+
+    // ----- events -------------------------------------------------------------------
+
+    /// First call: every missing chunk has no holder yet; its fallback clock starts now.
+    fn start(&mut self, now: Duration) {
+        self.started = true;
+        let ready_at = now.saturating_add(self.config.server_fallback_after);
+        for c in self.have.iter_missing() {
+            self.slots[c as usize].ready_at = ready_at;
+            self.starved.insert((ready_at, self.chunk_key(c), c));
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<Action<P>>) {
+        if !self.done_emitted {
+            self.done_emitted = true;
+            out.push(Action::Done);
+        }
+    }
+
+    fn peer_joined(&mut self, peer: P, have: &Bitfield) {
+        if self.banned.contains(&peer) {
+            return;
+        }
+        let chunks = self.chunks();
+        self.peers.entry(peer.clone()).or_insert_with(|| PeerSlot {
+            have: Bitfield::new(chunks),
+            inflight: 0,
+        });
+        for c in have.iter_set().take_while(|&c| c < chunks) {
+            self.announce(&peer, c);
+        }
+    }
+
+    /// A connected peer holds chunk `c`.
+    fn announce(&mut self, peer: &P, c: u32) {
+        if c >= self.chunks() {
+            return;
+        }
+        let Some(slot) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !slot.have.set(c) || self.have.get(c) || self.slots[c as usize].failed.contains(peer) {
+            return;
+        }
+        self.detach(c);
+        self.slots[c as usize].eligible += 1;
+        self.attach(c);
+    }
+
+    /// Forgets a peer: its requests are void and its chunks no longer count.
+    fn remove_peer(&mut self, now: Duration, peer: &P) {
+        let Some(slot) = self.peers.remove(peer) else {
+            return;
+        };
+        let theirs: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, reqs)| reqs.iter().any(|r| is_peer(&r.source, peer)))
+            .map(|(&c, _)| c)
+            .collect();
+        for c in theirs {
+            self.drop_request(c, &Source::Peer(peer.clone()));
+        }
+        for c in slot.have.iter_set() {
+            if !self.have.get(c) && !self.slots[c as usize].failed.contains(peer) {
+                self.lose_eligible(now, c);
+            }
+        }
+    }
+
+    fn chunk_arrived(&mut self, source: Source<P>, c: u32, out: &mut Vec<Action<P>>) {
+        if self.have.get(c) || !self.has_request(c, &source) {
+            return;
+        }
+        self.detach(c);
+        self.have.set(c);
+        let reqs = self.outstanding.remove(&c).unwrap_or_default();
+        for r in reqs {
+            self.release(&r.source);
+            if r.source != source {
+                self.stats.cancels += 1;
+                out.push(Action::Cancel {
+                    source: r.source,
+                    chunk: c,
+                });
+            }
+        }
+        self.slots[c as usize].failed = Vec::new();
+        match source {
+            Source::Peer(_) => self.stats.chunks_from_peers += 1,
+            Source::Server => self.stats.chunks_from_server += 1,
+        }
+        if self.have.is_full() {
+            self.finish(out);
+        }
+    }
+
+    fn chunk_bad(&mut self, now: Duration, source: Source<P>, c: u32, out: &mut Vec<Action<P>>) {
+        match source {
+            Source::Peer(peer) => {
+                if !self.banned.contains(&peer) {
+                    let reason = format!("sent chunk {c}, which failed its BLAKE3 check");
+                    self.ban(now, peer, reason, out);
+                }
+            }
+            Source::Server => {
+                if self.drop_request(c, &Source::Server).is_some() {
+                    self.stats.failures += 1;
+                }
+            }
+        }
+    }
+
+    fn server_busy(&mut self, now: Duration, retry_after: Duration, out: &mut Vec<Action<P>>) {
+        self.stats.server_busy += 1;
+        self.server_blocked_until = self
+            .server_blocked_until
+            .max(now.saturating_add(retry_after));
+        let at_server: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, reqs)| reqs.iter().any(|r| r.source == Source::Server))
+            .map(|(&c, _)| c)
+            .collect();
+        for c in at_server {
+            self.drop_request(c, &Source::Server);
+            self.stats.cancels += 1;
+            out.push(Action::Cancel {
+                source: Source::Server,
+                chunk: c,
+            });
+        }
+    }
+
+    /// A failure or timeout of `peer` on chunk `c`: exclude it for `c` (while the server
+    /// is allowed), count a strike, ban at `max_strikes`.
+    fn strike(&mut self, now: Duration, peer: P, c: u32, out: &mut Vec<Action<P>>) {
+        if self.banned.contains(&peer) {
+            return;
+        }
+        if self.config.server_allowed
+            && !self.have.get(c)
+            && !self.slots[c as usize].failed.contains(&peer)
+        {
+            self.slots[c as usize].failed.push(peer.clone());
+            if self.peers.get(&peer).is_some_and(|s| s.have.get(c)) {
+                self.lose_eligible(now, c);
+            }
+        }
+        let strikes = self.strikes.entry(peer.clone()).or_insert(0);
+        *strikes += 1;
+        if *strikes >= self.config.max_strikes {
+            let reason = format!("{strikes} failed or timed-out requests");
+            self.ban(now, peer, reason, out);
+        }
+    }
+
+    fn ban(&mut self, now: Duration, peer: P, reason: String, out: &mut Vec<Action<P>>) {
+        if !self.banned.insert(peer.clone()) {
+            return;
+        }
+        self.remove_peer(now, &peer);
+        self.stats.bans += 1;
+        out.push(Action::Ban { peer, reason });
+    }
+
+    // ----- time ---------------------------------------------------------------------
+
+    /// Cancels every request older than `request_timeout` and counts it as a failure.
+    fn expire(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let timeout = self.config.request_timeout;
+        let expired: Vec<(u32, Source<P>)> = self
+            .outstanding
+            .iter()
+            .flat_map(|(&c, reqs)| {
+                reqs.iter()
+                    .filter(move |r| now.saturating_sub(r.sent) >= timeout)
+                    .map(move |r| (c, r.source.clone()))
+            })
+            .collect();
+        for (c, source) in expired {
+            // A ban earlier in this loop may already have voided it.
+            if self.drop_request(c, &source).is_none() {
+                continue;
+            }
+            self.stats.timeouts += 1;
+            self.stats.cancels += 1;
+            out.push(Action::Cancel {
+                source: source.clone(),
+                chunk: c,
+            });
+            if let Source::Peer(peer) = source {
+                self.strike(now, peer, c, out);
+            }
+        }
+    }
+
+    fn schedule(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        self.hedge(now, out);
+        self.fill_from_peers(now, out);
+        self.fill_from_server(now, out);
+        self.endgame(now, out);
+    }
+
+    /// A chunk whose only request is older than `hedge_after` gets a duplicate.
+    fn hedge(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let hedge_after = self.config.hedge_after;
+        let stalled: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, reqs)| reqs.len() == 1 && now.saturating_sub(reqs[0].sent) >= hedge_after)
+            .map(|(&c, _)| c)
+            .collect();
+        for c in stalled {
+            if self.inflight_total >= self.config.max_inflight_total {
+                break;
+            }
+            self.duplicate(now, c, true, out);
+        }
+    }
+
+    /// Rarest first: requests unrequested chunks from holders with free slots.
+    fn fill_from_peers(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let per_peer = self.config.max_inflight_per_peer;
+        let mut free_peers = self
+            .peers
+            .values()
+            .filter(|s| s.inflight < per_peer)
+            .count();
+        let mut cursor: Option<QueueKey> = None;
+        while free_peers > 0 && self.inflight_total < self.config.max_inflight_total {
+            let next = match cursor {
+                None => self.queue.first().copied(),
+                Some(k) => self
+                    .queue
+                    .range((Bound::Excluded(k), Bound::Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some(key) = next else { break };
+            cursor = Some(key);
+            let c = key.2;
+            if let Some(peer) = self.pick_peer(c) {
+                if self.peers[&peer].inflight + 1 == per_peer {
+                    free_peers -= 1;
+                }
+                self.request(now, c, Source::Peer(peer), out);
+            }
+        }
+    }
+
+    /// Chunks no peer may serve, once their fallback clock has run out.
+    fn fill_from_server(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let mut cursor: Option<StarvedKey> = None;
+        while self.server_available(now) && self.inflight_total < self.config.max_inflight_total {
+            let next = match cursor {
+                None => self.starved.first().copied(),
+                Some(k) => self
+                    .starved
+                    .range((Bound::Excluded(k), Bound::Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some(key) = next else { break };
+            if key.0 > now {
+                break;
+            }
+            cursor = Some(key);
+            let c = key.2;
+            if !self.outstanding.contains_key(&c) {
+                self.request(now, c, Source::Server, out);
+            }
+        }
+    }
+
+    /// Every missing chunk in flight and few missing: duplicate single requests.
+    fn endgame(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let missing = self.have.missing();
+        if missing == 0 || missing > self.config.endgame_chunks || !self.queue.is_empty() {
+            return;
+        }
+        let missing: Vec<u32> = self.have.iter_missing().collect();
+        if missing.iter().any(|c| !self.outstanding.contains_key(c)) {
+            return;
+        }
+        for c in missing {
+            if self.inflight_total >= self.config.max_inflight_total {
+                break;
+            }
+            let reqs = &self.outstanding[&c];
+            if reqs.len() == 1 {
+                let late = now.saturating_sub(reqs[0].sent) >= self.config.server_fallback_after;
+                self.duplicate(now, c, late, out);
+            }
+        }
+    }
+
+    // ----- requests -----------------------------------------------------------------
+
+    /// A second request for `c` at another holder, else (if `server_ok`) the server.
+    fn duplicate(&mut self, now: Duration, c: u32, server_ok: bool, out: &mut Vec<Action<P>>) {
+        if self.inflight_total >= self.config.max_inflight_total {
+            return;
+        }
+        let source = match self.pick_peer(c) {
+            Some(peer) => Source::Peer(peer),
+            None if server_ok
+                && self.server_available(now)
+                && !self.has_request(c, &Source::Server) =>
+            {
+                Source::Server
+            }
+            None => return,
+        };
+        self.stats.duplicates += 1;
+        self.request(now, c, source, out);
+    }
+
+    /// The least-loaded connected peer that announced `c`, did not fail it, has a free
+    /// slot and is not already asked for `c`; random among equals.
+    fn pick_peer(&mut self, c: u32) -> Option<P> {
+        let per_peer = self.config.max_inflight_per_peer;
+        let failed = &self.slots[c as usize].failed;
+        let asked = self.outstanding.get(&c);
+        let mut best: Option<(&P, usize)> = None;
+        let mut ties = 0u64;
+        for (peer, slot) in &self.peers {
+            if slot.inflight >= per_peer
+                || !slot.have.get(c)
+                || failed.contains(peer)
+                || asked.is_some_and(|reqs| reqs.iter().any(|r| is_peer(&r.source, peer)))
+            {
+                continue;
+            }
+            match best {
+                Some((_, load)) if slot.inflight > load => {}
+                Some((_, load)) if slot.inflight == load => {
+                    ties += 1;
+                    if self.rng.below(ties) == 0 {
+                        best = Some((peer, load));
+                    }
+                }
+                _ => {
+                    best = Some((peer, slot.inflight));
+                    ties = 1;
+                }
+            }
+        }
+        best.map(|(peer, _)| peer.clone())
+    }
+
+    fn request(&mut self, now: Duration, c: u32, source: Source<P>, out: &mut Vec<Action<P>>) {
+        self.detach(c);
+        self.outstanding.entry(c).or_default().push(Outstanding {
+            source: source.clone(),
+            sent: now,
+        });
+        self.attach(c);
+        self.inflight_total += 1;
+        match &source {
+            Source::Peer(peer) => {
+                if let Some(slot) = self.peers.get_mut(peer) {
+                    slot.inflight += 1;
+                }
+                self.stats.requests_to_peers += 1;
+            }
+            Source::Server => {
+                self.server_inflight += 1;
+                self.stats.requests_to_server += 1;
+            }
+        }
+        out.push(Action::Request { source, chunk: c });
+    }
+
+    /// Removes the outstanding request for `c` at `source`; returns when it was sent.
+    fn drop_request(&mut self, c: u32, source: &Source<P>) -> Option<Duration> {
+        let reqs = self.outstanding.get(&c)?;
+        let i = reqs.iter().position(|r| &r.source == source)?;
+        self.detach(c);
+        let reqs = self.outstanding.get_mut(&c)?;
+        let sent = reqs.swap_remove(i).sent;
+        if reqs.is_empty() {
+            self.outstanding.remove(&c);
+        }
+        self.attach(c);
+        self.release(source);
+        Some(sent)
+    }
+
+    fn release(&mut self, source: &Source<P>) {
+        self.inflight_total -= 1;
+        match source {
+            Source::Peer(peer) => {
+                if let Some(slot) = self.peers.get_mut(peer) {
+                    slot.inflight -= 1;
+                }
+            }
+            Source::Server => self.server_inflight -= 1,
+        }
+    }
+
+    fn has_request(&self, c: u32, source: &Source<P>) -> bool {
+        self.outstanding
+            .get(&c)
+            .is_some_and(|reqs| reqs.iter().any(|r| &r.source == source))
+    }
+
+    fn server_available(&self, now: Duration) -> bool {
+        self.config.server_allowed
+            && now >= self.server_blocked_until
+            && self.server_inflight < self.config.server_max_inflight
+    }
+
+    // ----- the rarest-first and fallback sets ---------------------------------------
+
+    /// One fewer peer may serve missing chunk `c`; when none is left its fallback clock
+    /// starts (already run out if some peer failed it).
+    fn lose_eligible(&mut self, now: Duration, c: u32) {
+        self.detach(c);
+        let slot = &mut self.slots[c as usize];
+        slot.eligible -= 1;
+        if slot.eligible == 0 {
+            slot.ready_at = if slot.failed.is_empty() {
+                now.saturating_add(self.config.server_fallback_after)
+            } else {
+                now
+            };
+        }
+        self.attach(c);
+    }
+
+    /// Takes missing chunk `c` out of `queue`/`starved` before its state changes.
+    fn detach(&mut self, c: u32) {
+        if !self.started || self.have.get(c) {
+            return;
+        }
+        let key = self.chunk_key(c);
+        let slot = &self.slots[c as usize];
+        if slot.eligible == 0 {
+            let removed = self.starved.remove(&(slot.ready_at, key, c));
+            debug_assert!(removed, "chunk {c} missing from the starved set");
+        } else if !self.outstanding.contains_key(&c) {
+            let removed = self.queue.remove(&(slot.eligible, key, c));
+            debug_assert!(removed, "chunk {c} missing from the queue");
+        }
+    }
+
+    /// Puts missing chunk `c` back into `queue`/`starved` after its state changed.
+    fn attach(&mut self, c: u32) {
+        if !self.started || self.have.get(c) {
+            return;
+        }
+        let key = self.chunk_key(c);
+        let slot = &self.slots[c as usize];
+        if slot.eligible == 0 {
+            let inserted = self.starved.insert((slot.ready_at, key, c));
+            debug_assert!(inserted, "chunk {c} already in the starved set");
+        } else if !self.outstanding.contains_key(&c) {
+            let inserted = self.queue.insert((slot.eligible, key, c));
+            debug_assert!(inserted, "chunk {c} already in the queue");
+        }
+    }
+
+    /// The random tie-break of chunk `c`: distinct per chunk, fixed for the run.
+    fn chunk_key(&self, c: u32) -> u64 {
+        mix64(
+            self.key_seed
+                .wrapping_add(u64::from(c).wrapping_mul(SplitMix64::GAMMA)),
+        )
+    }
+
+    fn chunks(&self) -> u32 {
+        self.have.len()
+    }
+}
+
+fn is_peer<P: PartialEq>(source: &Source<P>, peer: &P) -> bool {
+    matches!(source, Source::Peer(p) if p == peer)
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and good enough for tie-breaks.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(Self::GAMMA);
+        mix64(self.0)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; `n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// The SplitMix64 finaliser: a bijection on `u64`.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1079 @@
+//! Tests of the scheduler: unit tests of each rule, and property tests that drive it
+//! through a small simulated world of honest and hostile peers (no sockets, no sleeps).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+use super::*;
+
+type Peer = u32;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn bits(len: u32, set: impl IntoIterator<Item = u32>) -> Bitfield {
+    let mut b = Bitfield::new(len);
+    for i in set {
+        b.set(i);
+    }
+    b
+}
+
+fn joined(peer: Peer, have: Bitfield) -> Event<Peer> {
+    Event::PeerJoined { peer, have }
+}
+
+fn arrived(source: Source<Peer>, chunk: u32) -> Event<Peer> {
+    Event::ChunkArrived { source, chunk }
+}
+
+fn request(source: Source<Peer>, chunk: u32) -> Action<Peer> {
+    Action::Request { source, chunk }
+}
+
+fn cancel(source: Source<Peer>, chunk: u32) -> Action<Peer> {
+    Action::Cancel { source, chunk }
+}
+
+/// The chunks of the requests among `actions`, in order.
+fn requested(actions: &[Action<Peer>]) -> Vec<(Source<Peer>, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request { source, chunk } => Some((source.clone(), *chunk)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn no_server() -> SchedulerConfig {
+    SchedulerConfig {
+        server_allowed: false,
+        ..SchedulerConfig::default()
+    }
+}
+
+use Source::{Peer as P, Server};
+
+// ----- unit tests -----------------------------------------------------------------------
+
+#[test]
+fn default_config_is_valid_and_zero_limits_are_rejected() {
+    assert_eq!(SchedulerConfig::default().validate(), Ok(()));
+    let zero_peer = SchedulerConfig {
+        max_inflight_per_peer: 0,
+        ..SchedulerConfig::default()
+    };
+    assert_eq!(
+        zero_peer.validate(),
+        Err(SchedulerConfigError::Zero {
+            key: "max_inflight_per_peer"
+        })
+    );
+    let zero_timeout = SchedulerConfig {
+        request_timeout: Duration::ZERO,
+        ..SchedulerConfig::default()
+    };
+    assert_eq!(
+        zero_timeout.validate(),
+        Err(SchedulerConfigError::ZeroTimeout)
+    );
+    // The scheduler itself raises zero limits to 1 rather than stalling.
+    let s: Scheduler<Peer> = Scheduler::new(1, Bitfield::new(1), zero_peer, 0);
+    assert_eq!(s.config().max_inflight_per_peer, 1);
+}
+
+#[test]
+fn starting_full_emits_done_once_at_the_first_call() {
+    let mut s: Scheduler<Peer> =
+        Scheduler::new(3, Bitfield::full(3), SchedulerConfig::default(), 1);
+    assert_eq!(s.handle(ms(0), Event::Tick), vec![Action::Done]);
+    assert_eq!(s.handle(ms(1), joined(1, Bitfield::full(3))), vec![]);
+    assert_eq!(s.handle(ms(2), Event::Tick), vec![]);
+    assert!(s.is_done());
+
+    let mut empty: Scheduler<Peer> =
+        Scheduler::new(0, Bitfield::new(0), SchedulerConfig::default(), 1);
+    assert_eq!(
+        empty.handle(ms(5), joined(1, Bitfield::new(0))),
+        vec![Action::Done]
+    );
+    assert_eq!(empty.handle(ms(6), Event::Tick), vec![]);
+}
+
+#[test]
+fn asks_only_for_announced_chunks() {
+    let mut s = Scheduler::new(3, Bitfield::new(3), no_server(), 7);
+    assert_eq!(
+        s.handle(ms(0), joined(1, bits(3, [1]))),
+        vec![request(P(1), 1)]
+    );
+    // A bitfield longer than the content: the stray bit is ignored.
+    assert_eq!(s.handle(ms(1), joined(2, bits(9, [8]))), vec![]);
+    assert_eq!(
+        s.handle(ms(2), Event::Have { peer: 1, chunk: 2 }),
+        vec![request(P(1), 2)]
+    );
+    // Out of range or from an unknown peer: ignored.
+    assert_eq!(s.handle(ms(3), Event::Have { peer: 1, chunk: 3 }), vec![]);
+    assert_eq!(s.handle(ms(4), Event::Have { peer: 9, chunk: 0 }), vec![]);
+    assert_eq!(s.inflight(), 2);
+}
+
+#[test]
+fn rarest_chunk_first_random_among_equals() {
+    let cfg = SchedulerConfig {
+        max_inflight_total: 1,
+        ..no_server()
+    };
+    let mut orders = BTreeSet::new();
+    let mut chunk1_from = BTreeSet::new();
+    for seed in 0..64 {
+        let mut s = Scheduler::new(5, Bitfield::new(5), cfg.clone(), seed);
+        // The single slot goes to chunk 4 (the only one known); the others wait.
+        assert_eq!(
+            s.handle(ms(0), joined(9, bits(5, [4]))),
+            vec![request(P(9), 4)]
+        );
+        // Chunk 0 has one holder, chunk 1 two, chunks 2 and 3 three.
+        assert_eq!(s.handle(ms(1), joined(0, bits(5, [0, 1, 2, 3]))), vec![]);
+        assert_eq!(s.handle(ms(2), joined(1, bits(5, [1, 2, 3]))), vec![]);
+        assert_eq!(s.handle(ms(3), joined(2, bits(5, [2, 3]))), vec![]);
+        let mut order = vec![4];
+        let mut last = (P(9), 4);
+        for t in 10..14 {
+            let next = requested(&s.handle(ms(t), arrived(last.0.clone(), last.1)));
+            assert_eq!(next.len(), 1, "one free slot, one request");
+            last = next[0].clone();
+            order.push(last.1);
+            if last.1 == 1 {
+                chunk1_from.insert(last.0.clone());
+            }
+        }
+        assert_eq!(&order[..3], &[4, 0, 1], "seed {seed}: rarest first");
+        orders.insert(order);
+        assert_eq!(
+            s.handle(ms(20), arrived(last.0, last.1)),
+            vec![Action::Done]
+        );
+    }
+    let expected: BTreeSet<Vec<u32>> = [vec![4, 0, 1, 2, 3], vec![4, 0, 1, 3, 2]].into();
+    assert_eq!(
+        orders, expected,
+        "ties between equally rare chunks are broken at random"
+    );
+    let holders: BTreeSet<Source<Peer>> = [P(0), P(1)].into();
+    assert_eq!(
+        chunk1_from, holders,
+        "ties between equally loaded holders are broken at random"
+    );
+}
+
+#[test]
+fn prefers_the_least_loaded_holder() {
+    let cfg = SchedulerConfig {
+        max_inflight_total: 2,
+        ..no_server()
+    };
+    for seed in 0..16 {
+        let mut s = Scheduler::new(8, Bitfield::new(8), cfg.clone(), seed);
+        let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(8))));
+        assert_eq!(first.len(), 2);
+        assert_eq!(s.handle(ms(1), joined(2, Bitfield::full(8))), vec![]);
+        // Peer 1 has one request left, peer 2 none: the freed slot goes to peer 2.
+        let next = requested(&s.handle(ms(2), arrived(first[0].0.clone(), first[0].1)));
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0, P(2), "seed {seed}");
+    }
+}
+
+#[test]
+fn server_waits_for_the_fallback_delay_and_gets_only_chunks_no_peer_has() {
+    let mut s = Scheduler::new(10, Bitfield::new(10), SchedulerConfig::default(), 3);
+    let to_peer = requested(&s.handle(ms(0), joined(1, bits(10, 0..5))));
+    assert_eq!(to_peer.len(), 4);
+    assert!(to_peer.iter().all(|(src, c)| *src == P(1) && *c < 5));
+    for t in (100..500).step_by(100) {
+        assert_eq!(s.handle(ms(t), Event::Tick), vec![], "at {t} ms");
+    }
+    let to_server = requested(&s.handle(ms(500), Event::Tick));
+    assert_eq!(to_server.len(), 4, "server_max_inflight");
+    assert!(to_server.iter().all(|(src, c)| *src == Server && *c >= 5));
+}
+
+#[test]
+fn one_complete_honest_peer_means_no_server_requests() {
+    let world = World {
+        chunks: 100,
+        have: Bitfield::new(100),
+        peers: vec![SimPeer::honest(Bitfield::full(100), 0, 50)],
+        server_delay_ms: 20,
+        server_busy: 0,
+        retry_after_ms: 0,
+        config: SchedulerConfig::default(),
+        seed: 11,
+    };
+    let out = world.run();
+    assert!(out.done_at.is_some());
+    assert_eq!(out.stats.requests_to_server, 0);
+    assert_eq!(out.stats.chunks_from_peers, 100);
+}
+
+#[test]
+fn server_gets_exactly_the_chunks_no_peer_has() {
+    let world = World {
+        chunks: 10,
+        have: Bitfield::new(10),
+        peers: vec![SimPeer::honest(bits(10, 0..5), 0, 50)],
+        server_delay_ms: 50,
+        server_busy: 0,
+        retry_after_ms: 0,
+        config: SchedulerConfig::default(),
+        seed: 5,
+    };
+    let out = world.run();
+    assert!(out.done_at.is_some());
+    let chunks: BTreeSet<u32> = out.server_requests.iter().map(|&(_, c)| c).collect();
+    assert_eq!(chunks, (5..10).collect());
+    assert_eq!(out.server_requests.len(), 5, "one request per chunk");
+    assert!(out.server_requests.iter().all(|&(t, _)| t >= ms(500)));
+    assert_eq!(out.stats.chunks_from_peers, 5);
+    assert_eq!(out.stats.chunks_from_server, 5);
+}
+
+#[test]
+fn endgame_duplicates_to_other_holders_and_cancels_the_losers() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 2,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(2, Bitfield::new(2), cfg, 9);
+    let mut first = requested(&s.handle(ms(0), joined(1, Bitfield::full(2))));
+    first.sort();
+    assert_eq!(first, vec![(P(1), 0), (P(1), 1)]);
+    // Every missing chunk is in flight and few are missing: duplicate both to peer 2.
+    assert_eq!(
+        s.handle(ms(10), joined(2, Bitfield::full(2))),
+        vec![request(P(2), 0), request(P(2), 1)]
+    );
+    assert_eq!(s.inflight(), 4);
+    assert_eq!(s.handle(ms(20), arrived(P(1), 0)), vec![cancel(P(2), 0)]);
+    assert_eq!(
+        s.handle(ms(30), arrived(P(2), 1)),
+        vec![cancel(P(1), 1), Action::Done]
+    );
+    // The cancelled losers' late answers change nothing.
+    assert_eq!(s.handle(ms(40), arrived(P(1), 1)), vec![]);
+    let st = s.stats();
+    assert_eq!(
+        (
+            st.duplicates,
+            st.cancels,
+            st.chunks_from_peers,
+            s.inflight()
+        ),
+        (2, 2, 2, 0)
+    );
+}
+
+#[test]
+fn endgame_goes_to_the_server_only_after_the_fallback_delay() {
+    let mut s = Scheduler::new(1, Bitfield::new(1), SchedulerConfig::default(), 2);
+    assert_eq!(
+        s.handle(ms(0), joined(1, bits(1, [0]))),
+        vec![request(P(1), 0)]
+    );
+    assert_eq!(s.handle(ms(499), Event::Tick), vec![]);
+    assert_eq!(s.handle(ms(500), Event::Tick), vec![request(Server, 0)]);
+    assert_eq!(
+        s.handle(ms(600), arrived(Server, 0)),
+        vec![cancel(P(1), 0), Action::Done]
+    );
+    assert_eq!(s.stats().duplicates, 1);
+    assert_eq!(s.stats().chunks_from_server, 1);
+}
+
+#[test]
+fn hedges_a_stalled_request_once_at_another_holder() {
+    let cfg = SchedulerConfig {
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(1, Bitfield::new(1), cfg, 4);
+    assert_eq!(
+        s.handle(ms(0), joined(1, bits(1, [0]))),
+        vec![request(P(1), 0)]
+    );
+    assert_eq!(s.handle(ms(1000), joined(2, bits(1, [0]))), vec![]);
+    assert_eq!(s.handle(ms(2999), Event::Tick), vec![]);
+    assert_eq!(s.handle(ms(3000), Event::Tick), vec![request(P(2), 0)]);
+    assert_eq!(
+        s.handle(ms(3100), Event::Tick),
+        vec![],
+        "one duplicate only"
+    );
+    assert_eq!(
+        s.handle(ms(4000), arrived(P(2), 0)),
+        vec![cancel(P(1), 0), Action::Done]
+    );
+    assert_eq!(s.stats().duplicates, 1);
+}
+
+#[test]
+fn timeouts_strike_and_ban_after_max_strikes() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 1,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
+    let mut last = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
+    assert_eq!(last.len(), 1);
+    for strike in 1..=3u64 {
+        let t = ms(10_000 * strike);
+        assert_eq!(s.handle(t - ms(1), Event::Tick), vec![]);
+        let actions = s.handle(t, Event::Tick);
+        assert_eq!(actions[0], cancel(last[0].0.clone(), last[0].1));
+        if strike < 3 {
+            // Without the server the peer may be asked again until it is banned.
+            last = requested(&actions);
+            assert_eq!(last.len(), 1);
+        } else {
+            assert!(
+                matches!(&actions[1..], [Action::Ban { peer: 1, .. }]),
+                "{actions:?}"
+            );
+        }
+    }
+    assert!(s.is_banned(&1));
+    assert_eq!(s.handle(ms(40_000), joined(1, Bitfield::full(3))), vec![]);
+    assert_eq!(s.inflight(), 0);
+    let st = s.stats();
+    assert_eq!((st.timeouts, st.bans, st.cancels), (3, 1, 3));
+}
+
+#[test]
+fn a_chunk_every_holder_failed_goes_to_the_server_at_once() {
+    let mut s = Scheduler::new(1, Bitfield::new(1), SchedulerConfig::default(), 8);
+    assert_eq!(
+        s.handle(ms(0), joined(1, bits(1, [0]))),
+        vec![request(P(1), 0)]
+    );
+    assert_eq!(
+        s.handle(
+            ms(100),
+            Event::RequestFailed {
+                source: P(1),
+                chunk: 0
+            }
+        ),
+        vec![request(Server, 0)]
+    );
+    assert_eq!(s.stats().failures, 1);
+}
+
+#[test]
+fn a_bad_chunk_bans_its_peer_exactly_once() {
+    let mut s = Scheduler::new(4, Bitfield::new(4), no_server(), 12);
+    assert_eq!(
+        requested(&s.handle(ms(0), joined(1, Bitfield::full(4)))).len(),
+        4
+    );
+    let ban = s.handle(
+        ms(10),
+        Event::ChunkBad {
+            source: P(1),
+            chunk: 0,
+        },
+    );
+    assert!(matches!(&ban[..], [Action::Ban { peer: 1, .. }]), "{ban:?}");
+    assert_eq!(s.inflight(), 0, "its other requests are forgotten");
+    assert_eq!(
+        s.handle(
+            ms(11),
+            Event::ChunkBad {
+                source: P(1),
+                chunk: 1
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(s.handle(ms(12), arrived(P(1), 2)), vec![]);
+    assert_eq!(s.handle(ms(13), joined(1, Bitfield::full(4))), vec![]);
+    assert_eq!(s.have().count(), 0);
+    // Its chunks are requestable again from an honest peer.
+    let again = requested(&s.handle(ms(20), joined(2, Bitfield::full(4))));
+    assert_eq!(again.len(), 4);
+    assert!(again.iter().all(|(src, _)| *src == P(2)));
+    assert_eq!(s.stats().bans, 1);
+}
+
+#[test]
+fn unrequested_or_repeated_arrivals_are_ignored() {
+    let mut s = Scheduler::new(2, Bitfield::new(2), no_server(), 0);
+    assert_eq!(s.handle(ms(0), arrived(P(7), 0)), vec![]);
+    assert_eq!(s.handle(ms(1), arrived(Server, 1)), vec![]);
+    assert_eq!(s.handle(ms(2), arrived(P(7), 99)), vec![]);
+    assert_eq!(s.have().count(), 0);
+    assert_eq!(s.stats(), SchedulerStats::default());
+    assert_eq!(
+        s.handle(ms(3), joined(1, bits(2, [0]))),
+        vec![request(P(1), 0)]
+    );
+    assert_eq!(s.handle(ms(4), arrived(P(1), 0)), vec![]);
+    assert_eq!(s.handle(ms(5), arrived(P(1), 0)), vec![]);
+    assert_eq!(s.stats().chunks_from_peers, 1);
+}
+
+#[test]
+fn server_busy_voids_server_requests_and_blocks_the_server() {
+    let mut s: Scheduler<Peer> = Scheduler::new(2, Bitfield::new(2), SchedulerConfig::default(), 1);
+    assert_eq!(s.handle(ms(0), Event::Tick), vec![]);
+    let mut first = requested(&s.handle(ms(500), Event::Tick));
+    first.sort();
+    assert_eq!(first, vec![(Server, 0), (Server, 1)]);
+    let busy = s.handle(
+        ms(600),
+        Event::ServerBusy {
+            retry_after: ms(2000),
+            holders: vec![],
+        },
+    );
+    assert_eq!(busy.len(), 2);
+    assert!(
+        busy.iter()
+            .all(|a| matches!(a, Action::Cancel { source: Server, .. }))
+    );
+    for t in (700..2600).step_by(100) {
+        assert_eq!(s.handle(ms(t), Event::Tick), vec![], "at {t} ms");
+    }
+    assert_eq!(requested(&s.handle(ms(2600), Event::Tick)).len(), 2);
+    assert_eq!(s.stats().server_busy, 1);
+}
+
+#[test]
+fn a_departed_peer_frees_its_requests() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 1,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(2, Bitfield::new(2), cfg, 3);
+    let a = requested(&s.handle(ms(0), joined(1, Bitfield::full(2))));
+    let b = requested(&s.handle(ms(1), joined(2, Bitfield::full(2))));
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert_eq!(s.handle(ms(2), Event::PeerLeft { peer: 1 }), vec![]);
+    assert_eq!(s.inflight(), 1);
+    assert_eq!(
+        s.handle(ms(3), arrived(P(1), a[0].1)),
+        vec![],
+        "void after leaving"
+    );
+    assert_eq!(
+        s.handle(ms(4), arrived(P(2), b[0].1)),
+        vec![request(P(2), a[0].1)]
+    );
+}
+
+#[test]
+fn same_seed_same_run_different_seed_other_run() {
+    let world = |seed| World {
+        chunks: 40,
+        have: Bitfield::new(40),
+        peers: (0..4)
+            .map(|i| SimPeer::honest(Bitfield::full(40), i * 10, 40 + i * 30))
+            .collect(),
+        server_delay_ms: 30,
+        server_busy: 0,
+        retry_after_ms: 0,
+        config: SchedulerConfig::default(),
+        seed,
+    };
+    assert_eq!(world(1).run().trace, world(1).run().trace);
+    assert_ne!(world(1).run().trace, world(2).run().trace);
+}
+
+// ----- the simulated world --------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    /// Serves every chunk it announces after its delay.
+    Honest,
+    /// Answers every request with a chunk that fails verification.
+    Bad,
+    /// Announces chunks it does not have and never answers.
+    Liar,
+    /// Serves, but slowly (its delay is long, often past the request timeout).
+    Stall,
+    /// Refuses every request.
+    Refuse,
+}
+
+#[derive(Debug, Clone)]
+struct SimPeer {
+    behaviour: Behaviour,
+    have: Bitfield,
+    join_ms: u64,
+    leave_ms: Option<u64>,
+    delay_ms: u64,
+    /// Chunks announced later: (ms after joining, chunk).
+    later: Vec<(u64, u32)>,
+}
+
+impl SimPeer {
+    fn honest(have: Bitfield, join_ms: u64, delay_ms: u64) -> Self {
+        Self {
+            behaviour: Behaviour::Honest,
+            have,
+            join_ms,
+            leave_ms: None,
+            delay_ms,
+            later: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct World {
+    chunks: u32,
+    have: Bitfield,
+    peers: Vec<SimPeer>,
+    server_delay_ms: u64,
+    /// The first this-many server requests are answered "busy".
+    server_busy: u32,
+    retry_after_ms: u64,
+    config: SchedulerConfig,
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Arrived,
+    Bad,
+    Failed,
+    Busy,
+}
+
+#[derive(Debug, Clone)]
+enum SimEvent {
+    Join(Peer),
+    Leave(Peer),
+    Have(Peer, u32),
+    Reply {
+        source: Source<Peer>,
+        chunk: u32,
+        id: u64,
+        reply: Reply,
+    },
+    Tick,
+}
+
+/// A time-ordered queue of simulated events (FIFO among equal times).
+#[derive(Default)]
+struct Agenda {
+    events: BTreeMap<(u64, u64), SimEvent>,
+    seq: u64,
+}
+
+impl Agenda {
+    fn at(&mut self, t: u64, event: SimEvent) {
+        self.seq += 1;
+        self.events.insert((t, self.seq), event);
+    }
+
+    fn pop(&mut self) -> Option<(u64, SimEvent)> {
+        self.events.pop_first().map(|((t, _), e)| (t, e))
+    }
+}
+
+#[derive(Debug)]
+struct Outcome {
+    trace: Vec<(Duration, Action<Peer>)>,
+    done_at: Option<Duration>,
+    stats: SchedulerStats,
+    /// (time, chunk) of every server request.
+    server_requests: Vec<(Duration, u32)>,
+    banned: BTreeSet<Peer>,
+    /// Peers whose bad chunk reached the scheduler.
+    sent_bad: BTreeSet<Peer>,
+}
+
+const TICK_MS: u64 = 100;
+const LIMIT_MS: u64 = 4 * 3600 * 1000;
+
+/// The driver's view: what is outstanding, who is connected, what each peer announced.
+/// It checks the scheduler's promises on every action.
+struct Driver<'w> {
+    world: &'w World,
+    config: SchedulerConfig,
+    outstanding: BTreeMap<(u32, Source<Peer>), u64>,
+    next_id: u64,
+    connected: BTreeSet<Peer>,
+    announced: Vec<Bitfield>,
+    server_busy_left: u32,
+    server_blocked_until: Duration,
+    out: Outcome,
+}
+
+impl Driver<'_> {
+    fn void_peer(&mut self, peer: Peer) {
+        self.outstanding
+            .retain(|(_, src), _| !matches!(src, Source::Peer(p) if *p == peer));
+    }
+
+    fn apply(
+        &mut self,
+        now: Duration,
+        have: &Bitfield,
+        actions: Vec<Action<Peer>>,
+        agenda: &mut Agenda,
+    ) {
+        let t = now.as_millis() as u64;
+        for action in actions {
+            assert!(self.out.done_at.is_none(), "{action:?} after Done");
+            self.out.trace.push((now, action.clone()));
+            match action {
+                Action::Request { source, chunk } => {
+                    assert!(
+                        chunk < self.world.chunks && !have.get(chunk),
+                        "request for chunk {chunk} already here"
+                    );
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let prev = self.outstanding.insert((chunk, source.clone()), id);
+                    assert!(prev.is_none(), "chunk {chunk} asked twice from {source:?}");
+                    let reply = match &source {
+                        Source::Peer(p) => {
+                            assert!(
+                                self.connected.contains(p),
+                                "asked peer {p}, which is not connected"
+                            );
+                            assert!(!self.out.banned.contains(p), "asked banned peer {p}");
+                            assert!(
+                                self.announced[*p as usize].get(chunk),
+                                "asked peer {p} for chunk {chunk}, which it never announced"
+                            );
+                            let peer = &self.world.peers[*p as usize];
+                            let kind = match peer.behaviour {
+                                Behaviour::Honest | Behaviour::Stall => Some(Reply::Arrived),
+                                Behaviour::Bad => Some(Reply::Bad),
+                                Behaviour::Liar => None,
+                                Behaviour::Refuse => Some(Reply::Failed),
+                            };
+                            kind.map(|k| (peer.delay_ms, k))
+                        }
+                        Source::Server => {
+                            assert!(
+                                self.config.server_allowed,
+                                "asked the server while it is not allowed"
+                            );
+                            assert!(
+                                now >= self.server_blocked_until,
+                                "asked the server before retry_after"
+                            );
+                            self.out.server_requests.push((now, chunk));
+                            if self.server_busy_left > 0 {
+                                self.server_busy_left -= 1;
+                                Some((self.world.server_delay_ms, Reply::Busy))
+                            } else {
+                                Some((self.world.server_delay_ms, Reply::Arrived))
+                            }
+                        }
+                    };
+                    if let Some((delay, reply)) = reply {
+                        agenda.at(
+                            t + delay,
+                            SimEvent::Reply {
+                                source,
+                                chunk,
+                                id,
+                                reply,
+                            },
+                        );
+                    }
+                }
+                Action::Cancel { source, chunk } => {
+                    assert!(
+                        self.outstanding.remove(&(chunk, source.clone())).is_some(),
+                        "cancelled chunk {chunk} at {source:?}, which was not outstanding"
+                    );
+                }
+                Action::Ban { peer, .. } => {
+                    assert!(self.out.banned.insert(peer), "peer {peer} banned twice");
+                    self.connected.remove(&peer);
+                    self.void_peer(peer);
+                }
+                Action::Done => {
+                    assert!(have.is_full(), "Done before every chunk is here");
+                    self.out.done_at = Some(now);
+                }
+            }
+        }
+    }
+
+    fn check_limits(&self, scheduler: &Scheduler<Peer>) {
+        let mut per_source: BTreeMap<&Source<Peer>, usize> = BTreeMap::new();
+        let mut per_chunk: BTreeMap<u32, usize> = BTreeMap::new();
+        for (chunk, src) in self.outstanding.keys() {
+            *per_source.entry(src).or_default() += 1;
+            *per_chunk.entry(*chunk).or_default() += 1;
+        }
+        for (chunk, n) in per_chunk {
+            assert!(
+                n <= 2,
+                "{n} requests outstanding for chunk {chunk}: one duplicate at most"
+            );
+        }
+        for (src, n) in per_source {
+            let limit = match src {
+                Source::Peer(_) => self.config.max_inflight_per_peer,
+                Source::Server => self.config.server_max_inflight,
+            };
+            assert!(
+                n <= limit,
+                "{n} requests outstanding at {src:?}, limit {limit}"
+            );
+        }
+        assert!(self.outstanding.len() <= self.config.max_inflight_total);
+        assert_eq!(scheduler.inflight(), self.outstanding.len());
+    }
+}
+
+impl World {
+    fn run(&self) -> Outcome {
+        let mut scheduler = Scheduler::new(
+            self.chunks,
+            self.have.clone(),
+            self.config.clone(),
+            self.seed,
+        );
+        let mut agenda = Agenda::default();
+        for (i, p) in self.peers.iter().enumerate() {
+            let i = i as Peer;
+            agenda.at(p.join_ms, SimEvent::Join(i));
+            for &(after, c) in &p.later {
+                agenda.at(p.join_ms + after, SimEvent::Have(i, c));
+            }
+            if let Some(t) = p.leave_ms {
+                agenda.at(t, SimEvent::Leave(i));
+            }
+        }
+        agenda.at(0, SimEvent::Tick);
+        let mut d = Driver {
+            world: self,
+            config: scheduler.config().clone(),
+            outstanding: BTreeMap::new(),
+            next_id: 0,
+            connected: BTreeSet::new(),
+            announced: vec![Bitfield::new(self.chunks); self.peers.len()],
+            server_busy_left: self.server_busy,
+            server_blocked_until: Duration::ZERO,
+            out: Outcome {
+                trace: Vec::new(),
+                done_at: None,
+                stats: SchedulerStats::default(),
+                server_requests: Vec::new(),
+                banned: BTreeSet::new(),
+                sent_bad: BTreeSet::new(),
+            },
+        };
+        let mut now = Duration::ZERO;
+        while let Some((t, sim)) = agenda.pop() {
+            if t > LIMIT_MS {
+                break;
+            }
+            now = ms(t);
+            let event = match sim {
+                SimEvent::Tick => {
+                    agenda.at(t + TICK_MS, SimEvent::Tick);
+                    Some(Event::Tick)
+                }
+                SimEvent::Join(p) if !d.out.banned.contains(&p) => {
+                    let have = self.peers[p as usize].have.clone();
+                    d.connected.insert(p);
+                    d.announced[p as usize] = have.clone();
+                    Some(Event::PeerJoined { peer: p, have })
+                }
+                SimEvent::Leave(p) if d.connected.remove(&p) => {
+                    d.void_peer(p);
+                    Some(Event::PeerLeft { peer: p })
+                }
+                SimEvent::Have(p, c) if d.connected.contains(&p) => {
+                    d.announced[p as usize].set(c);
+                    Some(Event::Have { peer: p, chunk: c })
+                }
+                SimEvent::Reply {
+                    source,
+                    chunk,
+                    id,
+                    reply,
+                } if d.outstanding.get(&(chunk, source.clone())) == Some(&id) => {
+                    if reply != Reply::Busy {
+                        // Busy: the scheduler cancels every server request itself.
+                        d.outstanding.remove(&(chunk, source.clone()));
+                    }
+                    match reply {
+                        Reply::Arrived => Some(Event::ChunkArrived { source, chunk }),
+                        Reply::Bad => {
+                            if let Source::Peer(p) = source {
+                                d.out.sent_bad.insert(p);
+                            }
+                            Some(Event::ChunkBad { source, chunk })
+                        }
+                        Reply::Failed => Some(Event::RequestFailed { source, chunk }),
+                        Reply::Busy => {
+                            let retry_after = ms(self.retry_after_ms);
+                            d.server_blocked_until = now + retry_after;
+                            Some(Event::ServerBusy {
+                                retry_after,
+                                holders: Vec::new(),
+                            })
+                        }
+                    }
+                }
+                // Banned, disconnected, cancelled or timed out: the driver drops it.
+                _ => None,
+            };
+            let Some(event) = event else { continue };
+            let busy = matches!(event, Event::ServerBusy { .. });
+            let actions = scheduler.handle(now, event);
+            d.apply(now, scheduler.have(), actions, &mut agenda);
+            d.check_limits(&scheduler);
+            if busy {
+                assert!(
+                    d.outstanding.keys().all(|(_, s)| *s != Source::Server),
+                    "server requests survived ServerBusy"
+                );
+            }
+            if scheduler.is_done() {
+                break;
+            }
+        }
+        if d.out.done_at.is_some() {
+            assert_eq!(
+                scheduler.handle(now + ms(1), Event::Tick),
+                vec![],
+                "actions after Done"
+            );
+            let st = scheduler.stats();
+            assert_eq!(
+                st.chunks_from_peers + st.chunks_from_server,
+                u64::from(self.have.missing()),
+                "every chunk counted once"
+            );
+            assert_eq!(scheduler.inflight(), 0);
+        }
+        d.out.stats = scheduler.stats();
+        d.out
+    }
+}
+
+// ----- property tests -------------------------------------------------------------------
+
+fn arb_behaviour() -> BoxedStrategy<Behaviour> {
+    prop_oneof![
+        3 => Just(Behaviour::Honest),
+        1 => Just(Behaviour::Bad),
+        1 => Just(Behaviour::Liar),
+        1 => Just(Behaviour::Stall),
+        1 => Just(Behaviour::Refuse),
+    ]
+    .boxed()
+}
+
+fn arb_bits(len: u32, p: f64) -> impl Strategy<Value = Bitfield> {
+    vec(proptest::bool::weighted(p), len as usize)
+        .prop_map(move |v| bits(len, (0..len).filter(|&i| v[i as usize])))
+}
+
+fn arb_peer(
+    chunks: u32,
+    behaviour: BoxedStrategy<Behaviour>,
+    may_leave: bool,
+) -> impl Strategy<Value = SimPeer> {
+    (
+        behaviour,
+        arb_bits(chunks, 0.5),
+        0u64..3_000,
+        (1u64..1_500, 4_000u64..30_000),
+        vec((0u64..20_000, 0..chunks), 0..4),
+        proptest::option::of(1_000u64..60_000),
+    )
+        .prop_map(
+            move |(behaviour, have, join_ms, (delay, stall), later, leave)| SimPeer {
+                behaviour,
+                have,
+                join_ms,
+                leave_ms: leave.filter(|_| may_leave),
+                delay_ms: if behaviour == Behaviour::Stall {
+                    stall
+                } else {
+                    delay
+                },
+                later,
+            },
+        )
+}
+
+/// Small limits to stress them; the default timings.
+fn arb_config(server_allowed: bool) -> impl Strategy<Value = SchedulerConfig> {
+    (1usize..6, 1usize..16, 1usize..5, 0u32..10, 1u32..5).prop_map(
+        move |(per_peer, total, server, endgame, strikes)| SchedulerConfig {
+            max_inflight_per_peer: per_peer,
+            max_inflight_total: total,
+            server_max_inflight: server,
+            endgame_chunks: endgame,
+            max_strikes: strikes,
+            server_allowed,
+            ..SchedulerConfig::default()
+        },
+    )
+}
+
+/// Anything goes: honest and hostile peers joining, leaving and announcing at random;
+/// the server allowed, sometimes busy.
+fn arb_world() -> impl Strategy<Value = World> {
+    (1u32..40)
+        .prop_flat_map(|chunks| {
+            (
+                Just(chunks),
+                arb_bits(chunks, 0.2),
+                vec(arb_peer(chunks, arb_behaviour(), true), 0..6),
+                (1u64..800, 0u32..4, 0u64..5_000),
+                arb_config(true),
+                any::<u64>(),
+            )
+        })
+        .prop_map(
+            |(
+                chunks,
+                have,
+                peers,
+                (server_delay_ms, server_busy, retry_after_ms),
+                config,
+                seed,
+            )| {
+                World {
+                    chunks,
+                    have,
+                    peers,
+                    server_delay_ms,
+                    server_busy,
+                    retry_after_ms,
+                    config,
+                    seed,
+                }
+            },
+        )
+}
+
+/// No server; honest peers that never leave hold every chunk between them; hostile
+/// (and departing) peers mixed in.
+fn arb_covered_world() -> impl Strategy<Value = World> {
+    (1u32..40)
+        .prop_flat_map(|chunks| {
+            (
+                Just(chunks),
+                arb_bits(chunks, 0.2),
+                vec(
+                    arb_peer(chunks, Just(Behaviour::Honest).boxed(), false),
+                    1..4,
+                ),
+                vec(arb_peer(chunks, arb_behaviour(), true), 0..5),
+                arb_config(false),
+                any::<u64>(),
+            )
+        })
+        .prop_map(|(chunks, have, mut honest, others, config, seed)| {
+            let n = honest.len();
+            for c in 0..chunks {
+                if !honest.iter().any(|p| p.have.get(c)) {
+                    honest[c as usize % n].have.set(c);
+                }
+            }
+            World {
+                chunks,
+                have,
+                peers: honest.into_iter().chain(others).collect(),
+                server_delay_ms: 1,
+                server_busy: 0,
+                retry_after_ms: 0,
+                config,
+                seed,
+            }
+        })
+}
+
+/// Honest peers, all there from the start, answering well within the fallback delay,
+/// holding every chunk between them.
+fn arb_generous_world() -> impl Strategy<Value = World> {
+    (1u32..40)
+        .prop_flat_map(|chunks| {
+            (
+                Just(chunks),
+                vec((arb_bits(chunks, 0.5), 1u64..300), 1..5),
+                arb_config(true),
+                any::<u64>(),
+            )
+        })
+        .prop_map(|(chunks, peers, config, seed)| {
+            let mut peers: Vec<SimPeer> = peers
+                .into_iter()
+                .map(|(have, delay)| SimPeer::honest(have, 0, delay))
+                .collect();
+            let n = peers.len();
+            for c in 0..chunks {
+                if !peers.iter().any(|p| p.have.get(c)) {
+                    peers[c as usize % n].have.set(c);
+                }
+            }
+            World {
+                chunks,
+                have: Bitfield::new(chunks),
+                peers,
+                server_delay_ms: 1,
+                server_busy: 0,
+                retry_after_ms: 0,
+                config,
+                seed,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Also (inside `run`): never asks a peer for an unannounced chunk, never exceeds a
+    /// limit, never bans twice, emits `Done` once and nothing after it.
+    #[test]
+    fn completes_with_the_server_whatever_peers_do(world in arb_world()) {
+        let out = world.run();
+        prop_assert!(out.done_at.is_some(), "did not complete: {:?}", out.stats);
+        prop_assert_eq!(out.trace.iter().filter(|(_, a)| *a == Action::Done).count(), 1);
+        for p in &out.banned {
+            prop_assert_ne!(world.peers[*p as usize].behaviour, Behaviour::Honest, "honest peer {} banned", p);
+        }
+        prop_assert!(out.sent_bad.is_subset(&out.banned), "a peer that sent a bad chunk was not banned");
+    }
+
+    #[test]
+    fn completes_without_the_server_when_honest_peers_cover_every_chunk(world in arb_covered_world()) {
+        let out = world.run();
+        prop_assert!(out.done_at.is_some(), "did not complete: {:?}", out.stats);
+        prop_assert_eq!(out.stats.requests_to_server, 0);
+    }
+
+    #[test]
+    fn peers_that_answer_in_time_leave_the_server_alone(world in arb_generous_world()) {
+        let out = world.run();
+        prop_assert!(out.done_at.is_some());
+        prop_assert_eq!(out.stats.requests_to_server, 0);
+    }
+
+    #[test]
+    fn same_seed_same_actions(world in arb_world()) {
+        prop_assert_eq!(world.run().trace, world.run().trace);
+    }
+}

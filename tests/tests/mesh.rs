@@ -1,0 +1,190 @@
+//! An agent serves the chunks of plugins it holds to peers the coordinator vouched
+//! for — and only to them, and only what their labels allow — over real libp2p swarms
+//! on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arcade_p2p::labels::Labels;
+use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
+use arcade_p2p::{ContentId, Manifest};
+use arcade_proto::v1 as pb;
+use arcade_tests::agents::TestAgent;
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, eventually};
+
+/// A peer that holds nothing (it only asks).
+struct Empty;
+
+impl ChunkStore for Empty {
+    fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
+        None
+    }
+    fn held(&self, _: &ContentId) -> Option<Bitfield> {
+        None
+    }
+    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+async fn bare_peer() -> MeshHandle {
+    MeshHost::start(
+        libp2p_identity::Keypair::generate_ed25519(),
+        HostConfig::default(),
+        Arc::new(Empty),
+    )
+    .await
+    .unwrap()
+}
+
+fn plugin(bytes: usize, seed: u8) -> Vec<u8> {
+    let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
+    p.extend(content(bytes, seed));
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_vouched_peers_what_their_labels_allow() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let open = plugin(300_000, 1);
+    let secret = plugin(100_000, 2);
+    c.push("mesh/open", "1.0.0", &open, Default::default())
+        .await
+        .unwrap();
+    c.push(
+        "mesh/secret",
+        "1.0.0",
+        &secret,
+        pb::PushPluginHeader {
+            allowed_labels: vec![pb::Label {
+                key: "team".into(),
+                value: "red".into(),
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let _a = TestAgent::start(&c.url, ENROLL, "holder", |cfg, _| {
+        cfg.labels.insert("team".into(), "red".into());
+    })
+    .await;
+    for p in ["mesh/open", "mesh/secret"] {
+        let id = c
+            .jobs(ADMIN)
+            .await
+            .create_job(pb::CreateJobRequest {
+                commands: vec!["true".into()],
+                required_plugins: vec![pb::RequiredPlugin {
+                    plugin_id: p.into(),
+                    version: "1.0.0".into(),
+                    stages: vec![],
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        eventually(Duration::from_secs(30), || async {
+            let j = c
+                .jobs(ADMIN)
+                .await
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .ok()?
+                .into_inner()
+                .job?;
+            (j.status() == pb::JobStatus::Succeeded).then_some(())
+        })
+        .await
+        .expect("the holder ran the job");
+    }
+    // Where the holder is, as the coordinator tells agents.
+    let holder = c
+        .fleet(ADMIN)
+        .await
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .into_iter()
+        .find(|a| a.agent_id == "holder")
+        .unwrap();
+    let holder_peer: libp2p_identity::PeerId = holder
+        .peer_id
+        .parse()
+        .expect("agent registered its peer id");
+    let holder_addrs: Vec<Multiaddr> = holder.addrs.iter().map(|a| a.parse().unwrap()).collect();
+    assert!(!holder_addrs.is_empty(), "agent advertised its addresses");
+
+    // A vouched peer (team=blue) registers and gets the open plugin from the holder.
+    let blue = bare_peer().await;
+    let reg = c
+        .agent(ENROLL)
+        .await
+        .register(pb::RegisterRequest {
+            agent_id: "blue".into(),
+            peer_id: blue.peer_id().to_string(),
+            labels: vec![pb::Label {
+                key: "team".into(),
+                value: "blue".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    blue.set_credentials(reg.mesh_ticket, &reg.mesh_public_key)
+        .await
+        .unwrap();
+    let manifest = Manifest::from_reader(&open[..], 64 * 1024).unwrap();
+    let sha = manifest.content_id();
+    let held = blue
+        .held(
+            holder_peer,
+            holder_addrs.clone(),
+            &sha,
+            manifest.chunk_count(),
+        )
+        .await
+        .unwrap();
+    assert!(held.is_full(), "the holder has every chunk");
+    let mut got = Vec::new();
+    for i in 0..manifest.chunk_count() {
+        let chunk = blue
+            .chunk(holder_peer, holder_addrs.clone(), &sha, i)
+            .await
+            .unwrap();
+        manifest
+            .verify_chunk(i, &chunk)
+            .expect("peer chunk verifies against the manifest");
+        got.extend(chunk);
+    }
+    assert_eq!(got, open);
+    // The holder announced the content in the DHT.
+    let providers = eventually(Duration::from_secs(10), || async {
+        let p = blue.providers(sha).await.ok()?;
+        p.contains(&holder_peer).then_some(p)
+    })
+    .await;
+    assert!(providers.is_some(), "DHT lists the holder as a provider");
+
+    // Team blue may not have the red plugin, from the peer either.
+    let secret_sha = ContentId::of_bytes(&secret);
+    match blue
+        .chunk(holder_peer, holder_addrs.clone(), &secret_sha, 0)
+        .await
+    {
+        Err(MeshError::Refused { reason, .. }) => assert_eq!(reason, pb::Refusal::Forbidden),
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+    // An outsider the coordinator never vouched for gets nothing.
+    let outsider = bare_peer().await;
+    match outsider.chunk(holder_peer, holder_addrs, &sha, 0).await {
+        Err(MeshError::Refused { reason, .. }) => assert_eq!(reason, pb::Refusal::NotVouched),
+        other => panic!("expected NotVouched, got {other:?}"),
+    }
+}
