@@ -79,14 +79,12 @@ pub enum Fallback {
 pub struct DownloadConfig {
     /// Plugins fetched at once.
     pub concurrent: u32,
-    /// Timeout of one download request (a range of at most `request_chunks` chunks).
+    /// Timeout of one chunk request (to the coordinator or a peer).
     pub timeout: Seconds,
     /// Attempts after the first failure (exponential backoff with jitter).
     pub retry: u32,
     /// First backoff delay (doubles per attempt, capped at 30 s, ±50 % jitter).
     pub backoff: Seconds,
-    /// Most chunks asked for in one request.
-    pub request_chunks: u32,
     /// When a plugin cannot be had: `fail` or `previous-version`.
     pub fallback: Fallback,
 }
@@ -207,7 +205,6 @@ impl Default for DownloadConfig {
             timeout: Seconds::secs(300),
             retry: 3,
             backoff: Seconds(Duration::from_millis(500)),
-            request_chunks: 64,
             fallback: Fallback::Fail,
         }
     }
@@ -275,14 +272,12 @@ directory = ""
 [download]
 # Plugins fetched at once.
 concurrent = 3
-# Timeout of one download request (at most request_chunks chunks).
+# Timeout of one chunk request (to the coordinator or a peer).
 timeout = "5m"
 # Attempts after the first failure, with exponential backoff and jitter.
 retry = 3
 # First backoff delay (doubles per attempt, at most 30s, +-50% jitter).
 backoff = "500ms"
-# Most chunks asked for in one request.
-request_chunks = 64
 # A plugin that cannot be had: "fail" the job (naming the plugin and the last error),
 # or use the newest cached "previous-version" of the same plugin (recorded in results).
 fallback = "fail"
@@ -456,9 +451,6 @@ impl AgentConfig {
         }
         if d.backoff.get() > Duration::from_secs(60) {
             return Err(bad("download.backoff", "must be at most 60s"));
-        }
-        if d.request_chunks == 0 || d.request_chunks > 4096 {
-            return Err(bad("download.request_chunks", "must be between 1 and 4096"));
         }
         if self.cache.max_size.bytes() == 0 {
             return Err(bad("cache.max_size", "must be positive"));

@@ -7,6 +7,7 @@
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`) |
 //! | `arcade_agent_bad_chunks_total` | counter | `source` |
+//! | `arcade_agent_peer_bans_total` | counter | — |
 //! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
 //! | `arcade_agent_cache_evictions_total` | counter | `reason` (`size`, `ttl`) |
 //! | `arcade_agent_cache_bytes` | gauge | — |
@@ -77,6 +78,8 @@ pub struct Metrics {
     pub fetched_bytes: Family<SourceLabel, Counter>,
     /// `arcade_agent_bad_chunks_total`.
     pub bad_chunks: Family<SourceLabel, Counter>,
+    /// `arcade_agent_peer_bans_total`.
+    pub peer_bans: Counter,
     /// `arcade_agent_cache_hits_total`.
     pub cache_hits: Counter,
     /// `arcade_agent_cache_misses_total`.
@@ -134,6 +137,12 @@ impl Metrics {
             "Chunks that failed their BLAKE3 check, by source",
             bad_chunks.clone(),
         );
+        let peer_bans = Counter::default();
+        r.register(
+            "arcade_agent_peer_bans",
+            "Peers dropped for a content (bad chunks, repeated failures)",
+            peer_bans.clone(),
+        );
         let cache_hits = Counter::default();
         r.register(
             "arcade_agent_cache_hits",
@@ -176,6 +185,7 @@ impl Metrics {
             download_duration,
             fetched_bytes,
             bad_chunks,
+            peer_bans,
             cache_hits,
             cache_misses,
             cache_evictions,

@@ -4,13 +4,15 @@
 //! 2. Miss → the partial file `temp/<sha>.part` is opened at full size; chunks recorded
 //!    as done by an earlier run are re-verified (BLAKE3) and kept, so a restarted agent
 //!    fetches only what is missing.
-//! 3. Missing chunks are requested in ranges of at most `download.request_chunks`; the
-//!    one decision of *where a chunk comes from* is [`Fetcher::route`] (the coordinator
-//!    today; peers join there with the mesh). Every chunk is checked against the
-//!    manifest's BLAKE3 before it is written at its offset; a bad chunk is counted and
-//!    fetched again. Progress is recorded every few chunks.
-//! 4. Failures are retried `download.retry` times with exponential backoff and jitter;
-//!    errors that retrying cannot fix (not found, permission denied) end at once.
+//! 3. The swarm scheduler (`run.rs`, the one decision of *where a chunk comes from*)
+//!    asks peers that hold chunks — from the coordinator's peer hints and the DHT —
+//!    rarest first, and the coordinator for what no peer has in time. Every chunk is
+//!    checked against the manifest's BLAKE3 before it is written at its offset; a bad
+//!    chunk is counted, its peer banned, and the chunk fetched elsewhere. Progress is
+//!    recorded every few chunks.
+//! 4. Coordinator failures are retried `download.retry` times with exponential backoff
+//!    and jitter; errors that retrying cannot fix (not found, permission denied) end at
+//!    once; peer failures are handled by the scheduler (strikes, bans).
 //! 5. The cache publishes the file: whole SHA-256 check, `chmod +x`, rename into
 //!    `downloaded/`, index update, eviction.
 //!
@@ -18,6 +20,7 @@
 //! content share one fetch. Memory per fetch is one chunk in flight plus the stream's
 //! buffers; nothing scales with plugin size.
 
+mod run;
 pub mod source;
 
 use std::collections::HashMap;
@@ -26,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use arcade_p2p::{ContentId, Manifest, PluginRef};
 use arcade_proto::v1 as pb;
-use futures::StreamExt;
 use rand::Rng as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -34,11 +36,14 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{CacheError, CachedPlugin, PluginCache};
 use crate::config::DownloadConfig;
 use crate::mesh::MeshNode;
-use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel, SourceLabel};
+use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel};
+use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::host::Multiaddr;
+use arcade_p2p::mesh::scheduler::{Scheduler, SchedulerConfig};
+use arcade_p2p::mesh::ticket::PeerId;
+use run::FetchRun;
 use source::{ChunkSource, SourceError};
-
-/// Record progress after this many new chunks (and at the end of every request).
-const PROGRESS_EVERY: usize = 8;
+use tokio::task::JoinSet;
 
 /// A plugin could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +82,7 @@ pub enum FetchError {
         plugin: String,
         /// The cache error.
         #[source]
-        source: CacheError,
+        source: Box<CacheError>,
     },
     /// The agent is shutting down.
     #[error("fetch of {0} cancelled: agent shutting down")]
@@ -93,12 +98,6 @@ pub struct Fetched {
     pub cache_hit: bool,
     /// Verified bytes received, by source kind.
     pub bytes_by_source: HashMap<&'static str, u64>,
-}
-
-/// Which source to ask for which chunk ranges.
-struct FetchPlan {
-    source: Arc<dyn ChunkSource>,
-    ranges: Vec<(u32, u32)>,
 }
 
 /// Fetches plugins into the cache. Cheap to clone.
@@ -134,20 +133,8 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-/// Half-open ranges of consecutive indices, each at most `max` long.
-fn to_ranges(missing: &[u32], max: u32) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = Vec::new();
-    for &i in missing {
-        match out.last_mut() {
-            Some((start, end)) if *end == i && i - *start < max => *end = i + 1,
-            _ => out.push((i, i + 1)),
-        }
-    }
-    out
-}
-
 /// Exponential backoff with ±50 % jitter, capped at 30 s.
-fn backoff(base: Duration, attempt: u32) -> Duration {
+pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base
         .saturating_mul(1u32 << attempt.min(16))
         .min(Duration::from_secs(30));
@@ -177,15 +164,6 @@ impl Fetcher {
         }
     }
 
-    /// The one decision of where chunks come from: the sources to ask for `missing`,
-    /// with the ranges each gets. Today everything goes to the coordinator.
-    fn route(&self, missing: &[u32]) -> Vec<FetchPlan> {
-        vec![FetchPlan {
-            source: self.server.clone(),
-            ranges: to_ranges(missing, self.config.request_chunks),
-        }]
-    }
-
     /// Makes sure the plugin `info` describes is in the cache, fetching what is missing.
     pub async fn ensure(
         &self,
@@ -212,9 +190,9 @@ impl Fetcher {
         if manifest.content_id() != sha || manifest.size() != info.size as u64 {
             return Err(bad("manifest does not match the checksum and size".into()));
         }
-        let cache_err = |source| FetchError::Cache {
+        let cache_err = |source: CacheError| FetchError::Cache {
             plugin: shown.clone(),
-            source,
+            source: Box::new(source),
         };
         // Peers may ask us for this content from now on (partial chunks included).
         if let Some(mesh) = &self.mesh {
@@ -257,7 +235,18 @@ impl Fetcher {
             _ = cancel.cancelled() => return Err(FetchError::Cancelled(shown)),
         };
         let started = Instant::now();
-        let result = self.fetch_and_publish(&plugin, &manifest, cancel).await;
+        let hints = info
+            .peer_hints
+            .iter()
+            .filter_map(|h| {
+                let peer: PeerId = h.peer_id.parse().ok()?;
+                let addrs = h.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                Some((peer, addrs))
+            })
+            .collect();
+        let result = self
+            .fetch_and_publish(&plugin, &manifest, hints, cancel)
+            .await;
         {
             let mut map = self.inflight.lock().expect("inflight lock");
             if map.get(&sha).is_some_and(|l| Arc::strong_count(l) <= 2) {
@@ -305,18 +294,19 @@ impl Fetcher {
         &self,
         plugin: &PluginRef,
         manifest: &Manifest,
+        hints: Vec<(PeerId, Vec<Multiaddr>)>,
         cancel: &CancellationToken,
     ) -> Result<Fetched, FetchError> {
         let shown = plugin.to_string();
-        let cache_err = |source| FetchError::Cache {
+        let cache_err = |source: CacheError| FetchError::Cache {
             plugin: shown.clone(),
-            source,
+            source: Box::new(source),
         };
         let sha = manifest.content_id();
         let path = self.cache.partial_path(&sha);
         let (cache, m, p) = (self.cache.clone(), manifest.clone(), path.clone());
         // Open the partial file at full size and keep the recorded chunks that verify.
-        let (file, mut have) = blocking(move || {
+        let (file, have) = blocking(move || {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -349,73 +339,45 @@ impl Fetcher {
         if resumed > 0 {
             tracing::info!(plugin = %plugin, chunks = resumed, of = have.len(), "resuming download");
         }
-
-        let mut bytes_by_source: HashMap<&'static str, u64> = HashMap::new();
-        let mut failures = 0u32;
-        let mut last_error = String::new();
-        loop {
-            let missing: Vec<u32> = (0..have.len() as u32)
-                .filter(|&i| !have[i as usize])
-                .collect();
-            if missing.is_empty() {
-                break;
-            }
-            let mut failed_round = false;
-            'sources: for FetchPlan { source, ranges } in self.route(&missing) {
-                for window in ranges {
-                    let outcome = tokio::select! {
-                        r = tokio::time::timeout(
-                            self.config.timeout.get(),
-                            self.fetch_range(source.as_ref(), plugin, manifest, &file, &mut have, window, &mut bytes_by_source),
-                        ) => r,
-                        _ = cancel.cancelled() => {
-                            self.save_progress(sha, &have).await;
-                            return Err(FetchError::Cancelled(shown));
-                        }
-                    };
-                    self.save_progress(sha, &have).await;
-                    let err = match outcome {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(e)) => e,
-                        Err(_) => SourceError::transient(format!(
-                            "request for chunks [{}, {}) timed out after {:?} (download.timeout)",
-                            window.0,
-                            window.1,
-                            self.config.timeout.get()
-                        )),
-                    };
-                    if !err.retryable {
-                        return Err(FetchError::Refused {
-                            plugin: shown,
-                            source: err,
-                        });
-                    }
-                    last_error = err.message;
-                    failed_round = true;
-                    break 'sources;
-                }
-            }
-            if failed_round || have.iter().any(|h| !h) {
-                failures += 1;
-                if last_error.is_empty() {
-                    last_error = "some chunks failed verification".into();
-                }
-                if failures > self.config.retry {
-                    return Err(FetchError::Exhausted {
-                        plugin: shown,
-                        attempts: failures,
-                        last: last_error,
-                    });
-                }
-                let delay = backoff(self.config.backoff.get(), failures - 1);
-                tracing::warn!(plugin = %plugin, attempt = failures, delay_ms = delay.as_millis() as u64, error = %last_error, "retrying download");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(FetchError::Cancelled(shown)),
-                }
+        let mut held = Bitfield::new(manifest.chunk_count());
+        for (i, h) in have.iter().enumerate() {
+            if *h {
+                held.set(i as u32);
             }
         }
-        drop(file);
+        let mut run = FetchRun {
+            fetcher: self,
+            plugin,
+            manifest,
+            file,
+            have,
+            scheduler: Scheduler::new(
+                manifest.chunk_count(),
+                held,
+                SchedulerConfig {
+                    request_timeout: self.config.timeout.get(),
+                    // Nobody is known to hold it: go to the coordinator at once.
+                    server_fallback_after: if hints.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        SchedulerConfig::default().server_fallback_after
+                    },
+                    ..SchedulerConfig::default()
+                },
+                rand::rng().random(),
+            ),
+            started: tokio::time::Instant::now(),
+            tasks: JoinSet::new(),
+            inflight: HashMap::new(),
+            peers: HashMap::new(),
+            bytes_by_source: HashMap::new(),
+            server_failures: 0,
+            last_error: String::new(),
+            since_save: 0,
+        };
+        run.drive(hints, cancel).await?;
+        let bytes_by_source = std::mem::take(&mut run.bytes_by_source);
+        drop(run);
         let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());
         let published = blocking(move || cache.publish(&p, &m))
             .await
@@ -426,77 +388,6 @@ impl Fetcher {
             cache_hit: false,
             bytes_by_source,
         })
-    }
-
-    /// Streams one window of chunks from `source`, verifying and writing each.
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_range(
-        &self,
-        source: &dyn ChunkSource,
-        plugin: &PluginRef,
-        manifest: &Manifest,
-        file: &Arc<std::fs::File>,
-        have: &mut [bool],
-        window: (u32, u32),
-        bytes_by_source: &mut HashMap<&'static str, u64>,
-    ) -> Result<(), SourceError> {
-        let kind = source.kind();
-        let mut stream = source
-            .open(
-                manifest.content_id(),
-                plugin.id.as_str(),
-                &plugin.version.to_string(),
-                &[window],
-            )
-            .await?;
-        let mut since_save = 0usize;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            let i = chunk.index;
-            if !(window.0..window.1).contains(&i) || have.get(i as usize) != Some(&false) {
-                continue;
-            }
-            if let Err(e) = manifest.verify_chunk(i, &chunk.data) {
-                self.metrics
-                    .bad_chunks
-                    .get_or_create(&SourceLabel {
-                        source: kind.into(),
-                    })
-                    .inc();
-                tracing::warn!(plugin = %plugin, chunk = i, source = kind, error = %e, "bad chunk rejected");
-                continue;
-            }
-            let offset = manifest.chunk_range(i).map(|r| r.start).unwrap_or(0);
-            let len = chunk.data.len() as u64;
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt as _;
-                f.write_all_at(&chunk.data, offset)
-            })
-            .await
-            .map_err(|e| SourceError::transient(format!("write task failed: {e}")))?
-            .map_err(|e| SourceError {
-                retryable: false,
-                message: format!(
-                    "cannot write chunk {i} to the cache: {}",
-                    CacheError::from(e)
-                ),
-            })?;
-            have[i as usize] = true;
-            *bytes_by_source.entry(kind).or_default() += len;
-            self.metrics
-                .fetched_bytes
-                .get_or_create(&SourceLabel {
-                    source: kind.into(),
-                })
-                .inc_by(len);
-            since_save += 1;
-            if since_save >= PROGRESS_EVERY {
-                since_save = 0;
-                self.save_progress(manifest.content_id(), have).await;
-            }
-        }
-        Ok(())
     }
 
     async fn save_progress(&self, sha: ContentId, have: &[bool]) {
@@ -535,16 +426,6 @@ impl Fetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_split_runs_and_cap_length() {
-        assert_eq!(to_ranges(&[], 4), vec![]);
-        assert_eq!(
-            to_ranges(&[0, 1, 2, 5, 6, 9], 64),
-            vec![(0, 3), (5, 7), (9, 10)]
-        );
-        assert_eq!(to_ranges(&[0, 1, 2, 3, 4], 2), vec![(0, 2), (2, 4), (4, 5)]);
-    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

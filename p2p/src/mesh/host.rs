@@ -195,7 +195,10 @@ impl MeshHost {
                 let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
                 kad_config
                     .set_provider_record_ttl(Some(ttl))
-                    .set_provider_publication_interval(Some(republish));
+                    .set_provider_publication_interval(Some(republish))
+                    // Peers are learned from coordinator hints and identify, not from a
+                    // bootstrap list: no periodic bootstrap against an empty table.
+                    .set_periodic_bootstrap_interval(None);
                 let store = MemoryStore::with_config(
                     key.public().to_peer_id(),
                     kad::store::MemoryStoreConfig {

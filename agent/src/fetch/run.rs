@@ -1,0 +1,422 @@
+//! One fetch, driven by the sans-IO swarm scheduler
+//! ([`arcade_p2p::mesh::scheduler`]): the scheduler decides which chunk comes from
+//! which source — peers holding it (rarest first) or the coordinator for what no peer
+//! has in time — and this driver turns its actions into requests, feeds the results
+//! back as events, verifies and writes every chunk, and records progress.
+//!
+//! Sources: the coordinator through [`super::source::ChunkSource`] (one chunk per
+//! request), peers through the mesh host. Peers come from the coordinator's peer hints
+//! and from the DHT; their bitfields are polled every second to learn new chunks.
+//! Coordinator failures back the server off (exponentially, with jitter) and end the
+//! fetch after `download.retry` consecutive failures; peer failures are the
+//! scheduler's business (strikes, bans).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arcade_p2p::Manifest;
+use arcade_p2p::PluginRef;
+use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::host::Multiaddr;
+use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, Source};
+use arcade_p2p::mesh::ticket::PeerId;
+use futures::StreamExt;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::source::SourceError;
+use super::{FetchError, Fetcher, backoff};
+use crate::metrics::SourceLabel;
+
+/// Record progress after this many new chunks.
+const PROGRESS_EVERY: usize = 8;
+
+/// What a finished task reports.
+pub(super) enum Outcome {
+    Chunk {
+        source: Source<PeerId>,
+        index: u32,
+        result: Result<Vec<u8>, SourceError>,
+    },
+    Held {
+        peer: PeerId,
+        result: Option<Bitfield>,
+    },
+    Providers(Vec<PeerId>),
+}
+
+#[derive(Default)]
+pub(super) struct PeerState {
+    addrs: Vec<Multiaddr>,
+    held: Option<Bitfield>,
+    querying: bool,
+    banned: bool,
+}
+
+pub(super) struct FetchRun<'a> {
+    pub(super) fetcher: &'a Fetcher,
+    pub(super) plugin: &'a PluginRef,
+    pub(super) manifest: &'a Manifest,
+    pub(super) file: Arc<std::fs::File>,
+    pub(super) have: Vec<bool>,
+    pub(super) scheduler: Scheduler<PeerId>,
+    pub(super) started: tokio::time::Instant,
+    pub(super) tasks: JoinSet<Outcome>,
+    pub(super) inflight: HashMap<(Source<PeerId>, u32), AbortHandle>,
+    pub(super) peers: HashMap<PeerId, PeerState>,
+    pub(super) bytes_by_source: HashMap<&'static str, u64>,
+    pub(super) server_failures: u32,
+    pub(super) last_error: String,
+    pub(super) since_save: usize,
+}
+
+fn kind(source: &Source<PeerId>) -> &'static str {
+    match source {
+        Source::Server => "server",
+        Source::Peer(_) => "peer",
+    }
+}
+
+impl FetchRun<'_> {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn shown(&self) -> String {
+        self.plugin.to_string()
+    }
+
+    /// Runs until every chunk is verified and written (or the fetch fails).
+    pub(super) async fn drive(
+        &mut self,
+        hints: Vec<(PeerId, Vec<Multiaddr>)>,
+        cancel: &CancellationToken,
+    ) -> Result<(), FetchError> {
+        let mesh = self.fetcher.mesh.clone();
+        if let Some(mesh) = &mesh {
+            for (peer, addrs) in hints {
+                if peer != mesh.handle().peer_id() {
+                    self.add_peer(peer, addrs);
+                }
+            }
+            let (handle, content) = (mesh.handle().clone(), self.manifest.content_id());
+            self.tasks.spawn(async move {
+                Outcome::Providers(handle.providers(content).await.unwrap_or_default())
+            });
+        }
+        let mut actions = self.scheduler.handle(self.now(), Event::Tick);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut refresh = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            for action in std::mem::take(&mut actions) {
+                self.act(action);
+            }
+            if self.scheduler.is_done() {
+                self.fetcher
+                    .save_progress(self.manifest.content_id(), &self.have)
+                    .await;
+                self.tasks.abort_all();
+                return Ok(());
+            }
+            tokio::select! {
+                joined = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Some(Ok(outcome)) = joined {
+                        actions = self.outcome(outcome).await?;
+                    }
+                }
+                _ = tick.tick() => actions = self.scheduler.handle(self.now(), Event::Tick),
+                _ = refresh.tick() => self.refresh_bitfields(),
+                _ = cancel.cancelled() => {
+                    self.fetcher.save_progress(self.manifest.content_id(), &self.have).await;
+                    self.tasks.abort_all();
+                    return Err(FetchError::Cancelled(self.shown()));
+                }
+            }
+        }
+    }
+
+    fn add_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let state = self.peers.entry(peer).or_default();
+        if state.addrs.is_empty() {
+            state.addrs = addrs;
+        }
+        self.query_held(peer);
+    }
+
+    fn query_held(&mut self, peer: PeerId) {
+        let Some(mesh) = self.fetcher.mesh.clone() else {
+            return;
+        };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.querying || state.banned || state.held.as_ref().is_some_and(Bitfield::is_full) {
+            return;
+        }
+        state.querying = true;
+        let (addrs, content, chunks) = (
+            state.addrs.clone(),
+            self.manifest.content_id(),
+            self.manifest.chunk_count(),
+        );
+        self.tasks.spawn(async move {
+            let result = mesh.handle().held(peer, addrs, &content, chunks).await.ok();
+            Outcome::Held { peer, result }
+        });
+    }
+
+    fn refresh_bitfields(&mut self) {
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.query_held(peer);
+        }
+    }
+
+    fn act(&mut self, action: Action<PeerId>) {
+        match action {
+            Action::Request { source, chunk } => self.request(source, chunk),
+            Action::Cancel { source, chunk } => {
+                if let Some(task) = self.inflight.remove(&(source, chunk)) {
+                    task.abort();
+                }
+            }
+            Action::Ban { peer, reason } => {
+                tracing::warn!(plugin = %self.plugin, peer = %peer, %reason, "peer banned for this content");
+                self.fetcher.metrics.peer_bans.inc();
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.banned = true;
+                }
+                self.inflight.retain(|(s, _), task| {
+                    let theirs = matches!(s, Source::Peer(p) if *p == peer);
+                    if theirs {
+                        task.abort();
+                    }
+                    !theirs
+                });
+            }
+            Action::Done => {}
+        }
+    }
+
+    fn request(&mut self, source: Source<PeerId>, chunk: u32) {
+        let content = self.manifest.content_id();
+        let handle = match &source {
+            Source::Server => {
+                let server = self.fetcher.server.clone();
+                let (id, version) = (self.plugin.id.to_string(), self.plugin.version.to_string());
+                self.tasks.spawn(async move {
+                    let result = async {
+                        let mut stream = server
+                            .open(content, &id, &version, &[(chunk, chunk + 1)])
+                            .await?;
+                        match stream.next().await {
+                            Some(Ok(c)) if c.index == chunk => Ok(c.data),
+                            Some(Ok(c)) => Err(SourceError::transient(format!(
+                                "coordinator sent chunk {} for {chunk}",
+                                c.index
+                            ))),
+                            Some(Err(e)) => Err(e),
+                            None => Err(SourceError::transient(format!(
+                                "coordinator ended the stream before chunk {chunk}"
+                            ))),
+                        }
+                    }
+                    .await;
+                    Outcome::Chunk {
+                        source: Source::Server,
+                        index: chunk,
+                        result,
+                    }
+                })
+            }
+            Source::Peer(peer) => {
+                let Some(mesh) = self.fetcher.mesh.clone() else {
+                    return;
+                };
+                let peer = *peer;
+                let addrs = self
+                    .peers
+                    .get(&peer)
+                    .map(|p| p.addrs.clone())
+                    .unwrap_or_default();
+                self.tasks.spawn(async move {
+                    let result = mesh
+                        .handle()
+                        .chunk(peer, addrs, &content, chunk)
+                        .await
+                        .map_err(|e| SourceError::transient(format!("peer {peer}: {e}")));
+                    Outcome::Chunk {
+                        source: Source::Peer(peer),
+                        index: chunk,
+                        result,
+                    }
+                })
+            }
+        };
+        self.inflight.insert((source, chunk), handle);
+    }
+
+    async fn outcome(&mut self, outcome: Outcome) -> Result<Vec<Action<PeerId>>, FetchError> {
+        let now = self.now();
+        match outcome {
+            Outcome::Providers(peers) => {
+                let me = self.fetcher.mesh.as_ref().map(|m| m.handle().peer_id());
+                for peer in peers {
+                    if Some(peer) != me && !self.peers.contains_key(&peer) {
+                        self.add_peer(peer, Vec::new());
+                    }
+                }
+                Ok(Vec::new())
+            }
+            Outcome::Held { peer, result } => {
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    return Ok(Vec::new());
+                };
+                state.querying = false;
+                let Some(held) = result else {
+                    return Ok(Vec::new());
+                };
+                let mut actions = Vec::new();
+                match state.held.replace(held.clone()) {
+                    None => actions.extend(
+                        self.scheduler
+                            .handle(now, Event::PeerJoined { peer, have: held }),
+                    ),
+                    Some(before) => {
+                        for chunk in held.iter_set().filter(|&i| !before.get(i)) {
+                            actions.extend(self.scheduler.handle(now, Event::Have { peer, chunk }));
+                        }
+                    }
+                }
+                Ok(actions)
+            }
+            Outcome::Chunk {
+                source,
+                index,
+                result,
+            } => {
+                self.inflight.remove(&(source.clone(), index));
+                match result {
+                    Ok(data) => self.arrived(source, index, data).await,
+                    Err(e) => self.failed(source, index, e),
+                }
+            }
+        }
+    }
+
+    async fn arrived(
+        &mut self,
+        source: Source<PeerId>,
+        index: u32,
+        data: Vec<u8>,
+    ) -> Result<Vec<Action<PeerId>>, FetchError> {
+        let now = self.now();
+        let k = kind(&source);
+        if let Err(e) = self.manifest.verify_chunk(index, &data) {
+            self.fetcher
+                .metrics
+                .bad_chunks
+                .get_or_create(&SourceLabel { source: k.into() })
+                .inc();
+            tracing::warn!(plugin = %self.plugin, chunk = index, source = k, error = %e, "bad chunk rejected");
+            self.last_error = format!("chunk {index} from the {k} failed verification");
+            return Ok(self.scheduler.handle(
+                now,
+                Event::ChunkBad {
+                    source,
+                    chunk: index,
+                },
+            ));
+        }
+        if source == Source::Server {
+            self.server_failures = 0;
+        }
+        if self.have.get(index as usize) == Some(&false) {
+            let offset = self
+                .manifest
+                .chunk_range(index)
+                .map(|r| r.start)
+                .unwrap_or(0);
+            let len = data.len() as u64;
+            let file = self.file.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt as _;
+                file.write_all_at(&data, offset)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+            if let Err(e) = written {
+                return Err(FetchError::Cache {
+                    plugin: self.shown(),
+                    source: Box::new(e.into()),
+                });
+            }
+            self.have[index as usize] = true;
+            *self.bytes_by_source.entry(k).or_default() += len;
+            self.fetcher
+                .metrics
+                .fetched_bytes
+                .get_or_create(&SourceLabel { source: k.into() })
+                .inc_by(len);
+            self.since_save += 1;
+            if self.since_save >= PROGRESS_EVERY {
+                self.since_save = 0;
+                self.fetcher
+                    .save_progress(self.manifest.content_id(), &self.have)
+                    .await;
+            }
+        }
+        Ok(self.scheduler.handle(
+            now,
+            Event::ChunkArrived {
+                source,
+                chunk: index,
+            },
+        ))
+    }
+
+    fn failed(
+        &mut self,
+        source: Source<PeerId>,
+        index: u32,
+        error: SourceError,
+    ) -> Result<Vec<Action<PeerId>>, FetchError> {
+        let now = self.now();
+        self.last_error = error.message.clone();
+        let mut actions = self.scheduler.handle(
+            now,
+            Event::RequestFailed {
+                source: source.clone(),
+                chunk: index,
+            },
+        );
+        if source == Source::Server {
+            if !error.retryable {
+                return Err(FetchError::Refused {
+                    plugin: self.shown(),
+                    source: error,
+                });
+            }
+            self.server_failures += 1;
+            if self.server_failures > self.fetcher.config.retry {
+                return Err(FetchError::Exhausted {
+                    plugin: self.shown(),
+                    attempts: self.server_failures,
+                    last: self.last_error.clone(),
+                });
+            }
+            let retry_after = backoff(self.fetcher.config.backoff.get(), self.server_failures - 1);
+            tracing::warn!(plugin = %self.plugin, attempt = self.server_failures, delay_ms = retry_after.as_millis() as u64, error = %error, "coordinator request failed; backing off");
+            actions.extend(self.scheduler.handle(
+                now,
+                Event::ServerBusy {
+                    retry_after,
+                    holders: Vec::new(),
+                },
+            ));
+        }
+        Ok(actions)
+    }
+}
