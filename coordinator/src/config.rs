@@ -39,6 +39,35 @@ pub struct CoordinatorConfig {
     pub jobs: JobsConfig,
     /// The agent mesh.
     pub mesh: MeshConfig,
+    /// `[serve]`: serving plugin content (herd protection).
+    pub serve: ServeConfig,
+}
+
+/// `[serve]`: how the coordinator serves plugin content to agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Concurrent `DownloadPlugin` streams; more are answered RESOURCE_EXHAUSTED.
+    pub max_streams: u32,
+    /// Total egress rate for plugin content, bytes per second (`0B` = unlimited).
+    pub egress_rate: ByteSize,
+    /// A chunk served to an agent within this window is not served again to another
+    /// mesh agent: it is pointed at the holders instead.
+    pub herd_window: Seconds,
+    /// How often one agent is pointed at peers for one chunk before it is served anyway
+    /// (0 = never redirect).
+    pub max_redirects: u32,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 64,
+            egress_rate: ByteSize(0),
+            herd_window: Seconds::secs(120),
+            max_redirects: 2,
+        }
+    }
 }
 
 /// `[mesh]`: what the coordinator does for the agent mesh.
@@ -125,6 +154,7 @@ impl Default for CoordinatorConfig {
             plugin: PluginConfig::default(),
             jobs: JobsConfig::default(),
             mesh: MeshConfig::default(),
+            serve: ServeConfig::default(),
         }
     }
 }
@@ -220,6 +250,17 @@ max_output_tail = "64KiB"
 # Lifetime of the coordinator-signed tickets that admit an agent's libp2p peer to the
 # mesh (signed with <data_dir>/mesh.key); renewed through heartbeats at half-life.
 ticket_ttl = "1h"
+
+[serve]
+# Concurrent DownloadPlugin streams; more are answered RESOURCE_EXHAUSTED (agents retry).
+max_streams = 64
+# Total egress for plugin content per second ("0B" = unlimited).
+egress_rate = "0B"
+# Herd protection: a chunk served to an agent within this window is not served to
+# another mesh agent; it is pointed at the holders (peers) instead ...
+herd_window = "2m"
+# ... at most this many times per agent and chunk, then served anyway (0 = off).
+max_redirects = 2
 "##;
 
 /// Where a metrics listener should go.
@@ -342,6 +383,12 @@ impl CoordinatorConfig {
         }
         if j.max_output_tail > ByteSize::mib(1) {
             return Err(bad("jobs.max_output_tail", "must be at most 1MiB"));
+        }
+        if self.serve.max_streams == 0 || self.serve.max_streams > 100_000 {
+            return Err(bad("serve.max_streams", "must be between 1 and 100000"));
+        }
+        if self.serve.max_redirects > 100 {
+            return Err(bad("serve.max_redirects", "must be at most 100"));
         }
         let ttl = self.mesh.ticket_ttl.get();
         if ttl < std::time::Duration::from_secs(60)

@@ -12,6 +12,7 @@
 //! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`) |
 //! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`) |
 //! | `arcade_coordinator_agent_registrations_total` | counter | — |
+//! | `arcade_coordinator_chunk_redirects_total` | counter | — |
 
 use std::sync::Arc;
 
@@ -88,6 +89,8 @@ pub struct Metrics {
     pub leases_expired: Family<OutcomeLabel, Counter>,
     /// `arcade_coordinator_agent_registrations_total`.
     pub registrations: Counter,
+    /// `arcade_coordinator_chunk_redirects_total`.
+    pub redirects: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,6 +166,12 @@ impl Metrics {
             "Agent Register calls accepted",
             registrations.clone(),
         );
+        let redirects = Counter::default();
+        r.register(
+            "arcade_coordinator_chunk_redirects",
+            "Chunk requests answered 'get it from peers' (herd protection)",
+            redirects.clone(),
+        );
         Self {
             registry: Arc::new(r),
             downloads,
@@ -174,6 +183,7 @@ impl Metrics {
             jobs_finished,
             leases_expired,
             registrations,
+            redirects,
         }
     }
 

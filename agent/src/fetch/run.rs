@@ -393,6 +393,26 @@ impl FetchRun<'_> {
             },
         );
         if source == Source::Server {
+            if let Some(retry_after) = error.busy {
+                // Busy, or "get it from peers": not a failure; meet the holders.
+                for holder in &error.holders {
+                    let (peer, addrs) = holder.split_once('=').unwrap_or((holder, ""));
+                    if let Ok(peer) = peer.parse::<PeerId>() {
+                        let addrs = addrs.split(',').filter_map(|a| a.parse().ok()).collect();
+                        if !self.peers.contains_key(&peer) {
+                            self.add_peer(peer, addrs);
+                        }
+                    }
+                }
+                actions.extend(self.scheduler.handle(
+                    now,
+                    Event::ServerBusy {
+                        retry_after,
+                        holders: Vec::new(),
+                    },
+                ));
+                return Ok(actions);
+            }
             if !error.retryable {
                 return Err(FetchError::Refused {
                     plugin: self.shown(),

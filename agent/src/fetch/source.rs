@@ -29,6 +29,11 @@ pub struct SourceError {
     pub retryable: bool,
     /// What happened.
     pub message: String,
+    /// The source is busy or points elsewhere: do not ask it again for this long
+    /// (not a failure).
+    pub busy: Option<std::time::Duration>,
+    /// Peers the source says hold the chunk: `peer_id=addr,addr` entries.
+    pub holders: Vec<String>,
 }
 
 impl SourceError {
@@ -37,6 +42,8 @@ impl SourceError {
         Self {
             retryable: true,
             message: message.into(),
+            busy: None,
+            holders: Vec::new(),
         }
     }
 }
@@ -52,9 +59,30 @@ impl From<tonic::Status> for SourceError {
                 | Code::FailedPrecondition
                 | Code::DataLoss
         );
+        let md = s.metadata();
+        let busy = (s.code() == Code::ResourceExhausted)
+            .then(|| {
+                md.get("arcade-retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(std::time::Duration::from_millis)
+            })
+            .flatten();
+        let holders = md
+            .get("arcade-holders")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             retryable,
             message: format!("coordinator: {:?}: {}", s.code(), s.message()),
+            busy,
+            holders,
         }
     }
 }

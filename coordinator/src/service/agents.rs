@@ -13,6 +13,7 @@ use futures::Stream;
 use rand::RngCore as _;
 use tonic::{Request, Response, Status};
 
+use super::herd::Admission;
 use super::{LiveAgent, Shared, SharedRef, allowed_labels, keep_tail, now_ms, shown, token_hash};
 use crate::blob::BlobReader;
 use crate::metrics::{DownloadLabels, PluginIdLabel, PluginVersionLabels, StatusLabel};
@@ -304,6 +305,9 @@ impl Drop for DownloadRecord {
 }
 
 struct DownloadState {
+    shared: SharedRef,
+    agent_id: String,
+    _stream_slot: tokio::sync::OwnedSemaphorePermit,
     reader: Box<dyn BlobReader>,
     manifest: Arc<Manifest>,
     ranges: Vec<(u32, u32)>,
@@ -345,6 +349,13 @@ impl DownloadState {
                 self.manifest.content_id()
             )));
         }
+        self.shared.egress.acquire(data.len() as u64).await;
+        self.shared.herd.lock().expect("herd lock").served(
+            self.manifest.content_id(),
+            index,
+            &self.agent_id,
+            Instant::now(),
+        );
         self.bytes.inc_by(data.len() as u64);
         let first = std::mem::replace(&mut self.first, false);
         Ok(pb::DownloadPluginResponse {
@@ -671,9 +682,68 @@ impl Agent for AgentService {
                 plugin_key(&plugin.plugin_id, &plugin.version)
             )));
         }
+        // Herd protection: a single chunk another mesh agent got recently comes from
+        // that agent instead (bounded redirects, then served anyway).
+        if let [(chunk, end)] = ranges[..] {
+            if end == chunk + 1 && !agent.peer_id.is_empty() {
+                let required = allowed_labels(&plugin);
+                let now = now_ms();
+                let fleet = s.fleet.lock().expect("fleet lock");
+                let usable = |holder: &str| {
+                    fleet.agents.get(holder).is_some_and(|l| {
+                        !l.record.peer_id.is_empty()
+                            && s.online(l, now)
+                            && labels::satisfies(&l.record.labels, &required)
+                    })
+                };
+                let decision = s.herd.lock().expect("herd lock").admit(
+                    manifest.content_id(),
+                    chunk,
+                    &agent.agent_id,
+                    Instant::now(),
+                    usable,
+                );
+                if let Admission::Redirect(holders) = decision {
+                    let hints: Vec<String> = holders
+                        .iter()
+                        .filter_map(|h| fleet.agents.get(h))
+                        .map(|l| format!("{}={}", l.record.peer_id, l.record.addrs.join(",")))
+                        .collect();
+                    drop(fleet);
+                    s.metrics.redirects.inc();
+                    let mut status = Status::resource_exhausted(format!(
+                        "chunk {chunk} of {} is already in the swarm: get it from peers ({} holder(s))",
+                        plugin_key(&plugin.plugin_id, &plugin.version),
+                        hints.len()
+                    ));
+                    let md = status.metadata_mut();
+                    md.insert(
+                        "arcade-retry-after-ms",
+                        tonic::metadata::MetadataValue::from(300u32),
+                    );
+                    if let Ok(v) = hints.join(";").parse() {
+                        md.insert("arcade-holders", v);
+                    }
+                    return Err(status);
+                }
+            }
+        }
+        let stream_slot = s.streams.clone().try_acquire_owned().map_err(|_| {
+            let mut status = Status::resource_exhausted(format!(
+                "coordinator is serving its maximum of {} streams (serve.max_streams); retry shortly",
+                s.config.raw.serve.max_streams
+            ));
+            status
+                .metadata_mut()
+                .insert("arcade-retry-after-ms", tonic::metadata::MetadataValue::from(200u32));
+            status
+        })?;
         let reader = s.blobs.open(&manifest.content_id()).await?;
         tracing::info!(agent = %agent.agent_id, plugin = %plugin_key(&plugin.plugin_id, &plugin.version), sha256 = %&plugin.sha256[..12], size = plugin.size, "download started");
         let state = DownloadState {
+            shared: s.clone(),
+            agent_id: agent.agent_id.clone(),
+            _stream_slot: stream_slot,
             reader,
             manifest,
             ranges,

@@ -11,6 +11,7 @@
 //! - `jobs.rs` — `Jobs` (create, get, list).
 
 pub(crate) mod agents;
+pub(crate) mod herd;
 pub(crate) mod jobs;
 pub(crate) mod plugins;
 
@@ -182,6 +183,12 @@ pub(crate) struct Shared {
     pub(crate) plugins: TtlCache<String, pb::PluginVersion>,
     /// Woken when a job is queued (new or re-queued).
     pub(crate) job_queued: Notify,
+    /// Herd protection: which chunks went to whom.
+    pub(crate) herd: Mutex<herd::Herd>,
+    /// Bounds concurrent `DownloadPlugin` streams (`serve.max_streams`).
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
+    /// Coordinator egress limit (`serve.egress_rate`).
+    pub(crate) egress: arcade_p2p::mesh::limiter::RateLimiter,
     /// Serialises blob commit/removal with the metadata write that references it.
     pub(crate) content_lock: tokio::sync::Mutex<()>,
     pub(crate) shutdown: CancellationToken,
@@ -242,6 +249,17 @@ impl Shared {
             manifests: TtlCache::new(ttl, 1024),
             plugins: TtlCache::new(ttl, 4096),
             job_queued: Notify::new(),
+            herd: Mutex::new(herd::Herd::new(
+                config.raw.serve.herd_window.get(),
+                config.raw.serve.max_redirects,
+            )),
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                config.raw.serve.max_streams as usize,
+            )),
+            egress: arcade_p2p::mesh::limiter::RateLimiter::new(
+                config.raw.serve.egress_rate.bytes(),
+                config.raw.serve.egress_rate.bytes().max(1 << 20),
+            ),
             content_lock: tokio::sync::Mutex::new(()),
             shutdown,
             config,

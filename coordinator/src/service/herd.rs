@@ -1,0 +1,163 @@
+//! Herd protection: when many agents want the same content at once, the coordinator
+//! hands each chunk out once and points later askers at the agents that already got it
+//! (they serve it over the mesh), so its egress per content stays near one copy.
+//!
+//! A plain decision struct with no I/O and no clock of its own (sans-IO): the service
+//! asks [`Herd::admit`] before serving a single-chunk request from a mesh-enabled agent
+//! and reports what it served with [`Herd::served`]. An agent is redirected for a chunk
+//! at most `max_redirects` times; after that it is served, so a fetch no peer can serve
+//! still completes from the coordinator. State per content is bounded by the agents
+//! that fetched it within `window` and is pruned as it ages.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use arcade_p2p::ContentId;
+
+/// The decision for one chunk request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Send the chunk.
+    Serve,
+    /// Do not: these agents received it recently.
+    Redirect(Vec<String>),
+}
+
+#[derive(Default)]
+struct ContentState {
+    /// chunk → agents it was served to, with when.
+    served: HashMap<u32, Vec<(String, Instant)>>,
+    /// (agent, chunk) → redirects so far.
+    redirects: HashMap<(String, u32), u32>,
+}
+
+/// Per-content memory of what was handed out.
+pub(crate) struct Herd {
+    window: Duration,
+    max_redirects: u32,
+    contents: HashMap<ContentId, ContentState>,
+}
+
+impl Herd {
+    pub(crate) fn new(window: Duration, max_redirects: u32) -> Self {
+        Self {
+            window,
+            max_redirects,
+            contents: HashMap::new(),
+        }
+    }
+
+    /// Whether `agent` gets chunk `chunk` of `content` now. `usable` says whether a
+    /// holder can serve `agent` (online, in the mesh, allowed to hold the content).
+    pub(crate) fn admit(
+        &mut self,
+        content: ContentId,
+        chunk: u32,
+        agent: &str,
+        now: Instant,
+        usable: impl Fn(&str) -> bool,
+    ) -> Admission {
+        if self.max_redirects == 0 {
+            return Admission::Serve;
+        }
+        let window = self.window;
+        let state = self.contents.entry(content).or_default();
+        let holders: Vec<String> = state
+            .served
+            .get(&chunk)
+            .into_iter()
+            .flatten()
+            .filter(|(a, at)| a != agent && now.duration_since(*at) <= window && usable(a))
+            .map(|(a, _)| a.clone())
+            .collect();
+        if holders.is_empty() {
+            return Admission::Serve;
+        }
+        let count = state
+            .redirects
+            .entry((agent.to_owned(), chunk))
+            .or_default();
+        if *count >= self.max_redirects {
+            return Admission::Serve;
+        }
+        *count += 1;
+        Admission::Redirect(holders)
+    }
+
+    /// Records that `chunk` of `content` went to `agent`.
+    pub(crate) fn served(&mut self, content: ContentId, chunk: u32, agent: &str, now: Instant) {
+        let window = self.window;
+        let state = self.contents.entry(content).or_default();
+        let list = state.served.entry(chunk).or_default();
+        list.retain(|(a, at)| a != agent && now.duration_since(*at) <= window);
+        list.push((agent.to_owned(), now));
+        state.redirects.remove(&(agent.to_owned(), chunk));
+        // Forget contents nobody fetched within the window.
+        self.contents.retain(|_, s| {
+            s.served.retain(|_, l| {
+                l.retain(|(_, at)| now.duration_since(*at) <= window);
+                !l.is_empty()
+            });
+            !s.served.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_asker_is_served_later_askers_redirected_then_served() {
+        let c = ContentId::of_bytes(b"c");
+        let t = Instant::now();
+        let mut h = Herd::new(Duration::from_secs(60), 2);
+        assert_eq!(h.admit(c, 0, "a", t, |_| true), Admission::Serve);
+        h.served(c, 0, "a", t);
+        // Another chunk is still fresh for b: served (different chunks to different agents).
+        assert_eq!(h.admit(c, 1, "b", t, |_| true), Admission::Serve);
+        // Chunk 0 is in the swarm: b is pointed at a, twice, then served.
+        assert_eq!(
+            h.admit(c, 0, "b", t, |_| true),
+            Admission::Redirect(vec!["a".into()])
+        );
+        assert_eq!(
+            h.admit(c, 0, "b", t, |_| true),
+            Admission::Redirect(vec!["a".into()])
+        );
+        assert_eq!(h.admit(c, 0, "b", t, |_| true), Admission::Serve);
+        // The holder itself is always served.
+        assert_eq!(h.admit(c, 0, "a", t, |_| true), Admission::Serve);
+    }
+
+    #[test]
+    fn unusable_or_stale_holders_do_not_redirect() {
+        let c = ContentId::of_bytes(b"c");
+        let t = Instant::now();
+        let mut h = Herd::new(Duration::from_secs(10), 2);
+        h.served(c, 0, "a", t);
+        assert_eq!(
+            h.admit(c, 0, "b", t, |_| false),
+            Admission::Serve,
+            "holder offline"
+        );
+        let later = t + Duration::from_secs(11);
+        assert_eq!(
+            h.admit(c, 0, "b", later, |_| true),
+            Admission::Serve,
+            "holder too old"
+        );
+        h.served(c, 0, "b", later);
+        assert!(
+            h.contents[&c].served[&0].iter().all(|(a, _)| a == "b"),
+            "stale entries pruned"
+        );
+        let mut off = Herd::new(Duration::from_secs(10), 0);
+        off.served(c, 0, "a", t);
+        assert_eq!(
+            off.admit(c, 0, "b", t, |_| true),
+            Admission::Serve,
+            "disabled"
+        );
+    }
+}
