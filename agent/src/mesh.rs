@@ -30,6 +30,9 @@ struct Known {
 pub struct CacheChunks {
     cache: PluginCache,
     known: Mutex<HashMap<ContentId, Known>>,
+    /// Chunks of contents being fetched right now, verified and written (fresher
+    /// than the progress records, which are saved in batches).
+    fetching: Mutex<HashMap<ContentId, Bitfield>>,
 }
 
 impl CacheChunks {
@@ -57,6 +60,9 @@ impl ChunkStore for CacheChunks {
             .clone();
         if self.content_file(content).exists() {
             return Some(Bitfield::full(manifest.chunk_count()));
+        }
+        if let Some(live) = self.fetching.lock().expect("fetching lock").get(content) {
+            return Some(live.clone());
         }
         let mut held = Bitfield::new(manifest.chunk_count());
         for i in self.cache.load_progress(content).ok()? {
@@ -174,13 +180,14 @@ impl MeshNode {
         let host_config = HostConfig {
             listen: parse(&m.listen)?,
             upload_rate: m.upload_rate.bytes(),
-            upload_burst: (1 << 20).max(m.upload_rate.bytes() / 10),
+            upload_burst: 1 << 20,
             max_uploads: m.max_uploads as usize,
             ..HostConfig::default()
         };
         let store = Arc::new(CacheChunks {
             cache,
             known: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashMap::new()),
         });
         let handle = MeshHost::start(keypair, host_config, store.clone()).await?;
         let advertise = if m.advertise.is_empty() {
@@ -238,6 +245,26 @@ impl MeshNode {
             },
         );
         let _ = self.handle.provide(content, true).await;
+    }
+
+    /// A chunk of a content being fetched is verified and written: peers may have it.
+    pub fn mark_held(&self, content: ContentId, chunks: u32, chunk: u32) {
+        let mut fetching = self.store.fetching.lock().expect("fetching lock");
+        let held = fetching
+            .entry(content)
+            .or_insert_with(|| Bitfield::new(chunks));
+        if chunk < held.len() {
+            held.set(chunk);
+        }
+    }
+
+    /// The fetch of `content` ended (published or abandoned).
+    pub fn fetch_ended(&self, content: &ContentId) {
+        self.store
+            .fetching
+            .lock()
+            .expect("fetching lock")
+            .remove(content);
     }
 
     /// Stops the host.

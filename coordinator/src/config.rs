@@ -65,7 +65,7 @@ impl Default for ServeConfig {
             max_streams: 64,
             egress_rate: ByteSize(0),
             herd_window: Seconds::secs(120),
-            max_redirects: 2,
+            max_redirects: 8,
         }
     }
 }
@@ -259,8 +259,9 @@ egress_rate = "0B"
 # Herd protection: a chunk served to an agent within this window is not served to
 # another mesh agent; it is pointed at the holders (peers) instead ...
 herd_window = "2m"
-# ... at most this many times per agent and chunk, then served anyway (0 = off).
-max_redirects = 2
+# ... at most this many times per agent and chunk (each redirect asks the agent to
+# wait 500ms), then served anyway (0 = off).
+max_redirects = 8
 "##;
 
 /// Where a metrics listener should go.

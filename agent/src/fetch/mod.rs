@@ -356,12 +356,10 @@ impl Fetcher {
                 held,
                 SchedulerConfig {
                     request_timeout: self.config.timeout.get(),
-                    // Nobody is known to hold it: go to the coordinator at once.
-                    server_fallback_after: if hints.is_empty() {
-                        Duration::ZERO
-                    } else {
-                        SchedulerConfig::default().server_fallback_after
-                    },
+                    // The coordinator is the shared, expensive source: few requests
+                    // each, and duplicates only for requests stalled for a while.
+                    server_max_inflight: 2,
+                    hedge_after: Duration::from_secs(5),
                     ..SchedulerConfig::default()
                 },
                 rand::rng().random(),
@@ -375,7 +373,12 @@ impl Fetcher {
             last_error: String::new(),
             since_save: 0,
         };
-        run.drive(hints, cancel).await?;
+        let driven = run.drive(hints, cancel).await;
+        if let Some(mesh) = &self.mesh {
+            // From here on the published file (or the progress records) tell peers.
+            mesh.fetch_ended(&manifest.content_id());
+        }
+        driven?;
         let bytes_by_source = std::mem::take(&mut run.bytes_by_source);
         drop(run);
         let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());

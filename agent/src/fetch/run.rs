@@ -6,7 +6,7 @@
 //!
 //! Sources: the coordinator through [`super::source::ChunkSource`] (one chunk per
 //! request), peers through the mesh host. Peers come from the coordinator's peer hints
-//! and from the DHT; their bitfields are polled every second to learn new chunks.
+//! and from the DHT; their bitfields are polled every 250 ms to learn new chunks.
 //! Coordinator failures back the server off (exponentially, with jitter) and end the
 //! fetch after `download.retry` consecutive failures; peer failures are the
 //! scheduler's business (strikes, bans).
@@ -105,9 +105,15 @@ impl FetchRun<'_> {
                 Outcome::Providers(handle.providers(content).await.unwrap_or_default())
             });
         }
+        if let Some(mesh) = &mesh {
+            let (content, chunks) = (self.manifest.content_id(), self.manifest.chunk_count());
+            for (i, _) in self.have.iter().enumerate().filter(|(_, h)| **h) {
+                mesh.mark_held(content, chunks, i as u32);
+            }
+        }
         let mut actions = self.scheduler.handle(self.now(), Event::Tick);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut refresh = tokio::time::interval(Duration::from_secs(1));
+        let mut refresh = tokio::time::interval(Duration::from_millis(250));
         loop {
             for action in std::mem::take(&mut actions) {
                 self.act(action);
@@ -354,6 +360,13 @@ impl FetchRun<'_> {
                 });
             }
             self.have[index as usize] = true;
+            if let Some(mesh) = &self.fetcher.mesh {
+                mesh.mark_held(
+                    self.manifest.content_id(),
+                    self.manifest.chunk_count(),
+                    index,
+                );
+            }
             *self.bytes_by_source.entry(k).or_default() += len;
             self.fetcher
                 .metrics
@@ -385,14 +398,19 @@ impl FetchRun<'_> {
     ) -> Result<Vec<Action<PeerId>>, FetchError> {
         let now = self.now();
         self.last_error = error.message.clone();
-        let mut actions = self.scheduler.handle(
-            now,
-            Event::RequestFailed {
-                source: source.clone(),
-                chunk: index,
-            },
-        );
-        if source == Source::Server {
+        let mut actions = Vec::new();
+        if let Source::Peer(_) = source {
+            return Ok(self.scheduler.handle(
+                now,
+                Event::RequestFailed {
+                    source,
+                    chunk: index,
+                },
+            ));
+        }
+        {
+            // The coordinator: a busy answer or a failure voids its request through
+            // ServerBusy/ServerDeferred (no RequestFailed, which would re-ask it at once).
             if let Some(retry_after) = error.busy {
                 // Busy, or "get it from peers": not a failure; meet the holders.
                 for holder in &error.holders {
@@ -404,13 +422,18 @@ impl FetchRun<'_> {
                         }
                     }
                 }
-                actions.extend(self.scheduler.handle(
-                    now,
+                let event = if error.holders.is_empty() {
                     Event::ServerBusy {
                         retry_after,
                         holders: Vec::new(),
-                    },
-                ));
+                    }
+                } else {
+                    Event::ServerDeferred {
+                        chunk: index,
+                        retry_after,
+                    }
+                };
+                actions.extend(self.scheduler.handle(now, event));
                 return Ok(actions);
             }
             if !error.retryable {

@@ -62,6 +62,11 @@ impl Herd {
         }
         let window = self.window;
         let state = self.contents.entry(content).or_default();
+        // An agent asking again for a chunk it was given lost it: serve it.
+        let asked_before = state
+            .served
+            .get(&chunk)
+            .is_some_and(|l| l.iter().any(|(a, _)| a == agent));
         let holders: Vec<String> = state
             .served
             .get(&chunk)
@@ -70,14 +75,14 @@ impl Herd {
             .filter(|(a, at)| a != agent && now.duration_since(*at) <= window && usable(a))
             .map(|(a, _)| a.clone())
             .collect();
-        if holders.is_empty() {
-            return Admission::Serve;
-        }
         let count = state
             .redirects
             .entry((agent.to_owned(), chunk))
             .or_default();
-        if *count >= self.max_redirects {
+        if asked_before || holders.is_empty() || *count >= self.max_redirects {
+            // Served: from now on this agent is the chunk's holder (it arrives there
+            // in about one transfer time), so concurrent askers are pointed at it.
+            self.served(content, chunk, agent, now);
             return Admission::Serve;
         }
         *count += 1;
@@ -151,6 +156,13 @@ mod tests {
         assert!(
             h.contents[&c].served[&0].iter().all(|(a, _)| a == "b"),
             "stale entries pruned"
+        );
+        // Concurrent askers: the first admitted agent is a holder at once.
+        let d = ContentId::of_bytes(b"d");
+        assert_eq!(h.admit(d, 3, "x", t, |_| true), Admission::Serve);
+        assert_eq!(
+            h.admit(d, 3, "y", t, |_| true),
+            Admission::Redirect(vec!["x".into()])
         );
         let mut off = Herd::new(Duration::from_secs(10), 0);
         off.served(c, 0, "a", t);

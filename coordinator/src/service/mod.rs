@@ -258,7 +258,8 @@ impl Shared {
             )),
             egress: arcade_p2p::mesh::limiter::RateLimiter::new(
                 config.raw.serve.egress_rate.bytes(),
-                config.raw.serve.egress_rate.bytes().max(1 << 20),
+                // One chunk of burst: the cap holds from the first second.
+                1 << 20,
             ),
             content_lock: tokio::sync::Mutex::new(()),
             shutdown,

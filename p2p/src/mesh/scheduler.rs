@@ -215,7 +215,16 @@ pub enum Event<P> {
         /// The chunk.
         chunk: u32,
     },
-    /// The coordinator refused to serve ("get it from peers"): every outstanding server
+    /// The server declined one chunk and pointed at peers ("get it from peers"): its
+    /// request for `chunk` is over, and the server is not asked for that chunk again
+    /// before `now + retry_after` (other server requests are unaffected).
+    ServerDeferred {
+        /// The chunk.
+        chunk: u32,
+        /// How long to leave that chunk to peers.
+        retry_after: Duration,
+    },
+    /// The coordinator refused to serve (busy, or failing): every outstanding server
     /// request is void and the server is not asked again before `now + retry_after`.
     ServerBusy {
         /// How long to leave the server alone.
@@ -415,6 +424,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 }
             }
             Event::ServerBusy { retry_after, .. } => self.server_busy(now, retry_after, &mut out),
+            Event::ServerDeferred { chunk, retry_after } => {
+                self.server_deferred(now, chunk, retry_after)
+            }
             Event::Tick => {}
         }
         if !self.done_emitted {
@@ -586,6 +598,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 chunk: c,
             });
         }
+    }
+
+    fn server_deferred(&mut self, now: Duration, c: u32, retry_after: Duration) {
+        self.stats.server_busy += 1;
+        if c as usize >= self.slots.len() || self.have.get(c) {
+            return;
+        }
+        self.drop_request(c, &Source::Server);
+        self.detach(c);
+        let slot = &mut self.slots[c as usize];
+        slot.ready_at = slot.ready_at.max(now.saturating_add(retry_after));
+        self.attach(c);
     }
 
     /// A failure or timeout of `peer` on chunk `c`: exclude it for `c` (while the server

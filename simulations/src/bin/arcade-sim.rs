@@ -51,6 +51,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A fleet of in-process agents fetching one plugin at once, with and without the
+    /// mesh, bandwidth shaped by the project's limiters.
+    BenchMesh {
+        /// Agents.
+        #[arg(long, default_value_t = 16)]
+        agents: usize,
+        /// Plugin size, MiB.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+        /// Coordinator egress cap, MiB/s.
+        #[arg(long, default_value_t = 20)]
+        server_up_mibps: u64,
+        /// Each agent's upload cap, MiB/s.
+        #[arg(long, default_value_t = 20)]
+        peer_up_mibps: u64,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a coordinator exactly like `arcade-coordinator ARGS…` (used by benchmarks
     /// to measure a coordinator in its own process).
     #[command(hide = true)]
@@ -149,6 +168,50 @@ fn main() -> ExitCode {
                     println!("{:>12} {:>10} {:>20}", "plugin MiB", "job s", "agent peak RSS MiB");
                     for r in &f.fetch_rss {
                         println!("{:>12} {:>10.2} {:>20.1}", r.plugin_bytes >> 20, r.job_seconds, r.agent_peak_rss_mib);
+                    }
+                }
+                Ok(())
+            }
+            Cmd::BenchMesh {
+                agents,
+                size_mib,
+                server_up_mibps,
+                peer_up_mibps,
+                json,
+            } => {
+                let f = arcade_simulations::bench::mesh::run(&arcade_simulations::bench::mesh::MeshOptions {
+                    agents,
+                    size_mib,
+                    server_mibps: server_up_mibps,
+                    peer_mibps: peer_up_mibps,
+                })
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&f)?);
+                } else {
+                    println!(
+                        "{} agents, {} MiB plugin, coordinator {} MiB/s, agents {} MiB/s up",
+                        f.agents,
+                        f.plugin_bytes >> 20,
+                        f.server_bytes_per_s >> 20,
+                        f.peer_bytes_per_s >> 20
+                    );
+                    println!(
+                        "{:>6} {:>9} {:>9} {:>10} {:>12} {:>12} {:>12} {:>10}",
+                        "mesh", "fleet s", "bound s", "÷ bound", "egress ÷ S", "peer MiB", "server MiB", "CPU s/GiB"
+                    );
+                    for r in &f.runs {
+                        println!(
+                            "{:>6} {:>9.2} {:>9.2} {:>10.2} {:>12.2} {:>12} {:>12} {:>10.2}",
+                            if r.mesh { "on" } else { "off" },
+                            r.fleet_seconds,
+                            r.bound_seconds,
+                            r.over_bound,
+                            r.egress_over_size,
+                            r.bytes_from_peers >> 20,
+                            r.bytes_from_server >> 20,
+                            r.cpu_seconds_per_gib
+                        );
                     }
                 }
                 Ok(())

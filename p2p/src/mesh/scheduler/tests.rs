@@ -1077,3 +1077,57 @@ proptest! {
         prop_assert_eq!(world.run().trace, world.run().trace);
     }
 }
+
+#[test]
+fn server_deferral_leaves_one_chunk_to_peers_and_keeps_other_server_requests() {
+    use std::time::Duration;
+    let config = SchedulerConfig {
+        server_fallback_after: Duration::ZERO,
+        server_max_inflight: 2,
+        ..SchedulerConfig::default()
+    };
+    let mut s: Scheduler<u32> = Scheduler::new(2, Bitfield::new(2), config, 1);
+    let t = Duration::from_millis(1);
+    let first = s.handle(t, Event::Tick);
+    let asked: Vec<u32> = first
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request {
+                source: Source::Server,
+                chunk,
+            } => Some(*chunk),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), 2, "{first:?}");
+    // The server defers chunk asked[0]; the other request stays, nothing is cancelled.
+    let out = s.handle(
+        t,
+        Event::ServerDeferred {
+            chunk: asked[0],
+            retry_after: Duration::from_secs(1),
+        },
+    );
+    assert!(
+        out.iter().all(|a| !matches!(a, Action::Cancel { .. })),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(
+            |a| matches!(a, Action::Request { source: Source::Server, chunk } if *chunk == asked[0])
+        ),
+        "not asked again before retry_after"
+    );
+    assert_eq!(s.inflight(), 1);
+    // A peer that has it gets the request.
+    let mut have = Bitfield::new(2);
+    have.set(asked[0]);
+    let out = s.handle(t, Event::PeerJoined { peer: 7, have });
+    assert!(
+        out.contains(&Action::Request {
+            source: Source::Peer(7),
+            chunk: asked[0]
+        }),
+        "{out:?}"
+    );
+}
