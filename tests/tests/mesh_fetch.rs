@@ -160,23 +160,35 @@ async fn peers_serve_the_plugin_when_the_coordinator_refuses_chunks() {
     assert_eq!(proxy.tamper.relayed_bytes.load(Ordering::SeqCst), 0);
 }
 
-/// A peer that claims every chunk and serves garbage.
-struct Liar(u32);
+/// A hostile peer that claims every chunk and then serves garbage, or nothing.
+struct Liar {
+    chunks: u32,
+    garbage: bool,
+}
 
 impl ChunkStore for Liar {
     fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
         Some(Labels::new())
     }
     fn held(&self, _: &ContentId) -> Option<Bitfield> {
-        Some(Bitfield::full(self.0))
+        Some(Bitfield::full(self.chunks))
     }
     fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(Some(vec![0xAA; CS as usize]))
+        Ok(self.garbage.then(|| vec![0xAA; CS as usize]))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serving_corrupted_chunks_is_banned_and_the_fetch_completes() {
+    hostile_peer_is_banned(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_chunks_it_lacks_is_banned_and_the_fetch_completes() {
+    hostile_peer_is_banned(false).await;
+}
+
+async fn hostile_peer_is_banned(garbage: bool) {
     let c = TestCoordinator::start(coordinator_tweaks).await;
     let data = plugin(2 << 20, 6);
     c.push("mesh/tool", "1.0.0", &data, Default::default())
@@ -195,7 +207,10 @@ async fn a_peer_serving_corrupted_chunks_is_banned_and_the_fetch_completes() {
     let liar = MeshHost::start(
         libp2p_identity::Keypair::generate_ed25519(),
         HostConfig::default(),
-        Arc::new(Liar(manifest.chunk_count())),
+        Arc::new(Liar {
+            chunks: manifest.chunk_count(),
+            garbage,
+        }),
     )
     .await
     .unwrap();
@@ -252,7 +267,11 @@ async fn a_peer_serving_corrupted_chunks_is_banned_and_the_fetch_completes() {
             source: "peer".into(),
         })
         .get();
-    assert!(bad >= 1, "the liar's chunks were caught");
+    if garbage {
+        assert!(bad >= 1, "the liar's chunks were caught");
+    } else {
+        assert_eq!(bad, 0, "refusals are failures, not bad chunks");
+    }
     assert_eq!(metrics.peer_bans.get(), 1, "the liar was banned once");
     assert!(peer_bytes(&d) > 0, "the honest seed served chunks");
     drop(seed);
