@@ -13,6 +13,10 @@
 //! | `arcade_agent_cache_bytes` | gauge | — |
 //! | `arcade_agent_jobs_total` | counter | `status` (`succeeded`, `failed`) |
 //! | `arcade_agent_running_jobs` | gauge | — |
+//! | `arcade_agent_uploaded_bytes_total` | counter | — |
+//! | `arcade_agent_mesh_refused_requests_total` | counter | — |
+//! | `arcade_agent_mesh_connected_peers` | gauge | — |
+//! | `arcade_agent_mesh_provided_contents` | gauge | — |
 
 use std::sync::Arc;
 
@@ -92,6 +96,14 @@ pub struct Metrics {
     pub jobs: Family<StatusLabel, Counter>,
     /// `arcade_agent_running_jobs`.
     pub running_jobs: Gauge,
+    /// `arcade_agent_uploaded_bytes_total`.
+    pub uploaded_bytes: Counter,
+    /// `arcade_agent_mesh_refused_requests_total`.
+    pub mesh_refused: Counter,
+    /// `arcade_agent_mesh_connected_peers`.
+    pub connected_peers: Gauge,
+    /// `arcade_agent_mesh_provided_contents`.
+    pub provided_contents: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -179,6 +191,30 @@ impl Metrics {
             "Jobs running now",
             running_jobs.clone(),
         );
+        let uploaded_bytes = Counter::default();
+        r.register(
+            "arcade_agent_uploaded_bytes",
+            "Chunk bytes served to peers",
+            uploaded_bytes.clone(),
+        );
+        let mesh_refused = Counter::default();
+        r.register(
+            "arcade_agent_mesh_refused_requests",
+            "Peer requests refused (no ticket, labels, busy, unknown content or chunk)",
+            mesh_refused.clone(),
+        );
+        let connected_peers = Gauge::default();
+        r.register(
+            "arcade_agent_mesh_connected_peers",
+            "libp2p peers connected now",
+            connected_peers.clone(),
+        );
+        let provided_contents = Gauge::default();
+        r.register(
+            "arcade_agent_mesh_provided_contents",
+            "Contents announced (provider records) in the DHT now",
+            provided_contents.clone(),
+        );
         Self {
             registry: Arc::new(r),
             downloads,
@@ -192,6 +228,10 @@ impl Metrics {
             cache_bytes,
             jobs,
             running_jobs,
+            uploaded_bytes,
+            mesh_refused,
+            connected_peers,
+            provided_contents,
         }
     }
 
@@ -202,6 +242,23 @@ impl Metrics {
                 source: source.into(),
             })
             .get()
+    }
+
+    /// Copies the mesh host's live counters into the metrics.
+    pub fn sync_mesh(&self, stats: &arcade_p2p::mesh::host::HostStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let catch_up = |counter: &Counter, total: u64| {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        };
+        catch_up(&self.uploaded_bytes, stats.uploaded_bytes.load(Relaxed));
+        catch_up(&self.mesh_refused, stats.refused.load(Relaxed));
+        self.connected_peers
+            .set(stats.connected_peers.load(Relaxed) as i64);
+        self.provided_contents
+            .set(stats.provided.load(Relaxed) as i64);
     }
 
     /// The Prometheus text exposition.

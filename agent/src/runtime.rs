@@ -203,6 +203,9 @@ impl Core {
                 _ = self.stop_jobs.cancelled() => return,
             }
             beats += 1;
+            if let Some(mesh) = &self.mesh {
+                self.metrics.sync_mesh(mesh.handle().stats());
+            }
             let req = pb::HeartbeatRequest {
                 agent_id: self.config.id.clone(),
                 running_jobs: self.running_ids(),

@@ -158,6 +158,18 @@ async fn peers_serve_the_plugin_when_the_coordinator_refuses_chunks() {
     assert_eq!(peer_bytes(&cc), data.len() as u64);
     assert_eq!(cached(&cc, &data), data);
     assert_eq!(proxy.tamper.relayed_bytes.load(Ordering::SeqCst), 0);
+    // The holders account for what they uploaded (synced at heartbeats).
+    let uploaded = eventually(Duration::from_secs(10), || async {
+        let total =
+            seed.agent().metrics().uploaded_bytes.get() + b.agent().metrics().uploaded_bytes.get();
+        (total >= 2 * data.len() as u64).then_some(total)
+    })
+    .await;
+    assert!(
+        uploaded.is_some(),
+        "seed and b uploaded what b and c fetched"
+    );
+    assert!(seed.agent().metrics().connected_peers.get() >= 1);
 }
 
 /// A hostile peer that claims every chunk and then serves garbage, or nothing.

@@ -138,11 +138,25 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// Live counters of a host.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Chunk bytes sent to peers.
+    pub uploaded_bytes: std::sync::atomic::AtomicU64,
+    /// Peers connected now.
+    pub connected_peers: std::sync::atomic::AtomicU64,
+    /// Contents announced in the DHT now.
+    pub provided: std::sync::atomic::AtomicU64,
+    /// Requests refused (no ticket, wrong labels, busy, unknown content, no chunk).
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
 /// A handle to a running host. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MeshHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    stats: Arc<HostStats>,
 }
 
 /// Starts hosts.
@@ -168,6 +182,8 @@ struct Actor {
     slots: UploadSlots,
     outbound: HashMap<OutboundRequestId, Reply<pb::ChunkResponse>>,
     queries: HashMap<kad::QueryId, (Vec<PeerId>, Reply<Vec<PeerId>>)>,
+    stats: Arc<HostStats>,
+    provided: std::collections::HashSet<ContentId>,
 }
 
 impl MeshHost {
@@ -245,7 +261,10 @@ impl MeshHost {
             }
         }
         let (tx, rx) = mpsc::channel(256);
+        let stats = Arc::new(HostStats::default());
         let actor = Actor {
+            stats: stats.clone(),
+            provided: std::collections::HashSet::new(),
             swarm,
             rx,
             respond: tx.clone(),
@@ -258,7 +277,7 @@ impl MeshHost {
             queries: HashMap::new(),
         };
         tokio::spawn(actor.run());
-        Ok(MeshHandle { tx, peer_id })
+        Ok(MeshHandle { tx, peer_id, stats })
     }
 }
 
@@ -313,10 +332,17 @@ impl Actor {
                 if on {
                     if let Err(e) = kad.start_providing(key) {
                         tracing::warn!(content = %content, error = %e, "cannot provide content");
+                    } else {
+                        self.provided.insert(content);
                     }
                 } else {
                     kad.stop_providing(&key);
+                    self.provided.remove(&content);
                 }
+                self.stats.provided.store(
+                    self.provided.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             Command::Providers(content, reply) => {
                 let id = self
@@ -329,18 +355,21 @@ impl Actor {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
-            Command::Respond(channel, response) => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .chunks
-                    .send_response(channel, response);
-            }
+            Command::Respond(channel, response) => self.reply_to(channel, response),
             Command::Shutdown(_) => {}
         }
     }
 
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if matches!(
+            event,
+            SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. }
+        ) {
+            self.stats.connected_peers.store(
+                self.swarm.connected_peers().count() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Chunks(e)) => self.chunk_event(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -439,6 +468,31 @@ impl Actor {
         Ok(content)
     }
 
+    /// Sends a response, counting uploads and refusals.
+    fn reply_to(
+        &mut self,
+        channel: ResponseChannel<pb::ChunkResponse>,
+        response: pb::ChunkResponse,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &response.kind {
+            Some(pb::chunk_response::Kind::Chunk(c)) => {
+                self.stats
+                    .uploaded_bytes
+                    .fetch_add(c.data.len() as u64, Relaxed);
+            }
+            Some(pb::chunk_response::Kind::Refused(_)) => {
+                self.stats.refused.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .chunks
+            .send_response(channel, response);
+    }
+
     fn inbound(
         &mut self,
         peer: PeerId,
@@ -449,11 +503,7 @@ impl Actor {
             Ok(c) => c,
             Err(refusal) => {
                 tracing::debug!(peer = %peer, ?refusal, "chunk request refused");
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .chunks
-                    .send_response(channel, refusal);
+                self.reply_to(channel, refusal);
                 return;
             }
         };
@@ -471,15 +521,11 @@ impl Actor {
                         format!("content {content} is not held here"),
                     ),
                 };
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .chunks
-                    .send_response(channel, response);
+                self.reply_to(channel, response);
             }
             Some(pb::chunk_request::Kind::Chunk(index)) => {
                 let Some(slot) = self.slots.try_acquire() else {
-                    let _ = self.swarm.behaviour_mut().chunks.send_response(
+                    self.reply_to(
                         channel,
                         refused(pb::Refusal::Busy, "every upload slot is busy"),
                     );
@@ -519,7 +565,7 @@ impl Actor {
                 });
             }
             None => {
-                let _ = self.swarm.behaviour_mut().chunks.send_response(
+                self.reply_to(
                     channel,
                     refused(
                         pb::Refusal::BadRequest,
@@ -535,6 +581,11 @@ impl MeshHandle {
     /// This host's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &HostStats {
+        &self.stats
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, MeshError> {
