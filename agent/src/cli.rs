@@ -123,6 +123,8 @@ where
                 return ExitCode::FAILURE;
             }
         };
+        // Handlers first: a SIGTERM right after the announcement must not be lost.
+        let termination = arcade_p2p::shutdown::Termination::install();
         if let Some(addr) = agent.metrics_addr {
             println!("metrics listening on {addr}");
         }
@@ -130,7 +132,7 @@ where
         let _ = std::io::stdout().flush();
         let token = agent.shutdown_token();
         tokio::spawn(async move {
-            arcade_p2p::shutdown::signal().await;
+            termination.wait().await;
             tracing::info!("signal received: shutting down");
             token.cancel();
         });

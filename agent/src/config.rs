@@ -136,6 +136,12 @@ pub struct MeshConfig {
     pub upload_rate: ByteSize,
     /// Concurrent chunk uploads; more requests are answered "busy".
     pub max_uploads: u32,
+    /// Most peers connected at once.
+    pub max_connections: u32,
+    /// How long a DHT provider record lives.
+    pub provider_ttl: Seconds,
+    /// How often provider records are republished.
+    pub provider_republish: Seconds,
 }
 
 impl Default for MeshConfig {
@@ -147,6 +153,9 @@ impl Default for MeshConfig {
             allow_loopback: false,
             upload_rate: ByteSize(0),
             max_uploads: 8,
+            max_connections: 256,
+            provider_ttl: Seconds::secs(15 * 60),
+            provider_republish: Seconds::secs(5 * 60),
         }
     }
 }
@@ -316,6 +325,12 @@ allow_loopback = false
 upload_rate = "0B"
 # Concurrent chunk uploads; further requests are answered "busy".
 max_uploads = 8
+# Most peers connected at once.
+max_connections = 256
+# DHT provider records: lifetime and republish interval (minutes, not the 48h default,
+# so evicted or departed holders disappear quickly).
+provider_ttl = "15m"
+provider_republish = "5m"
 "##;
 
 /// A configuration checked for consistency, with derived values resolved.
@@ -500,6 +515,17 @@ impl AgentConfig {
         };
         if self.mesh.max_uploads > 1024 {
             return Err(bad("mesh.max_uploads", "must be at most 1024"));
+        }
+        if self.mesh.max_connections == 0 || self.mesh.max_connections > 100_000 {
+            return Err(bad("mesh.max_connections", "must be between 1 and 100000"));
+        }
+        if self.mesh.provider_republish.get().is_zero()
+            || self.mesh.provider_republish >= self.mesh.provider_ttl
+        {
+            return Err(bad(
+                "mesh.provider_republish",
+                "must be positive and shorter than mesh.provider_ttl",
+            ));
         }
         for (key, list) in [
             ("mesh.listen", &self.mesh.listen),

@@ -182,6 +182,9 @@ impl MeshNode {
             upload_rate: m.upload_rate.bytes(),
             upload_burst: 1 << 20,
             max_uploads: m.max_uploads as usize,
+            max_connections: m.max_connections as usize,
+            provider_ttl: m.provider_ttl.get(),
+            provider_republish: m.provider_republish.get(),
             ..HostConfig::default()
         };
         let store = Arc::new(CacheChunks {
@@ -267,8 +270,29 @@ impl MeshNode {
             .remove(content);
     }
 
-    /// Stops the host.
+    /// Stops serving and announcing a content (it was evicted).
+    pub async fn forget(&self, content: ContentId) {
+        self.store
+            .known
+            .lock()
+            .expect("known lock")
+            .remove(&content);
+        let _ = self.handle.provide(content, false).await;
+    }
+
+    /// Withdraws every announcement, then stops the host.
     pub async fn shutdown(&self) {
+        let known: Vec<ContentId> = self
+            .store
+            .known
+            .lock()
+            .expect("known lock")
+            .keys()
+            .copied()
+            .collect();
+        for content in known {
+            let _ = self.handle.provide(content, false).await;
+        }
         self.handle.shutdown().await;
     }
 }

@@ -252,6 +252,11 @@ impl Core {
                     if !evicted.is_empty() {
                         self.fetcher.refresh_cache_metrics().await;
                     }
+                    if let Some(mesh) = &self.mesh {
+                        for e in &evicted {
+                            mesh.forget(e.sha256).await;
+                        }
+                    }
                 }
             }
         }

@@ -127,6 +127,8 @@ where
                 return ExitCode::FAILURE;
             }
         };
+        // Handlers first: a SIGTERM right after the announcement must not be lost.
+        let termination = arcade_p2p::shutdown::Termination::install();
         println!("grpc listening on {}", running.grpc_addr);
         if let Some(addr) = running.metrics_addr {
             println!("metrics listening on {addr}");
@@ -135,7 +137,7 @@ where
         let _ = std::io::stdout().flush();
         let token = running.shutdown_token();
         tokio::spawn(async move {
-            arcade_p2p::shutdown::signal().await;
+            termination.wait().await;
             tracing::info!("signal received: shutting down");
             token.cancel();
         });

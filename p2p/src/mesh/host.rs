@@ -68,6 +68,8 @@ pub struct HostConfig {
     pub provider_ttl: Duration,
     /// Provider republish interval.
     pub provider_republish: Duration,
+    /// Most peers connected at once; connections beyond are closed.
+    pub max_connections: usize,
 }
 
 impl Default for HostConfig {
@@ -82,6 +84,7 @@ impl Default for HostConfig {
             max_uploads: 8,
             provider_ttl: Duration::from_secs(15 * 60),
             provider_republish: Duration::from_secs(5 * 60),
+            max_connections: 256,
         }
     }
 }
@@ -184,6 +187,7 @@ struct Actor {
     queries: HashMap<kad::QueryId, (Vec<PeerId>, Reply<Vec<PeerId>>)>,
     stats: Arc<HostStats>,
     provided: std::collections::HashSet<ContentId>,
+    max_connections: usize,
 }
 
 impl MeshHost {
@@ -265,6 +269,7 @@ impl MeshHost {
         let actor = Actor {
             stats: stats.clone(),
             provided: std::collections::HashSet::new(),
+            max_connections: config.max_connections.max(1),
             swarm,
             rx,
             respond: tx.clone(),
@@ -361,6 +366,18 @@ impl Actor {
     }
 
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::ConnectionEstablished {
+            peer_id,
+            num_established,
+            ..
+        } = &event
+        {
+            let connected = self.swarm.connected_peers().count();
+            if num_established.get() == 1 && connected > self.max_connections {
+                tracing::debug!(peer = %peer_id, connected, "connection limit reached: closing");
+                let _ = self.swarm.disconnect_peer_id(*peer_id);
+            }
+        }
         if matches!(
             event,
             SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. }
