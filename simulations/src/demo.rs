@@ -1,20 +1,21 @@
-//! `arcade-sim demo`: an embedded coordinator (redb in a temp dir) on loopback, a
-//! generated sample plugin (a real `#!/bin/sh` executable padded to a chosen size)
-//! pushed with its SHA-256, then fetched by a small fleet of registered agent
-//! identities, each verifying every chunk's BLAKE3 against the manifest and the whole
-//! SHA-256. Prints per agent: bytes from the coordinator and the time to a verified
-//! plugin; then coordinator egress ÷ plugin size.
-//!
-//! Until the mesh lands every byte comes from the coordinator, so egress ÷ size equals
-//! the fleet size; the mesh issue brings it down to about 1.
+//! `arcade-sim demo`: an embedded coordinator (redb in a temp dir) and a small fleet of
+//! real agents (each its own libp2p host, gRPC session, cache and job runner) on
+//! loopback. A generated sample plugin — a real `#!/bin/sh` executable that reports its
+//! stage, padded to a chosen size — is pushed with its SHA-256, then every agent gets a
+//! job that runs it in its `before` and `after` stages. The agents fetch the plugin's
+//! verified chunks from each other and from the coordinator. Prints per agent: bytes
+//! from peers vs the coordinator, time from job creation to the verified plugin's first
+//! stage, job result; then coordinator egress ÷ plugin size.
 
 use std::time::{Duration, Instant};
 
+use arcade_agent::config::AgentConfig;
+use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
 use arcade_p2p::ContentId;
-use arcade_p2p::settings::ByteSize;
+use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
 use serde::Serialize;
 
@@ -35,11 +36,13 @@ pub struct DemoOptions {
 pub struct AgentRow {
     /// Agent id.
     pub agent_id: String,
-    /// Bytes received from the coordinator.
+    /// Verified bytes received from peers.
+    pub bytes_from_peers: u64,
+    /// Verified bytes received from the coordinator.
     pub bytes_from_coordinator: u64,
-    /// Seconds from request to a verified plugin.
+    /// Seconds from job creation to the plugin's `before` stage (fetched and verified).
     pub seconds_to_verified: f64,
-    /// `verified` or the error.
+    /// `succeeded` or the failure.
     pub result: String,
 }
 
@@ -54,8 +57,6 @@ pub struct DemoReport {
     pub size: u64,
     /// Chunks in its manifest.
     pub chunks: u32,
-    /// Seconds to push it.
-    pub push_seconds: f64,
     /// Per agent.
     pub agents: Vec<AgentRow>,
     /// Bytes the coordinator served for this plugin (from its metrics).
@@ -65,33 +66,36 @@ pub struct DemoReport {
 }
 
 impl DemoReport {
-    /// True when every agent verified the plugin.
-    pub fn all_verified(&self) -> bool {
-        self.agents.iter().all(|a| a.result == "verified")
+    /// True when every agent's job succeeded.
+    pub fn all_succeeded(&self) -> bool {
+        self.agents.iter().all(|a| a.result == "succeeded")
     }
 
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "plugin {} sha256={} size={} bytes chunks={} (pushed in {:.2}s)\n\n",
+            "plugin {} sha256={} size={} bytes chunks={}\n\n",
             self.plugin,
             &self.sha256[..16],
             self.size,
-            self.chunks,
-            self.push_seconds
+            self.chunks
         );
         out.push_str(&format!(
-            "{:<10} {:>18} {:>12}  {}\n",
-            "agent", "from coordinator", "verified in", "result"
+            "{:<10} {:>14} {:>18} {:>12}  {}\n",
+            "agent", "from peers", "from coordinator", "verified in", "job"
         ));
         for a in &self.agents {
             out.push_str(&format!(
-                "{:<10} {:>18} {:>11.2}s  {}\n",
-                a.agent_id, a.bytes_from_coordinator, a.seconds_to_verified, a.result
+                "{:<10} {:>14} {:>18} {:>11.2}s  {}\n",
+                a.agent_id,
+                a.bytes_from_peers,
+                a.bytes_from_coordinator,
+                a.seconds_to_verified,
+                a.result
             ));
         }
         out.push_str(&format!(
-            "\ncoordinator egress: {} bytes = {:.2} x plugin size ({} agents; every byte from the coordinator until the mesh lands)\n",
+            "\ncoordinator egress: {} bytes = {:.2} x plugin size for {} agents\n",
             self.coordinator_egress_bytes,
             self.egress_over_size,
             self.agents.len()
@@ -110,20 +114,19 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         ..Default::default()
     };
     config.plugin.max_plugin_size = ByteSize::mib(opts.size_mib.max(1) + 1);
-    let running = RunningCoordinator::start(config.validate()?).await?;
-    let conn = Conn::of(&running);
+    config.jobs.heartbeat_interval = Seconds(Duration::from_millis(500));
+    let coordinator = RunningCoordinator::start(config.validate()?).await?;
+    let conn = Conn::of(&coordinator);
 
     let (id, version) = ("demo/hello", "1.0.0");
     let data = sample_plugin((opts.size_mib << 20) as usize);
-    let sha = ContentId::of_bytes(&data);
-    let started = Instant::now();
     let pushed = conn
         .push(
             id,
             version,
             &data,
             pb::PushPluginHeader {
-                expected_sha256: sha.to_hex(),
+                expected_sha256: ContentId::of_bytes(&data).to_hex(),
                 description: "Arcade Mesh demo plugin".into(),
                 ..Default::default()
             },
@@ -131,47 +134,89 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         .await?
         .plugin
         .ok_or_else(|| anyhow::anyhow!("push returned no plugin"))?;
-    let push_seconds = started.elapsed().as_secs_f64();
     drop(data);
 
-    let mut tasks = Vec::new();
-    for n in 0..opts.agents {
-        let agent_id = format!("agent-{n:02}");
-        let token = conn
-            .register_with(
-                &agent_id,
-                &[("zone", if n % 2 == 0 { "a" } else { "b" })],
-                vec![],
-                "",
-            )
-            .await?;
-        let conn = conn.clone();
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let outcome = tokio::time::timeout(
-                Duration::from_secs(120),
-                conn.fetch_verified(&token, id, version),
-            )
-            .await;
-            let secs = started.elapsed().as_secs_f64();
-            let (bytes, result) = match outcome {
-                Ok(Ok(b)) => (b, "verified".to_string()),
-                Ok(Err(e)) => (0, format!("failed: {e}")),
-                Err(_) => (0, "failed: timed out after 120 s".to_string()),
-            };
-            AgentRow {
-                agent_id,
-                bytes_from_coordinator: bytes,
-                seconds_to_verified: secs,
-                result,
-            }
-        }));
-    }
     let mut agents = Vec::new();
-    for t in tasks {
-        agents.push(t.await?);
+    for n in 0..opts.agents {
+        let mut c = AgentConfig {
+            id: format!("agent-{n:02}"),
+            coordinator: conn.url.clone(),
+            enroll_token: conn.enroll_token.clone(),
+            data_dir: dir.path().join(format!("agent-{n:02}")),
+            metrics_listen: "off".into(),
+            ..Default::default()
+        };
+        c.labels.insert("name".into(), c.id.clone());
+        c.jobs.poll_wait = Seconds::secs(5);
+        c.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        c.mesh.allow_loopback = true;
+        agents.push(RunningAgent::start(c.validate()?).await?);
     }
-    let egress = running
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut jobs = conn.jobs(&conn.admin_token).await;
+    let mut ids = Vec::new();
+    for n in 0..opts.agents {
+        let job = jobs
+            .create_job(pb::CreateJobRequest {
+                name: "demo".into(),
+                commands: vec!["echo hello from $(hostname)".into()],
+                label_selector: vec![pb::Label {
+                    key: "name".into(),
+                    value: format!("agent-{n:02}"),
+                }],
+                required_plugins: vec![pb::RequiredPlugin {
+                    plugin_id: id.into(),
+                    version: version.into(),
+                    stages: vec![pb::Stage::Before as i32, pb::Stage::After as i32],
+                }],
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_id;
+        ids.push(job);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut details = Vec::new();
+    for job in &ids {
+        loop {
+            let j = jobs
+                .get_job(pb::GetJobRequest {
+                    job_id: job.clone(),
+                })
+                .await?
+                .into_inner()
+                .job
+                .ok_or_else(|| anyhow::anyhow!("job {job} missing"))?;
+            if matches!(j.status(), pb::JobStatus::Succeeded | pb::JobStatus::Failed) {
+                details.push(j);
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the fleet did not finish within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut rows = Vec::new();
+    for (n, (agent, job)) in agents.iter().zip(&details).enumerate() {
+        let before = job.plugin_results.iter().find(|r| r.stage == "before");
+        rows.push(AgentRow {
+            agent_id: format!("agent-{n:02}"),
+            bytes_from_peers: agent.metrics().fetched_from("peer"),
+            bytes_from_coordinator: agent.metrics().fetched_from("server"),
+            seconds_to_verified: before
+                .map_or(0.0, |b| (b.start_time - job.created_at) as f64 / 1000.0),
+            result: if job.status() == pb::JobStatus::Succeeded {
+                "succeeded".into()
+            } else {
+                format!("failed: {}", job.error_message)
+            },
+        });
+    }
+    let egress = coordinator
         .metrics()
         .served_bytes
         .get_or_create(&PluginVersionLabels {
@@ -179,14 +224,16 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
             version: version.into(),
         })
         .get();
-    running.shutdown().await;
+    for a in agents {
+        a.shutdown().await?;
+    }
+    coordinator.shutdown().await;
     Ok(DemoReport {
         plugin: format!("{id}@{version}"),
         sha256: pushed.sha256,
         size: pushed.size,
         chunks: pushed.chunks,
-        push_seconds,
-        agents,
+        agents: rows,
         coordinator_egress_bytes: egress,
         egress_over_size: egress as f64 / pushed.size.max(1) as f64,
     })
