@@ -96,6 +96,57 @@ impl std::ops::Deref for TestCoordinator {
     }
 }
 
+/// Creates a job running `command` that needs `plugin@version` in every stage, for
+/// agents carrying every `selector` label; returns its id.
+pub async fn create_job(
+    c: &Conn,
+    plugin: &str,
+    version: &str,
+    command: &str,
+    selector: &[(&str, &str)],
+) -> String {
+    c.jobs(&c.admin_token)
+        .await
+        .create_job(arcade_proto::v1::CreateJobRequest {
+            commands: vec![command.into()],
+            label_selector: selector
+                .iter()
+                .map(|(k, v)| arcade_proto::v1::Label {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            required_plugins: vec![arcade_proto::v1::RequiredPlugin {
+                plugin_id: plugin.into(),
+                version: version.into(),
+                stages: vec![],
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("create job")
+        .into_inner()
+        .job_id
+}
+
+/// Waits (at most 60 s) until job `id` succeeded or failed, and returns it.
+pub async fn wait_job(c: &Conn, id: &str) -> arcade_proto::v1::JobDetail {
+    use arcade_proto::v1::JobStatus;
+    eventually(Duration::from_secs(60), || async {
+        let j = c
+            .jobs(&c.admin_token)
+            .await
+            .get_job(arcade_proto::v1::GetJobRequest { job_id: id.into() })
+            .await
+            .ok()?
+            .into_inner()
+            .job?;
+        matches!(j.status(), JobStatus::Succeeded | JobStatus::Failed).then_some(j)
+    })
+    .await
+    .unwrap_or_else(|| panic!("job {id} did not finish within 60 s"))
+}
+
 /// Deterministic test content of `len` bytes.
 pub fn content(len: usize, seed: u8) -> Vec<u8> {
     let mut x = 0x9E37_79B9u32 ^ u32::from(seed).wrapping_mul(0x85EB_CA6B);

@@ -10,7 +10,7 @@ use arcade_p2p::ContentId;
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::proxy::AgentProxy;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, eventually};
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, create_job, eventually, wait_job};
 
 /// A plugin that appends "<stage> <job status>" to `log` and prints its stage as JSON;
 /// it fails in `fail_stage`, if given.
@@ -23,40 +23,6 @@ fn stage_logger(log: &Path, fail_stage: Option<&str>) -> Vec<u8> {
         log.display()
     )
     .into_bytes()
-}
-
-async fn create_job(c: &TestCoordinator, plugin: &str, version: &str, command: &str) -> String {
-    c.jobs(ADMIN)
-        .await
-        .create_job(pb::CreateJobRequest {
-            commands: vec![command.into()],
-            required_plugins: vec![pb::RequiredPlugin {
-                plugin_id: plugin.into(),
-                version: version.into(),
-                stages: vec![],
-            }],
-            ..Default::default()
-        })
-        .await
-        .expect("create job")
-        .into_inner()
-        .job_id
-}
-
-async fn wait_done(c: &TestCoordinator, id: &str) -> pb::JobDetail {
-    eventually(Duration::from_secs(60), || async {
-        let j = c
-            .jobs(ADMIN)
-            .await
-            .get_job(pb::GetJobRequest { job_id: id.into() })
-            .await
-            .ok()?
-            .into_inner()
-            .job?;
-        matches!(j.status(), pb::JobStatus::Succeeded | pb::JobStatus::Failed).then_some(j)
-    })
-    .await
-    .unwrap_or_else(|| panic!("job {id} did not finish within 60 s"))
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -83,8 +49,8 @@ async fn stages_run_in_order_and_a_cached_plugin_is_not_fetched_again() {
     let a = TestAgent::start(&c.url, ENROLL, "worker-1", |_, _| {}).await;
 
     let cmd = format!("echo command >> {}", log.display());
-    let id = create_job(&c, "notify/log", "1.0.0", &cmd).await;
-    let job = wait_done(&c, &id).await;
+    let id = create_job(&c, "notify/log", "1.0.0", &cmd, &[]).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(
         job.status(),
         pb::JobStatus::Succeeded,
@@ -120,8 +86,8 @@ async fn stages_run_in_order_and_a_cached_plugin_is_not_fetched_again() {
 
     // Second job, same plugin: a cache hit, no bytes from the coordinator.
     std::fs::remove_file(&log).unwrap();
-    let id = create_job(&c, "notify/log", "1.0.0", &cmd).await;
-    assert_eq!(wait_done(&c, &id).await.status(), pb::JobStatus::Succeeded);
+    let id = create_job(&c, "notify/log", "1.0.0", &cmd, &[]).await;
+    assert_eq!(wait_job(&c, &id).await.status(), pb::JobStatus::Succeeded);
     assert_eq!(a.server_bytes(), fetched, "no new download");
     assert_eq!(a.agent().metrics().cache_hits.get(), hits + 1);
     assert_eq!(lines(&log).len(), 4);
@@ -156,9 +122,10 @@ async fn failing_command_runs_on_failure_and_failing_before_skips_commands() {
         "notify/log",
         "1.0.0",
         &format!("echo command >> {}; exit 3", log.display()),
+        &[],
     )
     .await;
-    let job = wait_done(&c, &id).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(job.status(), pb::JobStatus::Failed);
     assert_eq!(job.exit_code, 3);
     assert_eq!(
@@ -171,9 +138,10 @@ async fn failing_command_runs_on_failure_and_failing_before_skips_commands() {
         "gate/block",
         "1.0.0",
         &format!("echo command >> {}", blocker_log.display()),
+        &[],
     )
     .await;
-    let job = wait_done(&c, &id).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(job.status(), pb::JobStatus::Failed);
     assert!(
         job.error_message
@@ -210,8 +178,8 @@ async fn chunk_corrupted_in_flight_is_detected_and_refetched() {
     let proxy = AgentProxy::start(&c.url).await;
     proxy.tamper.corrupt_next.store(true, Ordering::SeqCst);
     let a = TestAgent::start(&proxy.url, ENROLL, "worker-1", |_, _| {}).await;
-    let id = create_job(&c, "notify/log", "1.0.0", "true").await;
-    let job = wait_done(&c, &id).await;
+    let id = create_job(&c, "notify/log", "1.0.0", "true", &[]).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(
         job.status(),
         pb::JobStatus::Succeeded,
@@ -265,8 +233,8 @@ async fn builtin_plugin_is_used_without_download() {
         });
     })
     .await;
-    let id = create_job(&c, "notify/stdout", "1.0.0", "true").await;
-    let job = wait_done(&c, &id).await;
+    let id = create_job(&c, "notify/stdout", "1.0.0", "true", &[]).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(
         job.status(),
         pb::JobStatus::Succeeded,
@@ -319,8 +287,8 @@ async fn unavailable_plugin_fails_the_job_or_falls_back_to_the_previous_version(
         })
         .await;
         proxy.tamper.refuse_downloads.store(false, Ordering::SeqCst);
-        let id = create_job(&c, "notify/log", "1.0.0", "true").await;
-        let job = wait_done(&c, &id).await;
+        let id = create_job(&c, "notify/log", "1.0.0", "true", &[]).await;
+        let job = wait_job(&c, &id).await;
         assert_eq!(
             job.status(),
             pb::JobStatus::Succeeded,
@@ -329,8 +297,8 @@ async fn unavailable_plugin_fails_the_job_or_falls_back_to_the_previous_version(
         );
 
         proxy.tamper.refuse_downloads.store(true, Ordering::SeqCst);
-        let id = create_job(&c, "notify/log", "2.0.0", "true").await;
-        let job = wait_done(&c, &id).await;
+        let id = create_job(&c, "notify/log", "2.0.0", "true", &[]).await;
+        let job = wait_job(&c, &id).await;
         match fallback {
             Fallback::Fail => {
                 assert_eq!(job.status(), pb::JobStatus::Failed);
@@ -400,7 +368,7 @@ async fn shutdown_lets_a_running_job_finish_and_report() {
     .await
     .unwrap();
     let mut a = TestAgent::start(&c.url, ENROLL, "worker-1", |_, _| {}).await;
-    let id = create_job(&c, "notify/log", "1.0.0", "sleep 1").await;
+    let id = create_job(&c, "notify/log", "1.0.0", "sleep 1", &[]).await;
     eventually(Duration::from_secs(20), || async {
         let j = c
             .jobs(ADMIN)
@@ -415,7 +383,7 @@ async fn shutdown_lets_a_running_job_finish_and_report() {
     .await
     .expect("job running");
     a.stop().await;
-    let job = wait_done(&c, &id).await;
+    let job = wait_job(&c, &id).await;
     assert_eq!(
         job.status(),
         pb::JobStatus::Succeeded,

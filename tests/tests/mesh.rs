@@ -11,7 +11,7 @@ use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, Mesh
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, eventually};
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 /// A peer that holds nothing (it only asks).
 struct Empty;
@@ -71,35 +71,14 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
     })
     .await;
     for p in ["mesh/open", "mesh/secret"] {
-        let id = c
-            .jobs(ADMIN)
-            .await
-            .create_job(pb::CreateJobRequest {
-                commands: vec!["true".into()],
-                required_plugins: vec![pb::RequiredPlugin {
-                    plugin_id: p.into(),
-                    version: "1.0.0".into(),
-                    stages: vec![],
-                }],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
-        eventually(Duration::from_secs(30), || async {
-            let j = c
-                .jobs(ADMIN)
-                .await
-                .get_job(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .ok()?
-                .into_inner()
-                .job?;
-            (j.status() == pb::JobStatus::Succeeded).then_some(())
-        })
-        .await
-        .expect("the holder ran the job");
+        let id = create_job(&c, p, "1.0.0", "true", &[]).await;
+        let job = wait_job(&c, &id).await;
+        assert_eq!(
+            job.status(),
+            pb::JobStatus::Succeeded,
+            "the holder ran the job: {}",
+            job.error_message
+        );
     }
     // Where the holder is, as the coordinator tells agents.
     let holder = c

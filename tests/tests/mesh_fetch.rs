@@ -15,7 +15,7 @@ use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::proxy::AgentProxy;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, eventually};
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 const CS: u32 = 64 * 1024;
 
@@ -31,39 +31,8 @@ fn coordinator_tweaks(cfg: &mut arcade_coordinator::CoordinatorConfig) {
 }
 
 async fn run_job_on(c: &TestCoordinator, plugin: &str, who: &str) -> pb::JobDetail {
-    let id = c
-        .jobs(ADMIN)
-        .await
-        .create_job(pb::CreateJobRequest {
-            commands: vec!["true".into()],
-            label_selector: vec![pb::Label {
-                key: "name".into(),
-                value: who.into(),
-            }],
-            required_plugins: vec![pb::RequiredPlugin {
-                plugin_id: plugin.into(),
-                version: "1.0.0".into(),
-                stages: vec![],
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    eventually(Duration::from_secs(60), || async {
-        let j = c
-            .jobs(ADMIN)
-            .await
-            .get_job(pb::GetJobRequest { job_id: id.clone() })
-            .await
-            .ok()?
-            .into_inner()
-            .job?;
-        matches!(j.status(), pb::JobStatus::Succeeded | pb::JobStatus::Failed).then_some(j)
-    })
-    .await
-    .unwrap_or_else(|| panic!("job for {who} did not finish"))
+    let id = create_job(c, plugin, "1.0.0", "true", &[("name", who)]).await;
+    wait_job(c, &id).await
 }
 
 async fn agent(url: &str, who: &str) -> TestAgent {
