@@ -162,6 +162,32 @@ impl Conn {
             .map(|r| r.into_inner())
     }
 
+    /// Pushes [`crate::sample::executable_blocks`]`(size, seed)` as `id@version` with its
+    /// SHA-256 (computed in a first streaming pass), never holding it in memory.
+    pub async fn push_generated(
+        &self,
+        id: &str,
+        version: &str,
+        size: u64,
+        seed: u64,
+    ) -> Result<pb::PushPluginResponse, Status> {
+        let mut sha = Sha256::new();
+        for block in crate::sample::executable_blocks(size, seed) {
+            sha.update(&block);
+        }
+        let header = pb::PushPluginHeader {
+            expected_sha256: ContentId::from_bytes(sha.finalize().into()).to_hex(),
+            ..Default::default()
+        };
+        self.push_stream(
+            id,
+            version,
+            header,
+            crate::sample::executable_blocks(size, seed),
+        )
+        .await
+    }
+
     /// Downloads chunk ranges (empty = all) and returns (messages, concatenated bytes).
     pub async fn download(
         &self,

@@ -38,6 +38,15 @@ impl ContentStream {
     }
 }
 
+/// A generated executable of exactly `size` bytes (at least the script line), in 1 MiB
+/// blocks: `#!/bin/sh` + `exit 0`, then deterministic padding from `seed`. Streamed, so
+/// any size costs one block of memory.
+pub fn executable_blocks(size: u64, seed: u64) -> impl Iterator<Item = Vec<u8>> + Send + 'static {
+    let head = b"#!/bin/sh\nexit 0\n".to_vec();
+    let mut rest = ContentStream::new(size.saturating_sub(head.len() as u64), seed);
+    std::iter::once(head).chain(std::iter::from_fn(move || rest.next_block(1 << 20)))
+}
+
 /// The demo plugin: a shell script that prints its stage as JSON, followed by comment
 /// lines of generated text so that the file is `size` bytes (at least the script).
 pub fn sample_plugin(size: usize) -> Vec<u8> {
@@ -72,6 +81,14 @@ mod tests {
             ContentStream::new(64, 1).next_block(64),
             ContentStream::new(64, 2).next_block(64)
         );
+    }
+
+    #[test]
+    fn executable_blocks_have_the_requested_size_and_a_shebang() {
+        let blocks: Vec<Vec<u8>> = executable_blocks(3 << 20, 1).collect();
+        assert!(blocks[0].starts_with(b"#!/bin/sh\n"));
+        assert_eq!(blocks.iter().map(Vec::len).sum::<usize>(), 3 << 20);
+        assert!(blocks.iter().all(|b| b.len() <= 1 << 20));
     }
 
     #[test]

@@ -19,10 +19,8 @@ use arcade_p2p::ContentId;
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::client::Conn;
-use crate::sample::ContentStream;
 
 /// Start-latency figures.
 #[derive(Debug, Clone, Serialize)]
@@ -221,25 +219,8 @@ fn rss_of(pid: u32) -> Option<u64> {
 pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
     let dir = tempfile::tempdir()?;
     let (coordinator, conn) = coordinator(dir.path(), ByteSize(size + (1 << 20))).await?;
-    let head = b"#!/bin/sh\nexit 0\n".to_vec();
-    let blocks = move || {
-        let mut rest = ContentStream::new(size.saturating_sub(head.len() as u64), size);
-        std::iter::once(head.clone()).chain(std::iter::from_fn(move || rest.next_block(1 << 20)))
-    };
-    let mut sha = Sha256::new();
-    for b in blocks() {
-        sha.update(&b);
-    }
-    conn.push_stream(
-        "bench/big",
-        "1.0.0",
-        pb::PushPluginHeader {
-            expected_sha256: ContentId::from_bytes(sha.finalize().into()).to_hex(),
-            ..Default::default()
-        },
-        blocks(),
-    )
-    .await?;
+    conn.push_generated("bench/big", "1.0.0", size, size)
+        .await?;
     let mut child = Command::new(std::env::current_exe()?)
         .arg("agent")
         .args([

@@ -17,14 +17,11 @@ use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
-use arcade_p2p::ContentId;
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::client::Conn;
-use crate::sample::ContentStream;
 
 /// What a run is.
 #[derive(Debug, Clone)]
@@ -107,26 +104,8 @@ async fn run_once(opts: &MeshOptions, mesh: bool) -> anyhow::Result<RunFigures> 
     let coordinator = RunningCoordinator::start(cc.validate()?).await?;
     let conn = Conn::of(&coordinator);
 
-    let head = b"#!/bin/sh\nexit 0\n".to_vec();
-    let blocks = move || {
-        let mut rest = ContentStream::new(size - head.len() as u64, 11);
-        std::iter::once(head.clone())
-            .chain(std::iter::from_fn(move || rest.next_block(mib as usize)))
-    };
-    let mut sha = Sha256::new();
-    for b in blocks() {
-        sha.update(&b);
-    }
-    conn.push_stream(
-        "bench/swarm",
-        "1.0.0",
-        pb::PushPluginHeader {
-            expected_sha256: ContentId::from_bytes(sha.finalize().into()).to_hex(),
-            ..Default::default()
-        },
-        blocks(),
-    )
-    .await?;
+    conn.push_generated("bench/swarm", "1.0.0", size, 11)
+        .await?;
 
     let mut agents = Vec::new();
     for n in 0..opts.agents {
