@@ -7,6 +7,8 @@
 //! - [`store`] — durable metadata in redb (plugins, manifests, agents, jobs, leases).
 //! - `service` — the gRPC services (`Agent`, `Fleet`, `Jobs`, `PluginAdmin`) and the
 //!   state they share (auth, caches, lease deadlines).
+//! - [`herd`] — herd protection (sans-IO): which chunk requests the coordinator serves
+//!   and which it points at peers; also driven by the `arcade-sim model` simulator.
 //! - [`metrics`] — Prometheus metrics in a per-coordinator registry.
 //! - [`server`] — start/stop: listeners, tasks, graceful shutdown.
 //! - [`cli`] — the `arcade-coordinator` command line.
@@ -23,6 +25,7 @@ pub mod ctl;
 pub mod metrics;
 pub mod server;
 mod service;
+pub use service::herd;
 pub mod store;
 
 pub use config::{CoordinatorConfig, ValidConfig};

@@ -719,7 +719,9 @@ impl Agent for AgentService {
                     let md = status.metadata_mut();
                     md.insert(
                         "arcade-retry-after-ms",
-                        tonic::metadata::MetadataValue::from(300u32),
+                        tonic::metadata::MetadataValue::from(
+                            super::herd::REDIRECT_RETRY_AFTER.as_millis() as u32,
+                        ),
                     );
                     if let Ok(v) = hints.join(";").parse() {
                         md.insert("arcade-holders", v);

@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use arcade_p2p::ContentId;
 
+/// How long a redirected agent leaves the chunk to its peers before asking again.
+pub const REDIRECT_RETRY_AFTER: Duration = Duration::from_millis(300);
+
 /// The decision for one chunk request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Admission {
+pub enum Admission {
     /// Send the chunk.
     Serve,
     /// Do not: these agents received it recently.
@@ -32,14 +35,16 @@ struct ContentState {
 }
 
 /// Per-content memory of what was handed out.
-pub(crate) struct Herd {
+pub struct Herd {
     window: Duration,
     max_redirects: u32,
     contents: HashMap<ContentId, ContentState>,
 }
 
 impl Herd {
-    pub(crate) fn new(window: Duration, max_redirects: u32) -> Self {
+    /// Remembers chunks handed out for `window`; redirects an agent at most
+    /// `max_redirects` times per chunk (0 disables herd protection).
+    pub fn new(window: Duration, max_redirects: u32) -> Self {
         Self {
             window,
             max_redirects,
@@ -49,7 +54,7 @@ impl Herd {
 
     /// Whether `agent` gets chunk `chunk` of `content` now. `usable` says whether a
     /// holder can serve `agent` (online, in the mesh, allowed to hold the content).
-    pub(crate) fn admit(
+    pub fn admit(
         &mut self,
         content: ContentId,
         chunk: u32,
@@ -90,7 +95,7 @@ impl Herd {
     }
 
     /// Records that `chunk` of `content` went to `agent`.
-    pub(crate) fn served(&mut self, content: ContentId, chunk: u32, agent: &str, now: Instant) {
+    pub fn served(&mut self, content: ContentId, chunk: u32, agent: &str, now: Instant) {
         let window = self.window;
         let state = self.contents.entry(content).or_default();
         let list = state.served.entry(chunk).or_default();

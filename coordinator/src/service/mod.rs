@@ -11,7 +11,7 @@
 //! - `jobs.rs` — `Jobs` (create, get, list).
 
 pub(crate) mod agents;
-pub(crate) mod herd;
+pub mod herd;
 pub(crate) mod jobs;
 pub(crate) mod plugins;
 
