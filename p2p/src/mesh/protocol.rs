@@ -7,6 +7,7 @@
 use std::io;
 
 use arcade_proto::v1 as pb;
+use prost::Message as _;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
@@ -36,7 +37,9 @@ where
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    M::decode(buf.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    // Decoding from `Bytes` hands byte fields out as slices of `buf`: a chunk is copied
+    // once (into its field), not twice.
+    M::decode(bytes::Bytes::from(buf)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one length-prefixed message (refusing to send more than `max` bytes).
@@ -45,18 +48,67 @@ where
     T: AsyncWrite + Unpin + Send,
     M: prost::Message,
 {
-    let bytes = msg.encode_to_vec();
-    if bytes.len() > max {
+    let len = msg.encoded_len();
+    check_len(len, max)?;
+    let mut framed = Vec::with_capacity(4 + len);
+    framed.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(&mut framed)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    io.write_all(&framed).await?;
+    io.close().await
+}
+
+fn check_len(len: usize, max: usize) -> io::Result<()> {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "message of {} bytes exceeds the {max}-byte limit",
-                bytes.len()
-            ),
+            format!("message of {len} bytes exceeds the {max}-byte limit"),
         ));
     }
-    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// The length prefix and protobuf encoding of a chunk response up to (not including)
+/// the chunk's bytes: exactly the bytes `encode_to_vec` would write before them, so a
+/// chunk goes to the stream straight from its buffer instead of through a copy.
+fn chunk_response_head(index: u32, data_len: usize) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let fields = pb::ChunkData {
+        index,
+        data: Vec::new(),
+    }
+    .encode_to_vec();
+    let data_key = if data_len == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(data_len as u64)
+    };
+    let inner = fields.len() + data_key + data_len;
+    let total = 1 + encoded_len_varint(inner as u64) + inner;
+    let mut head = Vec::with_capacity(4 + 16 + fields.len());
+    head.extend_from_slice(&(total as u32).to_be_bytes());
+    encode_key(2, WireType::LengthDelimited, &mut head);
+    encode_varint(inner as u64, &mut head);
+    head.extend_from_slice(&fields);
+    if data_len > 0 {
+        encode_key(2, WireType::LengthDelimited, &mut head);
+        encode_varint(data_len as u64, &mut head);
+    }
+    head
+}
+
+/// Writes a response; a chunk is written from its own buffer (no encoding copy).
+pub async fn write_response<T>(io: &mut T, res: &pb::ChunkResponse) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+{
+    let Some(pb::chunk_response::Kind::Chunk(c)) = &res.kind else {
+        return write_message(io, res, MAX_RESPONSE_BYTES).await;
+    };
+    let head = chunk_response_head(c.index, c.data.len());
+    check_len(head.len() - 4 + c.data.len(), MAX_RESPONSE_BYTES)?;
+    io.write_all(&head).await?;
+    io.write_all(&c.data).await?;
     io.close().await
 }
 
@@ -113,7 +165,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &res, MAX_RESPONSE_BYTES).await
+        write_response(io, &res).await
     }
 }
 
@@ -177,6 +229,28 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn chunk_responses_are_written_exactly_as_prost_encodes_them(
+            index in any::<u32>(),
+            len in prop_oneof![Just(0usize), 1usize..300, Just(1 << 20)],
+        ) {
+            let res = pb::ChunkResponse {
+                kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
+                    index,
+                    data: (0..len).map(|i| i as u8).collect(),
+                })),
+            };
+            let mut ours = Cursor::new(Vec::new());
+            futures::executor::block_on(write_response(&mut ours, &res)).unwrap();
+            let mut expected = (res.encoded_len() as u32).to_be_bytes().to_vec();
+            expected.extend(res.encode_to_vec());
+            prop_assert_eq!(ours.get_ref(), &expected);
+            let mut rd = Cursor::new(ours.into_inner());
+            let back: pb::ChunkResponse =
+                futures::executor::block_on(read_message(&mut rd, MAX_RESPONSE_BYTES)).unwrap();
+            prop_assert_eq!(back, res);
+        }
+
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             futures::executor::block_on(async {

@@ -10,6 +10,9 @@
 
 use arcade_proto::v1 as pb;
 pub use libp2p_identity::PeerId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use libp2p_identity::{Keypair, PublicKey};
 use prost::Message as _;
 
@@ -140,18 +143,34 @@ impl TicketIssuer {
     }
 }
 
+/// Most verified tickets remembered (about one per connected peer); the memory is
+/// cleared when it is full.
+const MAX_REMEMBERED: usize = 1024;
+
 /// Verifies tickets (the serving peer's side).
+///
+/// Every request carries its ticket, so a verifier remembers the tickets it has
+/// verified, by the peer that presented them: the same bytes from the same peer skip
+/// the signature check (the expiry is still checked every time). The memory is shared
+/// by clones and bounded by [`MAX_REMEMBERED`].
 #[derive(Debug, Clone)]
 pub struct TicketVerifier {
     key: PublicKey,
+    verified: Arc<Mutex<Remembered>>,
 }
+
+/// Verified tickets by the peer that presented them: (its bytes, the ticket).
+type Remembered = HashMap<PeerId, (Vec<u8>, Ticket)>;
 
 impl TicketVerifier {
     /// A verifier for the coordinator key `public_key` (libp2p protobuf encoding).
     pub fn new(public_key: &[u8]) -> Result<Self, TicketError> {
         let key = PublicKey::try_decode_protobuf(public_key)
             .map_err(|e| TicketError::Key(e.to_string()))?;
-        Ok(Self { key })
+        Ok(Self {
+            key,
+            verified: Arc::default(),
+        })
     }
 
     /// Checks `bytes` for a request from `remote` at `now_ms`.
@@ -167,6 +186,33 @@ impl TicketVerifier {
                 bytes.len()
             )));
         }
+        let expired = |t: &Ticket| TicketError::Expired {
+            expired_at_ms: t.expires_at_ms,
+            now_ms,
+        };
+        if let Some((seen, t)) = self.verified.lock().expect("ticket memory").get(remote)
+            && seen.as_slice() == bytes
+        {
+            return if now_ms >= t.expires_at_ms {
+                Err(expired(t))
+            } else {
+                Ok(t.clone())
+            };
+        }
+        let ticket = self.verify_signed(bytes, remote)?;
+        if now_ms >= ticket.expires_at_ms {
+            return Err(expired(&ticket));
+        }
+        let mut memory = self.verified.lock().expect("ticket memory");
+        if memory.len() >= MAX_REMEMBERED {
+            memory.clear();
+        }
+        memory.insert(*remote, (bytes.to_vec(), ticket.clone()));
+        Ok(ticket)
+    }
+
+    /// The full check: signature, encoding and peer binding (not the expiry).
+    fn verify_signed(&self, bytes: &[u8], remote: &PeerId) -> Result<Ticket, TicketError> {
         let signed =
             pb::SignedTicket::decode(bytes).map_err(|e| TicketError::Malformed(e.to_string()))?;
         if !self.key.verify(&signed.ticket, &signed.signature) {
@@ -182,12 +228,6 @@ impl TicketVerifier {
             return Err(TicketError::WrongPeer {
                 ticket: peer_id.to_string(),
                 remote: remote.to_string(),
-            });
-        }
-        if now_ms >= t.expires_at_ms {
-            return Err(TicketError::Expired {
-                expired_at_ms: t.expires_at_ms,
-                now_ms,
             });
         }
         let labels =
@@ -266,6 +306,40 @@ mod tests {
             verifier.verify(&vec![0u8; MAX_TICKET_BYTES + 1], &me, 1),
             Err(TicketError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn remembered_tickets_still_expire_and_stay_bound_to_their_peer() {
+        let issuer = TicketIssuer::generate();
+        let verifier = TicketVerifier::new(&issuer.public_key()).unwrap();
+        let (me, thief) = (PeerId::random(), PeerId::random());
+        let bytes = issuer.issue(&me, "a1", &Labels::new(), 0, 10_000).unwrap();
+        // Verified once (remembered), then again from memory.
+        assert_eq!(verifier.verify(&bytes, &me, 1).unwrap().agent_id, "a1");
+        assert_eq!(verifier.clone().verify(&bytes, &me, 2).unwrap().agent_id, "a1");
+        // Another peer replaying the remembered bytes is still refused.
+        assert!(matches!(
+            verifier.verify(&bytes, &thief, 3),
+            Err(TicketError::WrongPeer { .. })
+        ));
+        // Tampered bytes from the remembered peer are checked in full.
+        let mut tampered = bytes.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(verifier.verify(&tampered, &me, 4).is_err());
+        // Still valid after the tampered attempt; expired from memory too.
+        assert!(verifier.verify(&bytes, &me, 5).is_ok());
+        assert!(matches!(
+            verifier.verify(&bytes, &me, 10_000),
+            Err(TicketError::Expired { .. })
+        ));
+        // The memory stays bounded.
+        for _ in 0..(MAX_REMEMBERED + 10) {
+            let p = PeerId::random();
+            let b = issuer.issue(&p, "x", &Labels::new(), 0, 10_000).unwrap();
+            verifier.verify(&b, &p, 1).unwrap();
+        }
+        assert!(verifier.verified.lock().unwrap().len() <= MAX_REMEMBERED);
     }
 
     #[test]
