@@ -77,6 +77,10 @@ pub struct FleetReport {
     pub cpu_s_per_gib: f64,
     /// Per agent, in agent order.
     pub per_agent: Vec<AgentOutcome>,
+    /// The same scenario with the mesh off (the seed's design), when compared in the
+    /// same run (`--compare`); its per-agent rows are left out of JSON ([`Self::json_view`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Box<FleetReport>>,
 }
 
 impl FleetReport {
@@ -85,7 +89,11 @@ impl FleetReport {
         let mut times: Vec<f64> = self.per_agent.iter().filter_map(|a| a.t_s).collect();
         times.sort_by(f64::total_cmp);
         self.completed = times.len();
-        self.left = self.per_agent.iter().filter(|a| a.left && a.t_s.is_none()).count();
+        self.left = self
+            .per_agent
+            .iter()
+            .filter(|a| a.left && a.t_s.is_none())
+            .count();
         self.failed = self
             .per_agent
             .iter()
@@ -115,6 +123,16 @@ impl FleetReport {
     pub fn summary(&self) -> FleetReport {
         FleetReport {
             per_agent: Vec::new(),
+            baseline: self.baseline.as_ref().map(|b| Box::new(b.summary())),
+            ..self.clone()
+        }
+    }
+
+    /// What `--json` and `report.json` show: everything, but the baseline without its
+    /// per-agent rows.
+    pub fn json_view(&self) -> FleetReport {
+        FleetReport {
+            baseline: self.baseline.as_ref().map(|b| Box::new(b.summary())),
             ..self.clone()
         }
     }

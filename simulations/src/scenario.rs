@@ -316,7 +316,10 @@ impl Scenario {
                 return bad(format!("group fraction = {} must be 0–1", g.fraction));
             }
             share += g.fraction;
-            for v in [g.up_mibps, g.down_mibps, g.latency_ms].into_iter().flatten() {
+            for v in [g.up_mibps, g.down_mibps, g.latency_ms]
+                .into_iter()
+                .flatten()
+            {
                 if !v.is_finite() || v < 0.0 {
                     return bad(format!("group link value {v} must be ≥ 0"));
                 }
@@ -416,7 +419,9 @@ impl Scenario {
         } else {
             0.0
         };
-        (s / u_server).max(s / d_min).max(n * s / (u_server + sum_up))
+        (s / u_server)
+            .max(s / d_min)
+            .max(n * s / (u_server + sum_up))
     }
 }
 

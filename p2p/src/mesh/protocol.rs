@@ -7,9 +7,9 @@
 use std::io;
 
 use arcade_proto::v1 as pb;
-use prost::Message as _;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use prost::Message as _;
 
 use crate::manifest::MAX_CHUNK_SIZE;
 

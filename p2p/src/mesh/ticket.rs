@@ -316,7 +316,10 @@ mod tests {
         let bytes = issuer.issue(&me, "a1", &Labels::new(), 0, 10_000).unwrap();
         // Verified once (remembered), then again from memory.
         assert_eq!(verifier.verify(&bytes, &me, 1).unwrap().agent_id, "a1");
-        assert_eq!(verifier.clone().verify(&bytes, &me, 2).unwrap().agent_id, "a1");
+        assert_eq!(
+            verifier.clone().verify(&bytes, &me, 2).unwrap().agent_id,
+            "a1"
+        );
         // Another peer replaying the remembered bytes is still refused.
         assert!(matches!(
             verifier.verify(&bytes, &thief, 3),

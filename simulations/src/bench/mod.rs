@@ -2,9 +2,12 @@
 //! - [`coordinator`] — push and streamed-download throughput, coordinator peak RSS.
 //! - [`agent`] — job-received → `before`-started latency with a cached plugin, and the
 //!   agent's peak RSS while fetching plugins of growing size.
-//! - [`mesh`] — a fleet fetching one plugin with and without the mesh: coordinator
-//!   egress ÷ size, fleet time ÷ the physical bound, CPU per GiB.
+//! - [`primitives`] — manifest building, chunk and whole-content verification MB/s, and
+//!   one peer → one peer mesh transfer over loopback (MB/s, CPU per GiB).
+//!
+//! Fleet figures (egress ÷ size, completion ÷ bound, CPU per GiB) come from
+//! `arcade-sim swarm`/`model`/`sweep` ([`crate::fleet`]).
 
 pub mod agent;
 pub mod coordinator;
-pub mod mesh;
+pub mod primitives;

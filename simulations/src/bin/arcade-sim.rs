@@ -1,9 +1,20 @@
 //! `arcade-sim` — the demo and the benchmarks. See the README.
 #![forbid(unsafe_code)]
 
+/// mimalloc instead of glibc malloc: chunk buffers (up to a MiB each, allocated and
+/// freed per chunk) made glibc return pages to the kernel and fault them in again,
+/// zeroed, for every chunk — a quarter of the mesh's CPU (see p2p/src/mesh/DESIGN.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
+use arcade_simulations::fleet;
+use arcade_simulations::model::ModelOptions;
+use arcade_simulations::scenario::{Engine, Scenario};
 use clap::{Parser, Subcommand};
 
 /// Arcade Mesh demo, simulations and benchmarks.
@@ -51,22 +62,75 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// A fleet of in-process agents fetching one plugin at once, with and without the
-    /// mesh, bandwidth shaped by the project's limiters.
-    BenchMesh {
-        /// Agents.
+    /// The real stack: a real coordinator and N real agents (each its own libp2p host,
+    /// gRPC session, cache and upload limiter) on loopback, all fetching one plugin at
+    /// once; bandwidth shaped by the project's limiters.
+    Swarm {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// The discrete-event model: simulated links driving the real swarm scheduler and
+    /// coordinator admission policy, for fleets far beyond one machine.
+    Model {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Each agent's download cap, MiB/s (0 = unlimited).
+        #[arg(long, default_value_t = 0.0)]
+        peer_down_mibps: f64,
+        /// One-way latency of every link, ms.
+        #[arg(long, default_value_t = 1.0)]
+        latency_ms: f64,
+        /// Peers each agent learns at start (the coordinator's hints).
         #[arg(long, default_value_t = 16)]
-        agents: usize,
-        /// Plugin size, MiB.
-        #[arg(long, default_value_t = 64)]
+        peers: usize,
+    },
+    /// Runs a scenario file (see simulations/scenarios/) on the engine it names.
+    Run {
+        /// The scenario TOML file.
+        file: PathBuf,
+        /// Override the scenario's engine.
+        #[arg(long, value_parser = parse_engine)]
+        engine: Option<Engine>,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Fleet size sweep: coordinator egress and completion ÷ bound against N, on the
+    /// model (8 to 10,000) and the real stack (8 to 64).
+    Sweep {
+        /// Base scenario file (default: fleet (c), 32 MiB, coordinator 10 MiB/s,
+        /// agents 5 MiB/s, 256 KiB chunks).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Fleet sizes for the model (comma-separated; empty to skip).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "8,32,100,316,1000,3162,10000"
+        )]
+        model_agents: Vec<usize>,
+        /// Fleet sizes for the real stack (comma-separated; empty to skip).
+        #[arg(long, value_delimiter = ',', default_value = "8,16,32,64")]
+        real_agents: Vec<usize>,
+        /// Write sweep.json and SVG charts here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manifest building and chunk verification throughput, and one peer → one peer
+    /// transfer over loopback (real libp2p hosts, unshaped).
+    BenchPrimitives {
+        /// Content size, MiB.
+        #[arg(long, default_value_t = 256)]
         size_mib: u64,
-        /// Coordinator egress cap, MiB/s.
-        #[arg(long, default_value_t = 20)]
-        server_up_mibps: u64,
-        /// Each agent's upload cap, MiB/s.
-        #[arg(long, default_value_t = 20)]
-        peer_up_mibps: u64,
-        /// Print one JSON document instead of the table.
+        /// Chunk size, KiB.
+        #[arg(long, default_value_t = 1024)]
+        chunk_kib: u32,
+        /// Requests in flight in the pair transfer.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+        /// Print one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
     },
@@ -83,6 +147,117 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+}
+
+/// A uniform fleet fetching one plugin, and how to report it.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// Agents.
+    #[arg(long, default_value_t = 16)]
+    agents: usize,
+    /// Plugin size, MiB.
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Coordinator egress cap, MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 20.0)]
+    server_up_mibps: f64,
+    /// Each agent's upload cap, MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 20.0)]
+    peer_up_mibps: f64,
+    /// Chunk size, KiB (a power of two).
+    #[arg(long, default_value_t = 1024)]
+    chunk_kib: u64,
+    /// Mesh off: every byte from the coordinator (the seed's design).
+    #[arg(long)]
+    no_p2p: bool,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Where a fleet run's figures go.
+#[derive(Debug, clap::Args)]
+struct OutputArgs {
+    /// Also run the same fleet with the mesh off, for comparison in the same run.
+    #[arg(long)]
+    compare: bool,
+    /// Write report.json and SVG charts (completion CDF, bytes by source) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print one JSON object on the last line of stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl FleetArgs {
+    fn scenario(&self, name: &str) -> Scenario {
+        let mut s = Scenario::uniform(
+            self.agents,
+            self.size_mib,
+            self.server_up_mibps,
+            self.peer_up_mibps,
+        );
+        s.name = name.into();
+        s.chunk_kib = self.chunk_kib;
+        s.p2p = !self.no_p2p;
+        s.seed = self.seed;
+        s
+    }
+}
+
+fn parse_engine(s: &str) -> Result<Engine, String> {
+    match s {
+        "real" => Ok(Engine::Real),
+        "model" => Ok(Engine::Model),
+        _ => Err(format!("engine must be `real` or `model`, not `{s}`")),
+    }
+}
+
+async fn fleet_run(
+    scenario: Scenario,
+    engine: Engine,
+    model: ModelOptions,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    scenario.validate()?;
+    if !output.json {
+        eprintln!(
+            "running {} on the {} engine: {} agents, {} MiB … (bound {:.2} s)",
+            scenario.name,
+            if engine == Engine::Real {
+                "real"
+            } else {
+                "model"
+            },
+            scenario.agents,
+            scenario.total_bytes() >> 20,
+            scenario.bound_seconds()
+        );
+    }
+    let report = fleet::run_compared(&scenario, engine, &model, output.compare).await?;
+    if let Some(dir) = &output.out {
+        fleet::write_report(dir, &report)?;
+    }
+    if output.json {
+        println!("{}", serde_json::to_string(&report.json_view())?);
+    } else {
+        print!("{}", report.table());
+        if let Some(base) = &report.baseline {
+            print!("\n{}", base.table());
+        }
+        if let Some(dir) = &output.out {
+            println!("figures written to {}", dir.display());
+        }
+    }
+    anyhow::ensure!(
+        report.failed == 0 && report.verified,
+        "{} of {} agents failed or were not verified",
+        report.failed,
+        report.agents
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -119,7 +294,7 @@ fn main() -> ExitCode {
                     })
                     .await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    println!("{}", serde_json::to_string(&report)?);
                 } else {
                     print!("{}", report.table());
                 }
@@ -132,7 +307,7 @@ fn main() -> ExitCode {
             Cmd::BenchCoordinator { sizes_mib, json } => {
                 let figures = arcade_simulations::bench::coordinator::run(&sizes_mib).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&figures)?);
+                    println!("{}", serde_json::to_string(&figures)?);
                 } else {
                     println!(
                         "{:>10} {:>12} {:>15} {:>20} {:>24}",
@@ -158,7 +333,7 @@ fn main() -> ExitCode {
             Cmd::BenchAgent { jobs, sizes_mib, json } => {
                 let f = arcade_simulations::bench::agent::run(jobs, &sizes_mib).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&f)?);
+                    println!("{}", serde_json::to_string(&f)?);
                 } else {
                     let l = &f.start_latency;
                     println!(
@@ -172,47 +347,110 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Cmd::BenchMesh {
-                agents,
-                size_mib,
-                server_up_mibps,
-                peer_up_mibps,
+            Cmd::Swarm { fleet } => {
+                let scenario = fleet.scenario("swarm");
+                fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
+            }
+            Cmd::Model {
+                fleet,
+                peer_down_mibps,
+                latency_ms,
+                peers,
+            } => {
+                let mut scenario = fleet.scenario("model");
+                scenario.agent.down_mibps = peer_down_mibps;
+                scenario.agent.latency_ms = latency_ms;
+                scenario.server.latency_ms = latency_ms;
+                let model = ModelOptions {
+                    peers_per_agent: peers,
+                    ..Default::default()
+                };
+                fleet_run(scenario, Engine::Model, model, &fleet.output).await
+            }
+            Cmd::Run {
+                file,
+                engine,
+                output,
+            } => {
+                let scenario = Scenario::load(&file)?;
+                let engine = engine.unwrap_or(scenario.engine);
+                fleet_run(scenario, engine, ModelOptions::default(), &output).await
+            }
+            Cmd::Sweep {
+                scenario,
+                model_agents,
+                real_agents,
+                out,
                 json,
             } => {
-                let f = arcade_simulations::bench::mesh::run(&arcade_simulations::bench::mesh::MeshOptions {
-                    agents,
-                    size_mib,
-                    server_mibps: server_up_mibps,
-                    peer_mibps: peer_up_mibps,
-                })
+                let base = match scenario {
+                    Some(file) => Scenario::load(&file)?,
+                    None => {
+                        let mut s = Scenario::uniform(64, 32, 10.0, 5.0);
+                        s.name = "fleet-c".into();
+                        s.chunk_kib = 256;
+                        s
+                    }
+                };
+                let sweep = fleet::sweep(
+                    &base,
+                    &model_agents,
+                    &real_agents,
+                    &ModelOptions::default(),
+                    |p| {
+                        if !json {
+                            eprintln!(
+                                "{:>6} N={:<6} t_all/bound {:.3}  egress/S {:.3}  completed {}/{}  wall {:.1} s",
+                                p.engine,
+                                p.agents,
+                                p.report.t_all_over_t_min,
+                                p.report.server_egress_ratio,
+                                p.report.completed,
+                                p.agents,
+                                p.report.wall_s
+                            );
+                        }
+                    },
+                )
                 .await?;
+                if let Some(dir) = &out {
+                    fleet::write_sweep(dir, &sweep)?;
+                }
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&f)?);
+                    println!("{}", serde_json::to_string(&sweep)?);
                 } else {
                     println!(
-                        "{} agents, {} MiB plugin, coordinator {} MiB/s, agents {} MiB/s up",
-                        f.agents,
-                        f.plugin_bytes >> 20,
-                        f.server_bytes_per_s >> 20,
-                        f.peer_bytes_per_s >> 20
+                        "{:>6} {:>7} {:>12} {:>10} {:>10} {:>12} {:>10}",
+                        "engine", "agents", "t_all s", "bound s", "÷ bound", "egress ÷ S", "completed"
                     );
-                    println!(
-                        "{:>6} {:>9} {:>9} {:>10} {:>12} {:>12} {:>12} {:>10}",
-                        "mesh", "fleet s", "bound s", "÷ bound", "egress ÷ S", "peer MiB", "server MiB", "CPU s/GiB"
-                    );
-                    for r in &f.runs {
+                    for p in &sweep.points {
+                        let r = &p.report;
                         println!(
-                            "{:>6} {:>9.2} {:>9.2} {:>10.2} {:>12.2} {:>12} {:>12} {:>10.2}",
-                            if r.mesh { "on" } else { "off" },
-                            r.fleet_seconds,
-                            r.bound_seconds,
-                            r.over_bound,
-                            r.egress_over_size,
-                            r.bytes_from_peers >> 20,
-                            r.bytes_from_server >> 20,
-                            r.cpu_seconds_per_gib
+                            "{:>6} {:>7} {:>12.2} {:>10.2} {:>10.3} {:>12.3} {:>10}",
+                            p.engine, p.agents, r.t_all_s, r.t_min_s, r.t_all_over_t_min, r.server_egress_ratio, r.completed
                         );
                     }
+                }
+                Ok(())
+            }
+            Cmd::BenchPrimitives {
+                size_mib,
+                chunk_kib,
+                inflight,
+                json,
+            } => {
+                let f = arcade_simulations::bench::primitives::run(
+                    &arcade_simulations::bench::primitives::PrimitiveOptions {
+                        size_mib,
+                        chunk_kib,
+                        inflight,
+                    },
+                )
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&f)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&f)?);
                 }
                 Ok(())
             }

@@ -1,0 +1,287 @@
+//! `arcade-sim swarm` and the real-stack engine of `arcade-sim run`: a real coordinator
+//! (embedded, real gRPC over TCP, real redb) and N real agents in this process, each
+//! with its own libp2p host, gRPC session, cache directory and upload limiter, on
+//! loopback. Every agent gets one job (pinned to it by a `name` label) that needs every
+//! plugin of the [`Scenario`]; the jobs are created at once, so the whole fleet wants the
+//! same content at the same moment.
+//!
+//! Bandwidth is shaped by the project's own limiters: the coordinator's
+//! `serve.egress_rate` (the server link's `up_mibps`) and each agent's
+//! `mesh.upload_rate` (its link's `up_mibps`). Loopback itself is not shaped: there is
+//! no download cap and no latency in this engine (the model has both). Churn: late
+//! joiners start `late_after_s` after the jobs are created; leavers are dropped (stopped
+//! at once, connections reset, like a killed process) `leave_after_s` after.
+//!
+//! Figures (see [`FleetReport`]): per agent, time from job creation to its first plugin
+//! stage (every plugin fetched and verified, millisecond resolution), bytes by source
+//! from the agent's metrics; coordinator egress from its served-bytes metric; after the
+//! run every completed agent's cached plugin files are hashed and compared with the
+//! pushed SHA-256 (`verified`).
+
+use std::time::{Duration, Instant};
+
+use arcade_agent::config::AgentConfig;
+use arcade_agent::runtime::RunningAgent;
+use arcade_coordinator::RunningCoordinator;
+use arcade_coordinator::config::CoordinatorConfig;
+use arcade_coordinator::metrics::PluginVersionLabels;
+use arcade_p2p::settings::{ByteSize, Seconds};
+use arcade_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+
+use crate::client::Conn;
+use crate::report::{AgentOutcome, FleetReport, cpu_seconds};
+use crate::scenario::Scenario;
+
+/// Most agents the real engine starts (ports, file descriptors and two cores).
+pub const MAX_REAL_AGENTS: usize = 256;
+
+fn mib_rate(mibps: f64) -> ByteSize {
+    if mibps <= 0.0 || !mibps.is_finite() {
+        ByteSize(0)
+    } else {
+        ByteSize((mibps * (1u64 << 20) as f64) as u64)
+    }
+}
+
+/// Runs `scenario` on the real stack.
+pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
+    scenario.validate()?;
+    anyhow::ensure!(
+        scenario.agents <= MAX_REAL_AGENTS,
+        "the real stack runs at most {MAX_REAL_AGENTS} agents on one machine; use `arcade-sim model` for {}",
+        scenario.agents
+    );
+    let mib = 1u64 << 20;
+    let sizes = scenario.plugin_bytes();
+    let total = scenario.total_bytes();
+    let dir = tempfile::tempdir()?;
+    let mut cc = CoordinatorConfig {
+        listen: "127.0.0.1:0".into(),
+        metrics_listen: "off".into(),
+        data_dir: dir.path().join("coordinator"),
+        ..Default::default()
+    };
+    cc.plugin.max_plugin_size = ByteSize(sizes.iter().max().copied().unwrap_or(0) + mib);
+    cc.plugin.chunk_size = ByteSize(scenario.chunk_bytes());
+    cc.serve.egress_rate = mib_rate(scenario.server.up_mibps);
+    cc.jobs.heartbeat_interval = Seconds(Duration::from_millis(500));
+    cc.jobs.lease_ttl = Seconds::secs(120);
+    let coordinator = RunningCoordinator::start(cc.validate()?).await?;
+    let conn = Conn::of(&coordinator);
+
+    let mut plugins = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let id = format!("sim/plugin-{i}");
+        let pushed = conn
+            .push_generated(&id, "1.0.0", *size, scenario.seed.wrapping_add(i as u64))
+            .await?
+            .plugin
+            .ok_or_else(|| anyhow::anyhow!("push of {id} returned no plugin"))?;
+        plugins.push((id, pushed.sha256));
+    }
+
+    let plans = scenario.plan();
+    let agent_config = |n: usize| -> anyhow::Result<_> {
+        let mut c = AgentConfig {
+            id: format!("agent-{n:04}"),
+            coordinator: conn.url.clone(),
+            enroll_token: conn.enroll_token.clone(),
+            data_dir: dir.path().join(format!("agent-{n:04}")),
+            metrics_listen: "off".into(),
+            max_concurrent_jobs: 1,
+            ..Default::default()
+        };
+        c.labels.insert("name".into(), c.id.clone());
+        c.jobs.poll_wait = Seconds::secs(5);
+        c.download.timeout = Seconds::secs(120);
+        c.mesh.enabled = scenario.p2p;
+        c.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        c.mesh.allow_loopback = true;
+        c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
+        c.mesh.max_uploads = 16;
+        Ok(c.validate()?)
+    };
+    let mut agents: Vec<Option<RunningAgent>> = Vec::new();
+    for (n, plan) in plans.iter().enumerate() {
+        agents.push(if plan.start_s > 0.0 {
+            None
+        } else {
+            Some(RunningAgent::start(agent_config(n)?).await?)
+        });
+    }
+    // Let every agent register before the herd arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let mut jobs = conn.jobs(&conn.admin_token).await;
+    let mut ids = Vec::new();
+    for n in 0..scenario.agents {
+        let id = jobs
+            .create_job(pb::CreateJobRequest {
+                name: "swarm".into(),
+                commands: vec!["true".into()],
+                label_selector: vec![pb::Label {
+                    key: "name".into(),
+                    value: format!("agent-{n:04}"),
+                }],
+                required_plugins: plugins
+                    .iter()
+                    .map(|(id, _)| pb::RequiredPlugin {
+                        plugin_id: id.clone(),
+                        version: "1.0.0".into(),
+                        stages: vec![pb::Stage::Before as i32],
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_id;
+        ids.push(id);
+    }
+
+    let limit = Duration::from_secs_f64(
+        (10.0 * scenario.bound_seconds() + 120.0).min(3600.0)
+            + plans.iter().map(|p| p.start_s).fold(0.0, f64::max),
+    );
+    let mut outcomes: Vec<AgentOutcome> = (0..scenario.agents)
+        .map(|n| AgentOutcome {
+            agent_id: format!("agent-{n:04}"),
+            ..Default::default()
+        })
+        .collect();
+    let mut done = vec![false; scenario.agents];
+    let mut seen = Vec::new();
+    loop {
+        let t = started.elapsed().as_secs_f64();
+        for (n, plan) in plans.iter().enumerate() {
+            if plan.start_s > 0.0 && agents[n].is_none() && !done[n] && t >= plan.start_s {
+                agents[n] = Some(RunningAgent::start(agent_config(n)?).await?);
+            }
+            if let Some(leave) = plan.leave_s
+                && t >= leave
+                && !done[n]
+                && let Some(agent) = agents[n].take()
+            {
+                outcomes[n].peer_bytes = agent.metrics().fetched_from("peer");
+                outcomes[n].server_bytes = agent.metrics().fetched_from("server");
+                outcomes[n].uploaded_bytes = agent.metrics().uploaded_bytes.get();
+                outcomes[n].left = true;
+                done[n] = true;
+                drop(agent);
+            }
+        }
+        for (n, id) in ids.iter().enumerate() {
+            if done[n] {
+                continue;
+            }
+            let j = jobs
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await?
+                .into_inner()
+                .job
+                .ok_or_else(|| anyhow::anyhow!("job {id} missing"))?;
+            match j.status() {
+                pb::JobStatus::Succeeded => {
+                    let first_stage = j.plugin_results.iter().map(|r| r.start_time).min();
+                    outcomes[n].t_s =
+                        first_stage.map(|s| (s - j.created_at).max(0) as f64 / 1000.0);
+                    done[n] = true;
+                    seen.push(n);
+                }
+                pb::JobStatus::Failed => {
+                    tracing::warn!(agent = n, error = %j.error_message, "job failed");
+                    outcomes[n].failed = true;
+                    done[n] = true;
+                }
+                _ => {}
+            }
+        }
+        if done.iter().all(|d| *d) || started.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = cpu_seconds() - cpu_before;
+    let wall = started.elapsed().as_secs_f64();
+
+    let mut egress = 0;
+    for (id, _) in &plugins {
+        egress += coordinator
+            .metrics()
+            .served_bytes
+            .get_or_create(&PluginVersionLabels {
+                plugin_id: id.clone(),
+                version: "1.0.0".into(),
+            })
+            .get();
+    }
+    for (n, slot) in agents.iter().enumerate() {
+        let Some(agent) = slot else { continue };
+        let o = &mut outcomes[n];
+        o.peer_bytes = agent.metrics().fetched_from("peer");
+        o.server_bytes = agent.metrics().fetched_from("server");
+        o.uploaded_bytes = agent.metrics().uploaded_bytes.get();
+        if !done[n] {
+            o.failed = true;
+        }
+    }
+    // Hash every completed agent's plugin files against the pushed SHA-256s.
+    for &n in &seen {
+        let Some(agent) = &agents[n] else { continue };
+        let installed = agent.cache().installed()?;
+        let mut all = true;
+        for (_, sha) in &plugins {
+            let file = installed.iter().find(|c| c.sha256.to_hex() == *sha);
+            all &= match file {
+                Some(c) => sha256_file(&c.path).await? == *sha,
+                None => false,
+            };
+        }
+        outcomes[n].verified = all;
+    }
+    for agent in agents.into_iter().flatten() {
+        agent.shutdown().await?;
+    }
+    coordinator.shutdown().await;
+
+    let delivered: u64 = outcomes.iter().map(|o| o.peer_bytes + o.server_bytes).sum();
+    let mut report = FleetReport {
+        engine: "real".into(),
+        scenario: scenario.name.clone(),
+        p2p: scenario.p2p,
+        seed: scenario.seed,
+        agents: scenario.agents,
+        size_bytes: total,
+        chunk_bytes: scenario.chunk_bytes(),
+        server_egress_bytes: egress,
+        wall_s: wall,
+        cpu_s_per_gib: cpu / (delivered as f64 / (1u64 << 30) as f64).max(1e-9),
+        per_agent: outcomes,
+        ..Default::default()
+    };
+    report.summarise(scenario.bound_seconds());
+    Ok(report)
+}
+
+/// SHA-256 of a file, hex, read in 1 MiB blocks off the async runtime.
+async fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    })
+    .await?
+}
