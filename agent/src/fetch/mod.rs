@@ -21,6 +21,7 @@
 //! buffers; nothing scales with plugin size.
 
 mod run;
+pub use run::PEER_BUSY_RETRY;
 pub mod source;
 
 use std::collections::HashMap;

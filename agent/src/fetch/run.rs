@@ -18,7 +18,7 @@ use std::time::Duration;
 use arcade_p2p::Manifest;
 use arcade_p2p::PluginRef;
 use arcade_p2p::mesh::bitfield::Bitfield;
-use arcade_p2p::mesh::host::Multiaddr;
+use arcade_p2p::mesh::host::{MeshError, Multiaddr};
 use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, Source};
 use arcade_p2p::mesh::ticket::PeerId;
 use futures::StreamExt;
@@ -31,6 +31,9 @@ use crate::metrics::SourceLabel;
 
 /// Record progress after this many new chunks.
 const PROGRESS_EVERY: usize = 8;
+
+/// A peer that answered busy (every upload slot taken) is left alone this long.
+pub const PEER_BUSY_RETRY: Duration = Duration::from_millis(100);
 
 /// What a finished task reports.
 pub(super) enum Outcome {
@@ -251,7 +254,16 @@ impl FetchRun<'_> {
                         .handle()
                         .chunk(peer, addrs, &content, chunk)
                         .await
-                        .map_err(|e| SourceError::transient(format!("peer {peer}: {e}")));
+                        .map_err(|e| {
+                            let busy = matches!(
+                                &e,
+                                MeshError::Refused { reason, .. }
+                                    if *reason == arcade_proto::v1::Refusal::Busy
+                            );
+                            let mut error = SourceError::transient(format!("peer {peer}: {e}"));
+                            error.busy = busy.then_some(PEER_BUSY_RETRY);
+                            error
+                        });
                     Outcome::Chunk {
                         source: Source::Peer(peer),
                         index: chunk,
@@ -399,6 +411,18 @@ impl FetchRun<'_> {
         let now = self.now();
         self.last_error = error.message.clone();
         let mut actions = Vec::new();
+        if let Source::Peer(peer) = source
+            && let Some(retry_after) = error.busy
+        {
+            return Ok(self.scheduler.handle(
+                now,
+                Event::PeerBusy {
+                    peer,
+                    chunk: index,
+                    retry_after,
+                },
+            ));
+        }
         if let Source::Peer(_) = source {
             return Ok(self.scheduler.handle(
                 now,

@@ -53,7 +53,9 @@
 //!   hedges and fallbacks happen only inside `handle`. `now` must not go backwards.
 //! - Answer each [`Action::Request`] with exactly one of [`Event::ChunkArrived`] (after
 //!   verifying and writing the chunk), [`Event::ChunkBad`] or [`Event::RequestFailed`]
-//!   — or, for the server, [`Event::ServerBusy`].
+//!   — or, for a peer out of upload slots, [`Event::PeerBusy`] (no strike; the peer is
+//!   left alone for a while), for the server [`Event::ServerBusy`] or
+//!   [`Event::ServerDeferred`].
 //! - [`Action::Cancel`] voids a request: abort it and drop its answer. A request that
 //!   timed out is cancelled this way. [`Event::ServerBusy`] voids every outstanding
 //!   server request (each gets a `Cancel`).
@@ -208,6 +210,18 @@ pub enum Event<P> {
         /// The chunk.
         chunk: u32,
     },
+    /// A peer refused a request because every upload slot it has is taken: the request
+    /// is void, and the peer is not asked for anything before `now + retry_after`. Not a
+    /// failure and no strike: a popular holder is busy, not broken (a swarm where busy
+    /// answers counted as strikes banned its best holders in a herd).
+    PeerBusy {
+        /// The peer.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+        /// How long to leave the peer alone.
+        retry_after: Duration,
+    },
     /// A request failed (error or refusal); a strike for a peer.
     RequestFailed {
         /// Who was asked.
@@ -289,6 +303,8 @@ pub struct SchedulerStats {
     pub failures: u64,
     /// [`Event::ServerBusy`] answers received.
     pub server_busy: u64,
+    /// [`Event::PeerBusy`] answers received.
+    pub peer_busy: u64,
 }
 
 /// One outstanding request.
@@ -314,6 +330,8 @@ struct ChunkSlot<P> {
 struct PeerSlot {
     have: Bitfield,
     inflight: usize,
+    /// Not asked before this time (it answered busy).
+    busy_until: Duration,
 }
 
 /// `(eligible holders, random key, chunk)`: the rarest-first order.
@@ -415,6 +433,21 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             Event::Have { peer, chunk } => self.announce(&peer, chunk),
             Event::ChunkArrived { source, chunk } => self.chunk_arrived(source, chunk, &mut out),
             Event::ChunkBad { source, chunk } => self.chunk_bad(now, source, chunk, &mut out),
+            Event::PeerBusy {
+                peer,
+                chunk,
+                retry_after,
+            } => {
+                if self
+                    .drop_request(chunk, &Source::Peer(peer.clone()))
+                    .is_some()
+                {
+                    self.stats.peer_busy += 1;
+                    if let Some(slot) = self.peers.get_mut(&peer) {
+                        slot.busy_until = slot.busy_until.max(now.saturating_add(retry_after));
+                    }
+                }
+            }
             Event::RequestFailed { source, chunk } => {
                 if self.drop_request(chunk, &source).is_some() {
                     self.stats.failures += 1;
@@ -493,6 +526,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         self.peers.entry(peer.clone()).or_insert_with(|| PeerSlot {
             have: Bitfield::new(chunks),
             inflight: 0,
+            busy_until: Duration::ZERO,
         });
         for c in have.iter_set().take_while(|&c| c < chunks) {
             self.announce(&peer, c);
@@ -705,7 +739,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let mut free_peers = self
             .peers
             .values()
-            .filter(|s| s.inflight < per_peer)
+            .filter(|s| s.inflight < per_peer && s.busy_until <= now)
             .count();
         let mut cursor: Option<QueueKey> = None;
         while free_peers > 0 && self.inflight_total < self.config.max_inflight_total {
@@ -720,7 +754,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             let Some(key) = next else { break };
             cursor = Some(key);
             let c = key.2;
-            if let Some(peer) = self.pick_peer(c) {
+            if let Some(peer) = self.pick_peer(now, c) {
                 if self.peers[&peer].inflight + 1 == per_peer {
                     free_peers -= 1;
                 }
@@ -782,7 +816,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         if self.inflight_total >= self.config.max_inflight_total {
             return;
         }
-        let source = match self.pick_peer(c) {
+        let source = match self.pick_peer(now, c) {
             Some(peer) => Source::Peer(peer),
             None if server_ok
                 && self.server_available(now)
@@ -798,7 +832,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     /// The least-loaded connected peer that announced `c`, did not fail it, has a free
     /// slot and is not already asked for `c`; random among equals.
-    fn pick_peer(&mut self, c: u32) -> Option<P> {
+    fn pick_peer(&mut self, now: Duration, c: u32) -> Option<P> {
         let per_peer = self.config.max_inflight_per_peer;
         let failed = &self.slots[c as usize].failed;
         let asked = self.outstanding.get(&c);
@@ -806,6 +840,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let mut ties = 0u64;
         for (peer, slot) in &self.peers {
             if slot.inflight >= per_peer
+                || slot.busy_until > now
                 || !slot.have.get(c)
                 || failed.contains(peer)
                 || asked.is_some_and(|reqs| reqs.iter().any(|r| is_peer(&r.source, peer)))

@@ -192,6 +192,43 @@ fn prefers_the_least_loaded_holder() {
 }
 
 #[test]
+fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
+    let mut s = Scheduler::new(8, Bitfield::new(8), no_server(), 5);
+    let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(8))));
+    assert_eq!(first.len(), 4, "max_inflight_per_peer");
+    // Busy answers, many more than max_strikes: no ban, no re-ask during the pause.
+    let mut t = 1;
+    for round in 0..5 {
+        let asked = requested(&s.handle(ms(t), Event::Tick));
+        let asked = if round == 0 { first.clone() } else { asked };
+        assert_eq!(asked.len(), 4, "round {round}: asked again after the pause");
+        for (source, chunk) in asked {
+            let Source::Peer(peer) = source else {
+                panic!("no server here")
+            };
+            let out = s.handle(
+                ms(t),
+                Event::PeerBusy {
+                    peer,
+                    chunk,
+                    retry_after: ms(100),
+                },
+            );
+            assert!(requested(&out).is_empty(), "not asked while busy");
+            assert!(!out.iter().any(|a| matches!(a, Action::Ban { .. })));
+        }
+        assert!(requested(&s.handle(ms(t + 50), Event::Tick)).is_empty());
+        t += 100;
+    }
+    assert!(!s.is_banned(&1));
+    assert_eq!(s.stats().peer_busy, 20);
+    assert_eq!(s.stats().bans, 0);
+    // Other peers are still used while one is busy.
+    let more = requested(&s.handle(ms(t - 50), joined(2, Bitfield::full(8))));
+    assert!(!more.is_empty() && more.iter().all(|(src, _)| *src == P(2)));
+}
+
+#[test]
 fn server_waits_for_the_fallback_delay_and_gets_only_chunks_no_peer_has() {
     let mut s = Scheduler::new(10, Bitfield::new(10), SchedulerConfig::default(), 3);
     let to_peer = requested(&s.handle(ms(0), joined(1, bits(10, 0..5))));
