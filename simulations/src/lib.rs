@@ -7,8 +7,7 @@
 //! - [`fleet`] — runs scenarios on either engine, compares, sweeps, writes `--out` dirs.
 //! - [`process`] — real coordinator child processes (for benchmarks and crash tests).
 //! - [`client`] — authenticated gRPC clients and streaming push/download helpers.
-//! - [`model`] — the discrete-event model (`arcade-sim model`): the real scheduler and
-//!   herd policy over simulated links, for fleets of thousands of agents.
+//! - [`model`] — the discrete-event model: the real scheduler and herd over simulated links.
 //! - [`report`] — the figures of a fleet run, the same for both engines (`--json`).
 //! - [`chart`] — dependency-free SVG charts of fleet runs (CDFs, stacked bars, lines).
 //! - [`sample`] — deterministic generated content and sample plugins.

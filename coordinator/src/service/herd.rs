@@ -17,6 +17,11 @@ use arcade_p2p::ContentId;
 /// How long a redirected agent leaves the chunk to its peers before asking again.
 pub const REDIRECT_RETRY_AFTER: Duration = Duration::from_millis(300);
 
+/// Most holders named in one redirect. Naming every recent holder sent a fleet of
+/// thousands to the first few agents served (and grew the answer without bound); a few,
+/// chosen differently for each asker and each retry, spread the askers over the swarm.
+pub const MAX_REDIRECT_HOLDERS: usize = 4;
+
 /// The decision for one chunk request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -72,7 +77,7 @@ impl Herd {
             .served
             .get(&chunk)
             .is_some_and(|l| l.iter().any(|(a, _)| a == agent));
-        let holders: Vec<String> = state
+        let mut holders: Vec<String> = state
             .served
             .get(&chunk)
             .into_iter()
@@ -84,6 +89,14 @@ impl Herd {
             .redirects
             .entry((agent.to_owned(), chunk))
             .or_default();
+        if holders.len() > MAX_REDIRECT_HOLDERS {
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut h = DefaultHasher::new();
+            (agent, chunk, *count).hash(&mut h);
+            let start = (h.finish() % holders.len() as u64) as usize;
+            holders.rotate_left(start);
+            holders.truncate(MAX_REDIRECT_HOLDERS);
+        }
         if asked_before || holders.is_empty() || *count >= self.max_redirects {
             // Served: from now on this agent is the chunk's holder (it arrives there
             // in about one transfer time), so concurrent askers are pointed at it.
@@ -138,6 +151,30 @@ mod tests {
         assert_eq!(h.admit(c, 0, "b", t, |_| true), Admission::Serve);
         // The holder itself is always served.
         assert_eq!(h.admit(c, 0, "a", t, |_| true), Admission::Serve);
+    }
+
+    #[test]
+    fn a_redirect_names_a_few_holders_and_different_askers_get_different_ones() {
+        let c = ContentId::of_bytes(b"c");
+        let t = Instant::now();
+        let mut h = Herd::new(Duration::from_secs(60), 8);
+        for i in 0..100 {
+            h.served(c, 0, &format!("h{i}"), t);
+        }
+        let mut named = std::collections::BTreeSet::new();
+        for asker in 0..50 {
+            let Admission::Redirect(holders) = h.admit(c, 0, &format!("a{asker}"), t, |_| true)
+            else {
+                panic!("redirect expected")
+            };
+            assert_eq!(holders.len(), MAX_REDIRECT_HOLDERS);
+            named.extend(holders);
+        }
+        assert!(
+            named.len() > 50,
+            "askers spread over the holders: {}",
+            named.len()
+        );
     }
 
     #[test]

@@ -743,8 +743,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             .count();
         let mut cursor: Option<QueueKey> = None;
         while free_peers > 0 && self.inflight_total < self.config.max_inflight_total {
+            // Chunks no peer holds (eligible = 0) sort first; skip them without a look.
             let next = match cursor {
-                None => self.queue.first().copied(),
+                None => self.queue.range((1, 0, 0)..).next().copied(),
                 Some(k) => self
                     .queue
                     .range((Bound::Excluded(k), Bound::Unbounded))

@@ -29,8 +29,9 @@
 //! - **Agent uplink: a FIFO with upload slots.** A chunk request reaches the uploader one
 //!   latency after it is sent. It takes one of the uploader's `max_uploads` upload slots
 //!   or is refused busy (no queue, like the host's `REFUSAL_BUSY`); the refusal travels
-//!   back one latency and the agent driver turns it into [`Event::RequestFailed`] (a
-//!   strike), as `agent/src/fetch/run.rs` does (see [`PeerBusy`]). An admitted transfer
+//!   back one latency and the agent driver turns it into [`Event::PeerBusy`] (no strike;
+//!   the peer is paused for `PEER_BUSY_RETRY`), as `agent/src/fetch/run.rs` does (see
+//!   [`PeerBusy`]). An admitted transfer
 //!   of `c` bytes starts when the uplink is free (`start = max(now, uplink_free)`,
 //!   `uplink_free = start + c/up`). The host holds a slot while its node-wide upload
 //!   limiter (a token bucket with a 1 MiB burst, paid in debt) meters the chunk out, so
@@ -73,13 +74,15 @@
 //! agent starts (the hints' first answers) and then every 250 ms; the phase of both
 //! timers is drawn per agent (real agents pick up their jobs at different moments, so
 //! their timers are not in step). A peer's first answer is [`Event::PeerJoined`] with its
-//! bitfield; a later answer that holds new chunks is one `PeerJoined` with just those
-//! (the scheduler adds it to what the peer announced; the real driver feeds one
-//! [`Event::Have`] per new chunk — the same information at the same instant, scheduled
-//! once instead of once per chunk). An answer reflects the peer's holdings at the
-//! instant it is delivered (a real answer is one latency older). A peer that has not
+//! bitfield; a later answer that holds new chunks is one `PeerJoined` with those
+//! this agent still misses (the scheduler adds it to what the peer announced and
+//! ignores announced chunks it already holds; the real driver feeds one [`Event::Have`]
+//! per new chunk — the same information at the same instant, scheduled once instead of
+//! once per chunk); an answer with nothing missing is not fed at all (the scheduler's
+//! timers still run at the agent's next event or tick). An answer reflects the peer's
+//! holdings at the instant it is delivered (a real answer is one latency older). A peer that has not
 //! started yet, or has left, does not answer. Chunks become [`Event::ChunkArrived`];
-//! busy refusals [`Event::RequestFailed`]; a departed peer becomes [`Event::PeerLeft`]
+//! busy refusals [`Event::PeerBusy`]; a departed peer becomes [`Event::PeerLeft`]
 //! one latency after it left (its unfinished uploads are lost; that event voids the
 //! requests); [`Action::Cancel`] and [`Action::Ban`] drop the answers, as the driver
 //! aborts its tasks, and a banned peer is no longer polled.
@@ -115,6 +118,7 @@
 //! [`Event::ServerDeferred`]: arcade_p2p::mesh::scheduler::Event::ServerDeferred
 //! [`Event::ServerBusy`]: arcade_p2p::mesh::scheduler::Event::ServerBusy
 //! [`Event::RequestFailed`]: arcade_p2p::mesh::scheduler::Event::RequestFailed
+//! [`Event::PeerBusy`]: arcade_p2p::mesh::scheduler::Event::PeerBusy
 //! [`Event::PeerJoined`]: arcade_p2p::mesh::scheduler::Event::PeerJoined
 //! [`Event::Have`]: arcade_p2p::mesh::scheduler::Event::Have
 //! [`Event::ChunkArrived`]: arcade_p2p::mesh::scheduler::Event::ChunkArrived
@@ -178,15 +182,16 @@ pub struct ModelOptions {
     /// three coordinator `jobs.heartbeat_interval`s, 30 s).
     pub holder_stale_after: Duration,
     /// What the agent driver does with a peer's busy refusal (default
-    /// [`PeerBusy::Fail`], as `agent/src/fetch/run.rs` does).
+    /// [`PeerBusy::Pause`] for the agent's `PEER_BUSY_RETRY`, as `agent/src/fetch/run.rs`
+    /// does).
     pub peer_busy: PeerBusy,
     /// Stop at this simulated time (None: 100 × the scenario's bound + 60 s).
     pub max_sim_time: Option<Duration>,
-    /// Stop after this many events.
+    /// Stop after this many events (default 2 × 10⁹).
     pub max_events: u64,
-    /// Stop after this much wall-clock time (a safety net for fleets whose run would
-    /// take hours; a run cut short this way is not reproducible, and says so in
-    /// [`ModelStats::capped`]).
+    /// Stop after this much wall-clock time (default 5 min): a safety net for runs that
+    /// would take hours (a fleet that collapses onto the coordinator). A run cut short
+    /// this way is not reproducible; [`ModelStats::capped`] says so.
     pub max_wall: Option<Duration>,
     /// Print one line of progress to stderr per simulated second.
     pub progress: bool,
@@ -213,12 +218,30 @@ impl Default for ModelOptions {
             server_busy_retry: Duration::from_millis(200),
             server_rpc_cost: Duration::ZERO,
             holder_stale_after: jobs.heartbeat_interval.get() * 3,
-            peer_busy: PeerBusy::Fail,
+            peer_busy: PeerBusy::Pause(arcade_agent::fetch::PEER_BUSY_RETRY),
             max_sim_time: None,
             max_events: 2_000_000_000,
-            max_wall: Some(Duration::from_secs(600)),
+            max_wall: Some(Duration::from_secs(300)),
             progress: false,
         }
+    }
+}
+
+impl ModelOptions {
+    /// The defaults with the settings the real-stack engine ([`crate::swarm`]) gives its
+    /// coordinator and agents, for comparing the two engines on one scenario:
+    /// `mesh.max_uploads = 16`, `serve.max_streams = 4 × agents + 16`,
+    /// `download.timeout = 120 s` and a 500 ms heartbeat (a departed holder is noticed
+    /// after 1.5 s).
+    pub fn like_swarm_engine(scenario: &Scenario) -> Self {
+        let mut o = Self {
+            max_uploads: 16,
+            max_streams: 4 * scenario.agents + 16,
+            holder_stale_after: Duration::from_millis(1500),
+            ..Self::default()
+        };
+        o.scheduler.request_timeout = Duration::from_secs(120);
+        o
     }
 }
 
@@ -226,9 +249,14 @@ impl Default for ModelOptions {
 /// slot taken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerBusy {
+    /// Feed [`Event::PeerBusy`](arcade_p2p::mesh::scheduler::Event::PeerBusy): the
+    /// request is void and the peer is not asked for anything for this long, no strike.
+    /// What the real driver does.
+    Pause(Duration),
     /// Feed [`Event::RequestFailed`](arcade_p2p::mesh::scheduler::Event::RequestFailed):
     /// a strike for the peer, which is not asked for that chunk again while the
-    /// coordinator is allowed. What the real driver does.
+    /// coordinator is allowed. What the real driver did before busy answers were
+    /// paused; kept for studies.
     Fail,
     /// Keep the request outstanding and ask the same peer again after this delay (plus
     /// one latency); the scheduler is not told. A driver-only alternative, for studies.

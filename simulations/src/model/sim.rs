@@ -19,6 +19,8 @@ const SERVER: u32 = u32::MAX;
 const MISSING: u32 = u32::MAX - 1;
 /// No time at all.
 const NEVER: u64 = u64::MAX;
+/// An agent that does not answer bitfield queries (not started, or gone).
+const NO_ANSWER: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -36,6 +38,8 @@ enum Ev {
     PeerReq(u32),
     /// A peer's busy refusal reaches the requester.
     Refused(u32),
+    /// The requester asks a busy peer again ([`PeerBusy::Retry`]).
+    Resend(u32),
     /// The last byte of a transfer left its uplink.
     UpDone(u32),
     /// A chunk reaches its requester.
@@ -245,6 +249,9 @@ pub(super) struct Sim<'a> {
     chunk_bytes: u64,
     plugins: Vec<Plugin>,
     agents: Vec<Agent>,
+    /// Per agent and plugin (`agent × plugins + plugin`): the chunks a bitfield query
+    /// would list (its arrival log's length), or `NO_ANSWER`.
+    answers: Vec<u32>,
     names: Vec<String>,
     /// Agent indices by start time.
     by_start: Vec<u32>,
@@ -352,6 +359,7 @@ impl<'a> Sim<'a> {
             plugins,
             names: (0..agents.len()).map(|n| format!("agent-{n:04}")).collect(),
             unfinished: agents.len(),
+            answers: vec![NO_ANSWER; agents.len() * scenario.plugins.len()],
             agents,
             by_start,
             server_ns_per_byte: ns_per_byte(scenario.server.up_bps()),
@@ -449,6 +457,7 @@ impl<'a> Sim<'a> {
             Ev::Poll { agent, edge } => self.poll_edge(agent as usize, edge as usize),
             Ev::PeerReq(tid) => self.peer_request(tid),
             Ev::Refused(tid) => self.refused(tid),
+            Ev::Resend(tid) => self.resend(tid),
             Ev::UpDone(tid) => self.up_done(tid),
             Ev::Arrive(tid) => self.arrive(tid),
             Ev::ServerReq(tid) => self.server_arrival(tid),
@@ -674,6 +683,8 @@ impl<'a> Sim<'a> {
             return;
         }
         self.agents[a].started = true;
+        let np = self.plugins.len();
+        self.answers[a * np..(a + 1) * np].fill(0);
         if self.p2p {
             self.hints(a);
         }
@@ -737,6 +748,8 @@ impl<'a> Sim<'a> {
             return;
         }
         self.agents[a].left_at = Some(self.now);
+        let np = self.plugins.len();
+        self.answers[a * np..(a + 1) * np].fill(NO_ANSWER);
         self.mark_finished(a);
         let agent = &mut self.agents[a];
         for run in &mut agent.runs {
@@ -832,28 +845,40 @@ impl<'a> Sim<'a> {
 
     /// A bitfield answer from agent `a`'s `i`-th peer to its fetch of plugin `p`.
     fn poll(&mut self, a: usize, p: usize, i: usize) {
-        let b = self.agents[a].neigh[i];
+        let b = self.agents[a].neigh[i] as usize;
         let view = self.agents[a].runs[p].views[i];
         if view.closed {
             return;
         }
-        let peer = &self.agents[b as usize];
-        if !peer.started || peer.left_at.is_some() {
+        let count = self.answers[b * self.plugins.len() + p];
+        if count == NO_ANSWER || (view.joined && count == view.seen) {
             return;
         }
-        let log = &peer.runs[p].log;
-        let count = log.len() as u32;
-        if view.joined && count == view.seen {
-            return;
-        }
-        let mut have = Bitfield::new(self.plugins[p].chunks);
-        for &c in &log[view.seen as usize..] {
-            have.set(c);
+        // Only chunks this agent misses: the scheduler ignores announced chunks it
+        // already holds, so an answer with nothing else is not worth a call.
+        let mine = &self.agents[a].runs[p].src;
+        let mut have: Option<Bitfield> = None;
+        for &c in &self.agents[b].runs[p].log[view.seen as usize..count as usize] {
+            if mine[c as usize] == MISSING {
+                have.get_or_insert_with(|| Bitfield::new(self.plugins[p].chunks))
+                    .set(c);
+            }
         }
         let v = &mut self.agents[a].runs[p].views[i];
+        let first = !v.joined;
         v.joined = true;
         v.seen = count;
-        self.feed(a, p, Event::PeerJoined { peer: b, have });
+        if first || have.is_some() {
+            let have = have.unwrap_or_else(|| Bitfield::new(self.plugins[p].chunks));
+            self.feed(
+                a,
+                p,
+                Event::PeerJoined {
+                    peer: b as u32,
+                    have,
+                },
+            );
+        }
     }
 
     // ----- peer transfers -----------------------------------------------------------
@@ -890,17 +915,8 @@ impl<'a> Sim<'a> {
         let t = &self.transfers[tid as usize];
         let (from, a, p, chunk) = (t.from, t.to as usize, t.plugin as usize, t.chunk);
         if let PeerBusy::Retry(delay) = self.opts.peer_busy {
-            let run = &self.agents[a].runs[p];
-            let live = !self.gone(a)
-                && run.state == RunState::Active
-                && run
-                    .outstanding
-                    .iter()
-                    .any(|o| o.tid == tid && o.src == from && o.chunk == chunk);
-            if live {
-                // Ask the same peer again later; the scheduler is not told.
-                let at = self.now + to_ns(delay) + self.lat(a, from);
-                self.push(at, Ev::PeerReq(tid));
+            if self.is_outstanding(a, p, from, chunk, tid) {
+                self.push(self.now + to_ns(delay), Ev::Resend(tid));
                 return;
             }
         }
@@ -909,15 +925,42 @@ impl<'a> Sim<'a> {
             return;
         }
         if self.take_outstanding(a, p, from, chunk, tid) {
-            self.feed(
-                a,
-                p,
-                Event::RequestFailed {
+            let event = match self.opts.peer_busy {
+                PeerBusy::Pause(retry_after) => Event::PeerBusy {
+                    peer: from,
+                    chunk,
+                    retry_after,
+                },
+                _ => Event::RequestFailed {
                     source: Source::Peer(from),
                     chunk,
                 },
-            );
+            };
+            self.feed(a, p, event);
         }
+    }
+
+    /// [`PeerBusy::Retry`]: the driver asks the same peer again, unless the request was
+    /// cancelled meanwhile (the scheduler is not told about the refusal).
+    fn resend(&mut self, tid: u32) {
+        let t = &self.transfers[tid as usize];
+        let (from, a, p, chunk) = (t.from, t.to as usize, t.plugin as usize, t.chunk);
+        if self.is_outstanding(a, p, from, chunk, tid) {
+            let at = self.now + self.lat(a, from);
+            self.push(at, Ev::PeerReq(tid));
+        } else {
+            self.release(tid);
+        }
+    }
+
+    fn is_outstanding(&self, a: usize, p: usize, src: u32, chunk: u32, tid: u32) -> bool {
+        let run = &self.agents[a].runs[p];
+        !self.gone(a)
+            && run.state == RunState::Active
+            && run
+                .outstanding
+                .iter()
+                .any(|o| o.tid == tid && o.src == src && o.chunk == chunk)
     }
 
     /// Removes the outstanding request `(src, chunk)` of transfer `tid`; false when it
@@ -984,6 +1027,7 @@ impl<'a> Sim<'a> {
         if run.src[chunk as usize] == MISSING {
             run.src[chunk as usize] = from;
             run.log.push(chunk);
+            self.answers[a * self.plugins.len() + p] += 1;
             if from == SERVER {
                 agent.server_bytes += bytes;
             } else {

@@ -196,8 +196,9 @@ fn a_run_that_cannot_finish_stops_and_reports_failures() {
     assert!(m.report.per_agent.iter().all(|a| a.failed && !a.verified));
 }
 
-/// Figures for the model's fleets: `cargo test --release -p arcade-simulations model --
-/// --ignored --nocapture` (N = 8, 64, 1000 and `scenarios/model-10k.toml`).
+/// Figures for the model's fleets with the real defaults: `cargo test --release -p
+/// arcade-simulations --lib model::tests::figures -- --ignored --nocapture` runs
+/// `scenarios/model-10k.toml` at N = 8, 64, 1000 and 10,000 (`MODEL_N=64` for one).
 #[test]
 #[ignore = "release-build figures; run explicitly"]
 fn figures() {
@@ -219,65 +220,95 @@ fn figures() {
         let r = &m.report;
         println!("{}", r.table());
         println!(
-            "N={n} wall {wall:.2} s · t_all/t_min {:.3} · server_egress_ratio {:.3} · {:?}\n",
+            "N={n} wall {wall:.2} s · t_all/t_min {:.3} · server_egress_ratio {:.3}\n{:?}\n",
             r.t_all_over_t_min, r.server_egress_ratio, m.stats
         );
-        assert_eq!(r.failed, 0);
-        assert!(r.verified);
     }
 }
 
+/// One run with knobs from the environment, for studies: `S=path.toml` (default: 16
+/// agents × 64 MiB at 20/20 MiB/s), `N`, `CHUNK` (KiB), `OFF` (mesh off), `UPLOADS`,
+/// `STREAMS`, `REDIRECTS`, `PEERS`, `RETRY_MS` ([`PeerBusy::Retry`]), `RPC_US`, `MAXT`
+/// (simulated s), `WALL` (s), `PROGRESS`. `cargo test --release -p arcade-simulations
+/// --lib model::tests::explore -- --ignored --nocapture`.
 #[test]
-#[ignore = "scratch"]
-fn scratch() {
+#[ignore = "a study tool; run explicitly"]
+fn explore() {
     let env = |k: &str| std::env::var(k).ok();
+    let num = |k: &str| env(k).map(|v| v.parse::<u64>().expect("a number"));
     let mut s = match env("S") {
-        Some(p) => Scenario::load(Path::new(&p)).unwrap(),
+        Some(p) => Scenario::load(Path::new(&p)).expect("scenario"),
         None => Scenario::uniform(16, 64, 20.0, 20.0),
     };
-    if let Some(n) = env("N") {
-        s.agents = n.parse().unwrap();
+    let mut o = ModelOptions::default();
+    if let Some(n) = num("N") {
+        s.agents = n as usize;
     }
-    if let Some(n) = env("CHUNK") {
-        s.chunk_kib = n.parse().unwrap();
+    if let Some(n) = num("CHUNK") {
+        s.chunk_kib = n;
     }
     if env("OFF").is_some() {
         s.p2p = false;
     }
-    let mut o = ModelOptions::default();
-    if let Some(n) = env("UPLOADS") {
-        o.max_uploads = n.parse().unwrap();
+    if let Some(n) = num("UPLOADS") {
+        o.max_uploads = n as usize;
     }
-    if let Some(n) = env("STREAMS") {
-        o.max_streams = n.parse().unwrap();
+    if let Some(n) = num("STREAMS") {
+        o.max_streams = n as usize;
     }
-    if let Some(n) = env("REDIRECTS") {
-        o.max_redirects = n.parse().unwrap();
+    if let Some(n) = num("REDIRECTS") {
+        o.max_redirects = n as u32;
     }
-    if let Some(n) = env("PEERS") {
-        o.peers_per_agent = n.parse().unwrap();
+    if let Some(n) = num("PEERS") {
+        o.peers_per_agent = n as usize;
     }
-    if let Some(n) = env("RETRY_MS") {
-        o.peer_busy = PeerBusy::Retry(Duration::from_millis(n.parse().unwrap()));
+    if let Some(n) = num("RETRY_MS") {
+        o.peer_busy = PeerBusy::Retry(Duration::from_millis(n));
     }
-    if let Some(n) = env("RPC_US") {
-        o.server_rpc_cost = Duration::from_micros(n.parse().unwrap());
+    if let Some(n) = num("RPC_US") {
+        o.server_rpc_cost = Duration::from_micros(n);
     }
-    if env("PROGRESS").is_some() {
-        o.progress = true;
+    if let Some(n) = num("MAXT") {
+        o.max_sim_time = Some(Duration::from_secs(n));
     }
-    if let Some(n) = env("WALL") {
-        o.max_wall = Some(Duration::from_secs(n.parse().unwrap()));
+    if let Some(n) = num("WALL") {
+        o.max_wall = Some(Duration::from_secs(n));
     }
-    if let Some(n) = env("MAXT") {
-        o.max_sim_time = Some(Duration::from_secs(n.parse().unwrap()));
-    }
+    o.progress = env("PROGRESS").is_some();
     let t = Instant::now();
-    let m = run_detailed(&s, &o).unwrap();
+    let m = run_detailed(&s, &o).expect("model run");
     println!(
-        "{}\nwall {:.2}\n{:?}",
+        "{}wall {:.2} s\n{:?}",
         m.report.table(),
         t.elapsed().as_secs_f64(),
         m.stats
     );
+}
+
+/// The README's real-stack figure (`bench-mesh`: 16 agents, 64 MiB, coordinator and
+/// agents at 20 MiB/s: 6.1 s against a 3.2 s bound, egress 1.03 × S) with the real-stack
+/// engine's settings: the model lands in the same place.
+#[test]
+fn agrees_with_the_real_stack_on_a_small_fleet() {
+    let s = Scenario::uniform(16, 64, 20.0, 20.0);
+    let m = run_detailed(&s, &ModelOptions::like_swarm_engine(&s)).expect("model run");
+    let r = &m.report;
+    assert_all_complete(r);
+    assert!(r.server_egress_ratio < 1.5, "{}", r.table());
+    assert!((1.0..2.5).contains(&r.t_all_over_t_min), "{}", r.table());
+}
+
+#[test]
+fn retrying_busy_peers_never_strikes_them() {
+    let s = small(8, 4);
+    let opts = ModelOptions {
+        max_uploads: 1,
+        peer_busy: PeerBusy::Retry(Duration::from_millis(20)),
+        ..ModelOptions::default()
+    };
+    let m = run_detailed(&s, &opts).expect("model run");
+    assert_all_complete(&m.report);
+    assert_eq!(m.report.completed, 8);
+    assert!(m.stats.peer_busy > 0, "{:?}", m.stats);
+    assert_eq!(m.stats.bans, 0, "{:?}", m.stats);
 }
