@@ -123,6 +123,14 @@ impl Bitfield {
         was_set
     }
 
+    /// ORs this bitfield's words into `acc` (as many as both have): the union of
+    /// several bitfields of the same length, one word at a time.
+    pub(crate) fn or_into(&self, acc: &mut [u64]) {
+        for (a, w) in acc.iter_mut().zip(&self.words) {
+            *a |= w;
+        }
+    }
+
     /// Whether every chunk is held (true for a bitfield of length 0).
     pub fn is_full(&self) -> bool {
         self.count == self.len

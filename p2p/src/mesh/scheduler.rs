@@ -736,11 +736,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Rarest first: requests unrequested chunks from holders with free slots.
     fn fill_from_peers(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let per_peer = self.config.max_inflight_per_peer;
-        let mut free_peers = self
-            .peers
-            .values()
-            .filter(|s| s.inflight < per_peer && s.busy_until <= now)
-            .count();
+        // The chunks some free peer holds: the others are skipped without a search.
+        let mut offered = vec![0u64; self.slots.len().div_ceil(64)];
+        let mut free_peers = 0;
+        for slot in self.peers.values() {
+            if slot.inflight < per_peer && slot.busy_until <= now {
+                free_peers += 1;
+                slot.have.or_into(&mut offered);
+            }
+        }
         let mut cursor: Option<QueueKey> = None;
         while free_peers > 0 && self.inflight_total < self.config.max_inflight_total {
             // Chunks no peer holds (eligible = 0) sort first; skip them without a look.
@@ -755,6 +759,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             let Some(key) = next else { break };
             cursor = Some(key);
             let c = key.2;
+            if offered[c as usize / 64] >> (c % 64) & 1 == 0 {
+                continue;
+            }
             if let Some(peer) = self.pick_peer(now, c) {
                 if self.peers[&peer].inflight + 1 == per_peer {
                     free_peers -= 1;
