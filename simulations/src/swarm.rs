@@ -25,9 +25,9 @@ use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
+use arcade_p2p::ContentId;
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
-use sha2::{Digest, Sha256};
 
 use crate::client::Conn;
 use crate::report::{AgentOutcome, FleetReport, cpu_seconds};
@@ -236,7 +236,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         for (_, sha) in &plugins {
             let file = installed.iter().find(|c| c.sha256.to_hex() == *sha);
             all &= match file {
-                Some(c) => sha256_file(&c.path).await? == *sha,
+                Some(c) => verify_file(c.path.clone(), c.sha256, c.size).await,
                 None => false,
             };
         }
@@ -266,22 +266,13 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     Ok(report)
 }
 
-/// SHA-256 of a file, hex, read in 1 MiB blocks off the async runtime.
-async fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&path)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(hex::encode(h.finalize()))
+/// Whether a file's size and SHA-256 match ([`arcade_p2p::manifest::verify_sha256`]),
+/// read off the async runtime.
+async fn verify_file(path: std::path::PathBuf, sha256: ContentId, size: u64) -> bool {
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&path)
+            .is_ok_and(|f| arcade_p2p::manifest::verify_sha256(f, sha256, size).is_ok())
     })
-    .await?
+    .await
+    .unwrap_or(false)
 }

@@ -24,36 +24,42 @@ const FIELDS: [&str; 14] = [
     "per_agent",
 ];
 
-fn last_json(stdout: &[u8]) -> serde_json::Value {
-    let text = String::from_utf8_lossy(stdout);
-    let last = text.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {text}"))
-}
-
-#[test]
-fn swarm_json_has_every_figure() {
-    let out = sim()
-        .args([
-            "swarm",
-            "--agents",
-            "3",
-            "--size-mib",
-            "2",
-            "--chunk-kib",
-            "256",
-            "--json",
-        ])
-        .output()
-        .expect("run arcade-sim");
+/// Runs `arcade-sim ARGS`, which must succeed, and returns the JSON object on the last
+/// line of its stdout after checking it has every field the issue names.
+fn fleet_json(args: &[std::ffi::OsString]) -> serde_json::Value {
+    let out = sim().args(args).output().expect("run arcade-sim");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v = last_json(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {text}"));
     for f in FIELDS {
         assert!(v.get(f).is_some(), "missing {f}: {v}");
     }
+    v
+}
+
+fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(Into::into).collect()
+}
+
+#[test]
+fn swarm_json_has_every_figure() {
+    let args = os(&[
+        "swarm",
+        "--agents",
+        "3",
+        "--size-mib",
+        "2",
+        "--chunk-kib",
+        "256",
+        "--json",
+    ]);
+    let v = fleet_json(&args);
     assert_eq!(v["agents"], 3);
     assert_eq!(v["completed"], 3);
     assert_eq!(v["verified"], true);
@@ -63,31 +69,20 @@ fn swarm_json_has_every_figure() {
 #[test]
 fn model_json_and_out_dir_with_charts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = sim()
-        .args([
-            "model",
-            "--agents",
-            "50",
-            "--size-mib",
-            "8",
-            "--chunk-kib",
-            "256",
-            "--compare",
-            "--json",
-            "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("run arcade-sim");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = last_json(&out.stdout);
-    for f in FIELDS {
-        assert!(v.get(f).is_some(), "missing {f}: {v}");
-    }
+    let mut args = os(&[
+        "model",
+        "--agents",
+        "50",
+        "--size-mib",
+        "8",
+        "--chunk-kib",
+        "256",
+        "--compare",
+        "--json",
+        "--out",
+    ]);
+    args.push(dir.path().into());
+    let v = fleet_json(&args);
     assert_eq!(v["completed"], 50);
     assert_eq!(v["baseline"]["p2p"], false);
     for file in [

@@ -101,6 +101,19 @@ pub struct Fetched {
     pub bytes_by_source: HashMap<&'static str, u64>,
 }
 
+/// The swarm scheduler's settings for every fetch (the model in `arcade-sim` uses them
+/// too): the scheduler's defaults with the request timeout from `download.timeout`. The
+/// coordinator is the shared, expensive source: few requests each, and duplicates only
+/// for requests stalled for a while.
+pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
+    SchedulerConfig {
+        request_timeout: download.timeout.get(),
+        server_max_inflight: 2,
+        hedge_after: Duration::from_secs(5),
+        ..SchedulerConfig::default()
+    }
+}
+
 /// Fetches plugins into the cache. Cheap to clone.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -355,14 +368,7 @@ impl Fetcher {
             scheduler: Scheduler::new(
                 manifest.chunk_count(),
                 held,
-                SchedulerConfig {
-                    request_timeout: self.config.timeout.get(),
-                    // The coordinator is the shared, expensive source: few requests
-                    // each, and duplicates only for requests stalled for a while.
-                    server_max_inflight: 2,
-                    hedge_after: Duration::from_secs(5),
-                    ..SchedulerConfig::default()
-                },
+                scheduler_config(&self.config),
                 rand::rng().random(),
             ),
             started: tokio::time::Instant::now(),

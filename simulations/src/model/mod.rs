@@ -263,18 +263,10 @@ pub enum PeerBusy {
     Retry(Duration),
 }
 
-/// The [`SchedulerConfig`] the real agent uses (`agent/src/fetch/mod.rs`,
-/// `fetch_and_publish`, where it is private): the defaults with the request timeout from
-/// `download.timeout`, at most 2 coordinator requests and hedges after 5 s.
+/// The [`SchedulerConfig`] the real agent uses with its default `[download]` settings
+/// ([`arcade_agent::fetch::scheduler_config`]).
 pub fn agent_scheduler_config() -> SchedulerConfig {
-    SchedulerConfig {
-        request_timeout: arcade_agent::config::DownloadConfig::default()
-            .timeout
-            .get(),
-        server_max_inflight: 2,
-        hedge_after: Duration::from_secs(5),
-        ..SchedulerConfig::default()
-    }
+    arcade_agent::fetch::scheduler_config(&arcade_agent::config::DownloadConfig::default())
 }
 
 /// Where one chunk of one agent's plugin came from.
