@@ -211,7 +211,8 @@ pub enum Event<P> {
         chunk: u32,
     },
     /// A peer refused a request because every upload slot it has is taken: the request
-    /// is void, and the peer is not asked for anything before `now + retry_after`. Not a
+    /// is void, and the peer is not asked for anything before `now + retry_after`, a
+    /// pause that doubles with each busy round in a row (see [`BUSY_MAX_DOUBLINGS`]). Not a
     /// failure and no strike: a popular holder is busy, not broken (a swarm where busy
     /// answers counted as strikes banned its best holders in a herd).
     PeerBusy {
@@ -332,7 +333,16 @@ struct PeerSlot {
     inflight: usize,
     /// Not asked before this time (it answered busy).
     busy_until: Duration,
+    /// Busy answers since its last chunk: each doubles the pause of the next one.
+    busy_streak: u32,
 }
+
+/// A peer's pause after a busy answer doubles with each busy answer in a row, up to
+/// `2^BUSY_MAX_DOUBLINGS` times the `retry_after` it gave; a chunk from it resets it.
+/// In a large swarm most requests to a popular holder find its slots taken; a fixed
+/// pause had every agent ask it again every `retry_after`, and busy answers outnumbered
+/// chunks 50 to 1.
+pub const BUSY_MAX_DOUBLINGS: u32 = 4;
 
 /// `(eligible holders, random key, chunk)`: the rarest-first order.
 type QueueKey = (u32, u64, u32);
@@ -443,8 +453,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                     .is_some()
                 {
                     self.stats.peer_busy += 1;
-                    if let Some(slot) = self.peers.get_mut(&peer) {
-                        slot.busy_until = slot.busy_until.max(now.saturating_add(retry_after));
+                    // Answers to requests sent before the current pause are one round.
+                    if let Some(slot) = self.peers.get_mut(&peer)
+                        && slot.busy_until <= now
+                    {
+                        let pause = retry_after.saturating_mul(1 << slot.busy_streak);
+                        slot.busy_streak = (slot.busy_streak + 1).min(BUSY_MAX_DOUBLINGS);
+                        slot.busy_until = now.saturating_add(pause);
                     }
                 }
             }
@@ -527,6 +542,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             have: Bitfield::new(chunks),
             inflight: 0,
             busy_until: Duration::ZERO,
+            busy_streak: 0,
         });
         for c in have.iter_set().take_while(|&c| c < chunks) {
             self.announce(&peer, c);
@@ -589,7 +605,12 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         }
         self.slots[c as usize].failed = Vec::new();
         match source {
-            Source::Peer(_) => self.stats.chunks_from_peers += 1,
+            Source::Peer(peer) => {
+                if let Some(slot) = self.peers.get_mut(&peer) {
+                    slot.busy_streak = 0;
+                }
+                self.stats.chunks_from_peers += 1;
+            }
             Source::Server => self.stats.chunks_from_server += 1,
         }
         if self.have.is_full() {
@@ -736,6 +757,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Rarest first: requests unrequested chunks from holders with free slots.
     fn fill_from_peers(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let per_peer = self.config.max_inflight_per_peer;
+        if self.inflight_total >= self.config.max_inflight_total
+            || self.queue.range((1, 0, 0)..).next().is_none()
+        {
+            return;
+        }
         // The chunks some free peer holds: the others are skipped without a search.
         let mut offered = vec![0u64; self.slots.len().div_ceil(64)];
         let mut free_peers = 0;
@@ -745,22 +771,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 slot.have.or_into(&mut offered);
             }
         }
-        let mut cursor: Option<QueueKey> = None;
-        while free_peers > 0 && self.inflight_total < self.config.max_inflight_total {
-            // Chunks no peer holds (eligible = 0) sort first; skip them without a look.
-            let next = match cursor {
-                None => self.queue.range((1, 0, 0)..).next().copied(),
-                Some(k) => self
-                    .queue
-                    .range((Bound::Excluded(k), Bound::Unbounded))
-                    .next()
-                    .copied(),
-            };
-            let Some(key) = next else { break };
-            cursor = Some(key);
-            let c = key.2;
-            if offered[c as usize / 64] >> (c % 64) & 1 == 0 {
-                continue;
+        // Rarest first among the chunks some free peer holds. Chunks no peer holds
+        // (eligible = 0) sort first and are skipped; requesting a chunk only takes that
+        // chunk out of the queue, so the order read up front stays valid.
+        let offered: Vec<u32> = self
+            .queue
+            .range((1, 0, 0)..)
+            .map(|k| k.2)
+            .filter(|&c| offered[c as usize / 64] >> (c % 64) & 1 == 1)
+            .collect();
+        for c in offered {
+            if free_peers == 0 || self.inflight_total >= self.config.max_inflight_total {
+                break;
             }
             if let Some(peer) = self.pick_peer(now, c) {
                 if self.peers[&peer].inflight + 1 == per_peer {

@@ -196,12 +196,7 @@ fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
     let mut s = Scheduler::new(8, Bitfield::new(8), no_server(), 5);
     let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(8))));
     assert_eq!(first.len(), 4, "max_inflight_per_peer");
-    // Busy answers, many more than max_strikes: no ban, no re-ask during the pause.
-    let mut t = 1;
-    for round in 0..5 {
-        let asked = requested(&s.handle(ms(t), Event::Tick));
-        let asked = if round == 0 { first.clone() } else { asked };
-        assert_eq!(asked.len(), 4, "round {round}: asked again after the pause");
+    let busy = |s: &mut Scheduler<u32>, t: u64, asked: Vec<(Source<u32>, u32)>| {
         for (source, chunk) in asked {
             let Source::Peer(peer) = source else {
                 panic!("no server here")
@@ -217,14 +212,41 @@ fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
             assert!(requested(&out).is_empty(), "not asked while busy");
             assert!(!out.iter().any(|a| matches!(a, Action::Ban { .. })));
         }
-        assert!(requested(&s.handle(ms(t + 50), Event::Tick)).is_empty());
-        t += 100;
+    };
+    // Busy answers, many more than max_strikes: no ban, no re-ask during the pause, and
+    // the pause doubles with each busy round up to 2^BUSY_MAX_DOUBLINGS × retry_after.
+    let (mut t, mut pause) = (1, 100);
+    let mut asked = first;
+    for round in 0..6 {
+        assert_eq!(asked.len(), 4, "round {round}: asked again after the pause");
+        busy(&mut s, t, asked);
+        assert!(
+            requested(&s.handle(ms(t + pause - 1), Event::Tick)).is_empty(),
+            "round {round}: asked before its {pause} ms pause ended"
+        );
+        t += pause;
+        pause = (pause * 2).min(100 << BUSY_MAX_DOUBLINGS);
+        asked = requested(&s.handle(ms(t), Event::Tick));
     }
     assert!(!s.is_banned(&1));
-    assert_eq!(s.stats().peer_busy, 20);
+    assert_eq!(s.stats().peer_busy, 24);
     assert_eq!(s.stats().bans, 0);
+    // A chunk from the peer ends the streak: the next busy pause is retry_after again.
+    let (got, rest) = asked.split_first().expect("asked after the last pause");
+    s.handle(
+        ms(t),
+        Event::ChunkArrived {
+            source: got.0.clone(),
+            chunk: got.1,
+        },
+    );
+    busy(&mut s, t, rest.to_vec());
+    assert!(requested(&s.handle(ms(t + 99), Event::Tick)).is_empty());
+    let again = requested(&s.handle(ms(t + 100), Event::Tick));
+    assert!(!again.is_empty(), "asked again after retry_after");
     // Other peers are still used while one is busy.
-    let more = requested(&s.handle(ms(t - 50), joined(2, Bitfield::full(8))));
+    busy(&mut s, t + 100, again);
+    let more = requested(&s.handle(ms(t + 150), joined(2, Bitfield::full(8))));
     assert!(!more.is_empty() && more.iter().all(|(src, _)| *src == P(2)));
 }
 
