@@ -37,7 +37,10 @@
 //!   [`request_timeout`](SchedulerConfig::request_timeout) is cancelled and counts as a
 //!   failure.
 //! - **Misbehaviour.** A bad chunk bans its peer at once. A failure or timeout is a
-//!   strike, and [`max_strikes`](SchedulerConfig::max_strikes) strikes ban the peer. A
+//!   strike, and so is losing a race for a chunk after holding its request for
+//!   `hedge_after` or longer (a stalled or very slow peer: its request never times out
+//!   because the hedge's win cancels it first);
+//!   [`max_strikes`](SchedulerConfig::max_strikes) strikes ban the peer. A
 //!   banned peer's bitfield and requests are forgotten and its later events ignored.
 //!   While the server is allowed, a peer that failed a chunk is not asked for that chunk
 //!   again; without the server it may be asked again (until its strikes ban it), so
@@ -306,6 +309,8 @@ pub struct SchedulerStats {
     pub server_busy: u64,
     /// [`Event::PeerBusy`] answers received.
     pub peer_busy: u64,
+    /// Strikes for losing a race after holding a request for `hedge_after` or longer.
+    pub slow_strikes: u64,
 }
 
 /// One outstanding request.
@@ -441,7 +446,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 self.remove_peer(now, &peer);
             }
             Event::Have { peer, chunk } => self.announce(&peer, chunk),
-            Event::ChunkArrived { source, chunk } => self.chunk_arrived(source, chunk, &mut out),
+            Event::ChunkArrived { source, chunk } => {
+                self.chunk_arrived(now, source, chunk, &mut out)
+            }
             Event::ChunkBad { source, chunk } => self.chunk_bad(now, source, chunk, &mut out),
             Event::PeerBusy {
                 peer,
@@ -586,16 +593,28 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         }
     }
 
-    fn chunk_arrived(&mut self, source: Source<P>, c: u32, out: &mut Vec<Action<P>>) {
+    fn chunk_arrived(
+        &mut self,
+        now: Duration,
+        source: Source<P>,
+        c: u32,
+        out: &mut Vec<Action<P>>,
+    ) {
         if self.have.get(c) || !self.has_request(c, &source) {
             return;
         }
         self.detach(c);
         self.have.set(c);
         let reqs = self.outstanding.remove(&c).unwrap_or_default();
+        let mut slow = Vec::new();
         for r in reqs {
             self.release(&r.source);
             if r.source != source {
+                if let Source::Peer(peer) = &r.source
+                    && now.saturating_sub(r.sent) >= self.config.hedge_after
+                {
+                    slow.push(peer.clone());
+                }
                 self.stats.cancels += 1;
                 out.push(Action::Cancel {
                     source: r.source,
@@ -615,6 +634,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         }
         if self.have.is_full() {
             self.finish(out);
+            return;
+        }
+        // A peer that sat on the chunk for `hedge_after` and lost the race to another
+        // source: a strike. Without it a peer that stalls mid-chunk (slowloris) was never
+        // banned — its request was always cancelled by the hedge's win before it could
+        // time out — and kept a share of the in-flight slots for the whole fetch.
+        for peer in slow {
+            self.stats.slow_strikes += 1;
+            self.strike(now, peer, c, out);
         }
     }
 

@@ -251,6 +251,45 @@ fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
 }
 
 #[test]
+fn a_peer_that_stalls_until_the_hedge_wins_is_struck_and_banned() {
+    let config = SchedulerConfig {
+        hedge_after: ms(1000),
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(8, Bitfield::new(8), config, 9);
+    let stalled = requested(&s.handle(ms(0), joined(1, Bitfield::full(8))));
+    assert_eq!(stalled.len(), 4);
+    let quick = requested(&s.handle(ms(1), joined(2, Bitfield::full(8))));
+    assert_eq!(quick.len(), 4);
+    // Peer 2 answers at once: losing nothing, no strike for anyone.
+    for (source, chunk) in quick {
+        s.handle(ms(500), arrived(source, chunk));
+    }
+    assert_eq!(s.stats().slow_strikes, 0);
+    // Peer 1 never answers: at hedge_after its chunks are duplicated at peer 2, which
+    // wins every race; each loss after hedge_after is a strike, the third a ban.
+    let hedged = requested(&s.handle(ms(1000), Event::Tick));
+    assert_eq!(hedged.len(), 4);
+    assert!(hedged.iter().all(|(src, _)| *src == P(2)));
+    let mut banned = Vec::new();
+    for (source, chunk) in hedged {
+        for a in s.handle(ms(1100), arrived(source, chunk)) {
+            if let Action::Ban { peer, .. } = a {
+                banned.push(peer);
+            }
+        }
+    }
+    assert_eq!(banned, vec![1], "the staller, once");
+    assert_eq!(
+        s.stats().slow_strikes,
+        3,
+        "the fourth arrival completed the content"
+    );
+    assert!(s.is_done());
+}
+
+#[test]
 fn server_waits_for_the_fallback_delay_and_gets_only_chunks_no_peer_has() {
     let mut s = Scheduler::new(10, Bitfield::new(10), SchedulerConfig::default(), 3);
     let to_peer = requested(&s.handle(ms(0), joined(1, bits(10, 0..5))));
@@ -900,7 +939,8 @@ impl World {
             let actions = scheduler.handle(now, event);
             d.apply(now, scheduler.have(), actions, &mut agenda);
             d.check_limits(&scheduler);
-            if busy {
+            // With retry_after = 0 the server may be asked again at once.
+            if busy && self.retry_after_ms > 0 {
                 assert!(
                     d.outstanding.keys().all(|(_, s)| *s != Source::Server),
                     "server requests survived ServerBusy"
