@@ -70,20 +70,33 @@ pub fn load<T>(
 where
     T: Serialize + DeserializeOwned + Default,
 {
-    let mut doc = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            text.parse::<toml::Table>()
-                .map_err(|e| SettingsError::Parse {
-                    path: path.to_owned(),
-                    message: e.to_string().trim().to_owned(),
-                })?
-        }
-        None => toml::Table::new(),
+    let text = match path {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.to_owned(),
+            source,
+        })?,
+        None => String::new(),
     };
+    load_text(&text, path.unwrap_or(Path::new("")), env_prefix, env)
+}
+
+/// [`load`] with the file's text in memory (`path` only names it in errors); an empty
+/// text is the same as no file.
+pub fn load_text<T>(
+    text: &str,
+    path: &Path,
+    env_prefix: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<T, SettingsError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let mut doc = text
+        .parse::<toml::Table>()
+        .map_err(|e| SettingsError::Parse {
+            path: path.to_owned(),
+            message: toml_error_line(&e, text),
+        })?;
     let defaults = toml::Table::try_from(T::default()).map_err(|e| SettingsError::Key {
         key: "<defaults>".into(),
         message: e.to_string(),
@@ -105,9 +118,28 @@ where
         let key = e.path().to_string();
         SettingsError::Key {
             key,
-            message: e.into_inner().to_string(),
+            message: toml_error_line(&e.into_inner(), ""),
         }
     })
+}
+
+/// A TOML error as one line, `line L, column C: message` when it has a position in
+/// `text`: the parser's own rendering spans several lines (a source excerpt and a
+/// caret), which does not fit a one-line error of a binary.
+fn toml_error_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// The environment variable that overrides a key path.
@@ -439,6 +471,22 @@ mod tests {
     }
 
     #[test]
+    fn errors_are_one_line() {
+        let e = load_str("name = \"x\"\n[[[\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && e.contains("line 2, column"), "{e}");
+        let e = load_str("[inner]\nmax_items = -1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && e.contains("`inner.max_items`"), "{e}");
+        let e = load_str("", &[("ARCADE_INNER_ENABLED", "[1, 2]")])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && e.contains("inner.enabled"), "{e}");
+    }
+
+    #[test]
     fn sizes_and_durations_roundtrip() {
         for s in ["1MiB", "512KiB", "3GiB", "1000B", "7TiB"] {
             assert_eq!(ByteSize::parse(s).unwrap().to_string(), s);
@@ -450,5 +498,15 @@ mod tests {
             assert_eq!(Seconds::parse(s).unwrap().to_string(), s);
         }
         assert!(Seconds::parse("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn text_loads_like_the_file() {
+        let text = "size = \"2MiB\"\n[inner]\nenabled = false\n";
+        let env = |k: &str| (k == "ARCADE_TTL").then(|| "2h".to_owned());
+        let from_text: Demo = load_text(text, Path::new("mem.toml"), "ARCADE", env).unwrap();
+        assert_eq!(from_text, load_str(text, &[("ARCADE_TTL", "2h")]).unwrap());
+        let e = load_text::<Demo>("[[[", Path::new("mem.toml"), "ARCADE", |_| None).unwrap_err();
+        assert!(e.to_string().contains("mem.toml"), "{e}");
     }
 }

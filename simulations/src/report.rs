@@ -2,6 +2,8 @@
 //! stack, and [`crate::model`], the discrete-event model), so they can be compared and
 //! charted. `--json` prints a [`FleetReport`] as one line.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 /// One agent's outcome.
@@ -77,6 +79,10 @@ pub struct FleetReport {
     pub cpu_s_per_gib: f64,
     /// Per agent, in agent order.
     pub per_agent: Vec<AgentOutcome>,
+    /// The engine's own counters (the model: `events`, `peer_requests`, `peer_busy`,
+    /// `server_requests`, `redirects`, `connections`, `connections_refused`, …).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters: BTreeMap<String, u64>,
     /// The same scenario with the mesh off (the seed's design), when compared in the
     /// same run (`--compare`); its per-agent rows are left out of JSON ([`Self::json_view`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,7 +170,16 @@ impl FleetReport {
             peers = mib(self.peer_bytes),
             cpu = self.cpu_s_per_gib,
             wall = self.wall_s,
-        )
+        ) + &if self.counters.is_empty() {
+            String::new()
+        } else {
+            let counters: Vec<String> = self
+                .counters
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!("counters: {}\n", counters.join(" · "))
+        }
     }
 }
 

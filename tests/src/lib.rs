@@ -6,6 +6,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod agents;
+pub mod faults;
 pub mod process;
 pub mod proxy;
 

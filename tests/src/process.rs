@@ -1,11 +1,12 @@
-//! Real `arcade-coordinator` processes for the crash tests.
+//! Real `arcade-coordinator` and `arcade-agent` processes for the crash tests.
 //!
 //! Binaries are the ones `cargo test --workspace` builds beside the test executables
 //! (`target/<profile>/arcade-coordinator`, `arcade-agent`); `ARCADE_COORDINATOR_BIN` /
 //! `ARCADE_AGENT_BIN` name others.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use crate::{ADMIN, Conn, ENROLL};
 
@@ -41,26 +42,38 @@ impl CoordinatorProcess {
     /// Starts the binary with `--config config --data-dir data_dir` on 127.0.0.1:0.
     /// The config must set the test tokens ([`ADMIN`], [`ENROLL`]).
     pub fn start(config: &Path, data_dir: &Path, metrics: bool) -> Self {
+        Self::start_on(config, data_dir, "127.0.0.1:0", metrics)
+            .expect("coordinator process starts")
+    }
+
+    /// Like [`CoordinatorProcess::start`], listening on `listen` (e.g. the address of a
+    /// previous process, so that its clients reconnect by themselves); fails instead of
+    /// panicking.
+    pub fn start_on(
+        config: &Path,
+        data_dir: &Path,
+        listen: &str,
+        metrics: bool,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(workspace_bin("arcade-coordinator"));
         cmd.arg("--config")
             .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args([
                 "--metrics-listen",
                 if metrics { "127.0.0.1:0" } else { "off" },
             ])
             .env("RUST_LOG", "warn");
-        let inner = arcade_simulations::process::CoordinatorProcess::spawn(cmd, metrics)
-            .expect("coordinator process starts");
+        let inner = arcade_simulations::process::CoordinatorProcess::spawn(cmd, metrics)?;
         let conn = Conn {
             url: inner.url(),
             metrics_addr: inner.metrics_addr,
             admin_token: ADMIN.into(),
             enroll_token: ENROLL.into(),
         };
-        Self { inner, conn }
+        Ok(Self { inner, conn })
     }
 
     /// SIGKILL, then reap.
@@ -73,5 +86,49 @@ impl std::ops::Deref for CoordinatorProcess {
     type Target = Conn;
     fn deref(&self) -> &Conn {
         &self.conn
+    }
+}
+
+/// A loopback address with a port that was free a moment ago (bound, then released), for
+/// a server that must come back on the same address after a restart.
+pub fn free_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// An `arcade-agent` child process started with `--config`; killed (SIGKILL) and
+/// reaped when dropped.
+pub struct AgentProcess(Child);
+
+impl AgentProcess {
+    /// Starts the agent binary with `--config config` (stdout discarded, `RUST_LOG=warn`).
+    pub fn start(config: &Path) -> anyhow::Result<Self> {
+        let child = Command::new(workspace_bin("arcade-agent"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start arcade-agent: {e}"))?;
+        Ok(Self(child))
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(self) {
+        drop(self);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -287,6 +287,32 @@ fn parse_hex_name(name: &str) -> Option<ContentId> {
     if lower_hex { name.parse().ok() } else { None }
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `dir`, or
+/// `None` when the file system reports no capacity (nothing can be told then).
+fn free_space(dir: &Path) -> io::Result<Option<u64>> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    if st.blocks() == 0 {
+        return Ok(None);
+    }
+    let unit = (st.fragment_size() as u64).max(1);
+    Ok(Some((st.blocks_available() as u64).saturating_mul(unit)))
+}
+
+/// [`CacheError::DiskFull`] naming `needed` when `free` (if known) is less.
+fn require_space(path: &Path, needed: u64, free: Option<u64>) -> Result<(), CacheError> {
+    match free {
+        Some(free) if free < needed => Err(CacheError::DiskFull {
+            path: path.to_owned(),
+            needed: Some(needed),
+            source: io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("only {free} bytes are free on its file system"),
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn remove_file_if_exists(path: &Path) -> Result<(), CacheError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(CacheError::from_io(path, None, e)),
@@ -615,6 +641,26 @@ impl PluginCache {
     /// Where the partial download of `sha256` lives: `temp/<64 hex>.part`.
     pub fn partial_path(&self, sha256: &ContentId) -> PathBuf {
         self.inner.partial_path(sha256)
+    }
+
+    /// Checks, before a download writes its partial file, that the file system of
+    /// `temp/` has room for what `manifest`'s content still needs (its size minus what
+    /// an earlier partial already occupies). Fails with [`CacheError::DiskFull`]
+    /// naming the bytes needed, so a plugin that cannot fit fails at once, before it
+    /// fills the disk the next jobs need. A file system that reports no capacity at all
+    /// (some FUSE mounts) is not checked: the writes then fail with ENOSPC instead.
+    pub fn check_space(&self, manifest: &Manifest) -> Result<(), CacheError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let inner = &*self.inner;
+        let partial = inner.partial_path(&manifest.content_id());
+        let allocated = match fs::metadata(&partial) {
+            Ok(meta) => meta.blocks().saturating_mul(512),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(CacheError::from_io(&partial, None, e)),
+        };
+        let needed = manifest.size().saturating_sub(allocated);
+        let free = free_space(&inner.temp_dir).at(&inner.temp_dir)?;
+        require_space(&partial, needed, free)
     }
 
     /// Chunk indices recorded as written and verified for the partial download of

@@ -817,6 +817,40 @@ fn disk_full_names_the_space_needed() {
 }
 
 #[test]
+fn space_is_checked_before_a_download_starts() {
+    let e = require_space(Path::new("/c/temp/x.part"), 4096, Some(1000)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CacheError::DiskFull {
+                needed: Some(4096),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("4096 bytes needed") && msg.contains("only 1000 bytes are free"),
+        "{msg}"
+    );
+    require_space(Path::new("/c"), 4096, Some(4096)).unwrap();
+    // A file system that reports no capacity is not second-guessed.
+    require_space(Path::new("/c"), u64::MAX, None).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(free_space(tmp.path()).unwrap().is_some_and(|f| f > 0));
+    let cache = PluginCache::open(tmp.path(), roomy()).unwrap();
+    let data = content(10_000, 3);
+    let m = Manifest::from_reader(&data[..], 4096).unwrap();
+    cache.check_space(&m).unwrap();
+    assert!(
+        !cache.partial_path(&m.content_id()).exists(),
+        "the check creates nothing"
+    );
+}
+
+#[test]
 fn concurrent_handles_share_one_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = PluginCache::open(tmp.path(), roomy()).unwrap();

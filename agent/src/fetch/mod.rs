@@ -319,8 +319,10 @@ impl Fetcher {
         let sha = manifest.content_id();
         let path = self.cache.partial_path(&sha);
         let (cache, m, p) = (self.cache.clone(), manifest.clone(), path.clone());
-        // Open the partial file at full size and keep the recorded chunks that verify.
+        // Open the partial file at full size (once the disk has room for what is still
+        // missing) and keep the recorded chunks that verify.
         let (file, have) = blocking(move || {
+            cache.check_space(&m)?;
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::source::SourceError;
 use super::{FetchError, Fetcher, backoff};
+use crate::cache::CacheError;
 use crate::metrics::SourceLabel;
 
 /// Record progress after this many new chunks.
@@ -366,9 +367,16 @@ impl FetchRun<'_> {
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r);
             if let Err(e) = written {
+                // A full disk names the bytes this download still needed.
+                let missing: u64 = (0..self.manifest.chunk_count())
+                    .filter(|&i| self.have.get(i as usize) == Some(&false))
+                    .filter_map(|i| self.manifest.chunk_range(i))
+                    .map(|r| r.end - r.start)
+                    .sum();
+                let partial = self.fetcher.cache.partial_path(&self.manifest.content_id());
                 return Err(FetchError::Cache {
                     plugin: self.shown(),
-                    source: Box::new(e.into()),
+                    source: Box::new(CacheError::from_io(&partial, Some(missing), e)),
                 });
             }
             self.have[index as usize] = true;

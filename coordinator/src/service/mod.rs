@@ -288,13 +288,25 @@ impl Shared {
         Ok((ticket, now + ttl))
     }
 
-    /// Checks the admin token.
+    /// Checks the admin token. A token the coordinator knows as another kind (an
+    /// agent's, the enrollment token) identifies a caller without the right:
+    /// `PERMISSION_DENIED`; any other token is `UNAUTHENTICATED`.
     pub(crate) fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if token_hash(bearer(req)?) == self.admin_hash {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid admin token"))
+        let hash = token_hash(bearer(req)?);
+        if hash == self.admin_hash {
+            return Ok(());
         }
+        if hash == self.enroll_hash {
+            return Err(Status::permission_denied(
+                "the enrollment token only allows Register: admin calls need the admin token",
+            ));
+        }
+        if let Some(agent) = self.fleet.lock().expect("fleet lock").tokens.get(&hash) {
+            return Err(Status::permission_denied(format!(
+                "this token belongs to agent {agent}: admin calls need the admin token"
+            )));
+        }
+        Err(Status::unauthenticated("invalid admin token"))
     }
 
     /// Checks the enrollment token.
@@ -505,6 +517,67 @@ pub(crate) type SharedRef = Arc<Shared>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared(dir: &std::path::Path) -> Shared {
+        let config = crate::config::CoordinatorConfig {
+            data_dir: dir.to_owned(),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let store = Store::open(&dir.join("c.redb")).unwrap();
+        let blobs = Arc::new(crate::blob::FsBlobStore::open(&dir.join("plugins")).unwrap());
+        let s = Shared::new(
+            config,
+            store,
+            blobs,
+            "admin-token",
+            "enroll-token",
+            arcade_p2p::mesh::ticket::TicketIssuer::generate(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let record = AgentRecord {
+            agent_id: "a1".into(),
+            hostname: String::new(),
+            labels: Labels::new(),
+            peer_id: String::new(),
+            addrs: Vec::new(),
+            agent_version: String::new(),
+            installed: Vec::new(),
+            registered_at: 0,
+            token_hash: token_hash("agent-token"),
+        };
+        s.fleet.lock().unwrap().insert(record, 0);
+        s
+    }
+
+    fn with_token(token: &str) -> Request<()> {
+        let mut req = Request::new(());
+        req.metadata_mut().insert(
+            arcade_proto::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        req
+    }
+
+    #[test]
+    fn admin_calls_tell_unknown_tokens_from_tokens_without_the_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path());
+        s.require_admin(&with_token("admin-token")).unwrap();
+        for (token, code, says) in [
+            ("agent-token", tonic::Code::PermissionDenied, "agent a1"),
+            ("enroll-token", tonic::Code::PermissionDenied, "enrollment"),
+            ("wrong-token", tonic::Code::Unauthenticated, "invalid"),
+        ] {
+            let err = s.require_admin(&with_token(token)).unwrap_err();
+            assert_eq!(err.code(), code, "{token}: {err:?}");
+            assert!(err.message().contains(says), "{token}: {err:?}");
+        }
+        let err = s.require_admin(&Request::new(())).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
 
     #[test]
     fn tail_keeps_char_boundaries() {

@@ -10,6 +10,7 @@ use arcade_proto::v1::plugin_admin_server::PluginAdmin;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{SharedRef, now_ms, shown};
+use crate::blob::BlobError;
 use crate::metrics::StatusLabel;
 use crate::store::{PutOutcome, StoreError};
 
@@ -19,6 +20,16 @@ pub(crate) struct PluginAdminService(pub(crate) SharedRef);
 /// True for content an agent can run: an ELF binary or a `#!` script.
 fn looks_executable(head: &[u8]) -> bool {
     head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
+}
+
+/// A blob-store failure while storing the push of `key`, as a status that names the
+/// plugin (e.g. "plugin a/b@1.0.0 not stored: coordinator storage is full: ...").
+fn not_stored(key: &str, e: BlobError) -> Status {
+    let status = Status::from(e);
+    Status::new(
+        status.code(),
+        format!("plugin {key} not stored: {}", status.message()),
+    )
 }
 
 impl PluginAdminService {
@@ -101,7 +112,7 @@ impl PluginAdminService {
         let max = s.config.raw.plugin.max_plugin_size.bytes();
         let mut builder = ManifestBuilder::new(s.config.chunk_size)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let mut staged = s.blobs.stage().await?;
+        let mut staged = s.blobs.stage().await.map_err(|e| not_stored(&key, e))?;
         let mut head = Vec::with_capacity(4);
         while let Some(msg) = stream.message().await? {
             match msg.msg {
@@ -121,7 +132,7 @@ impl PluginAdminService {
                         .update(&data)
                         .map_err(|e| Status::resource_exhausted(e.to_string()))?;
                     s.metrics.pushed_bytes.inc_by(data.len() as u64);
-                    staged.write(&data).await?;
+                    staged.write(&data).await.map_err(|e| not_stored(&key, e))?;
                 }
                 Some(pb::push_plugin_request::Msg::Header(_)) => {
                     return Err(Status::invalid_argument("PushPlugin header sent twice"));
@@ -175,7 +186,7 @@ impl PluginAdminService {
             created_at: now_ms(),
         };
         let _guard = s.content_lock.lock().await;
-        staged.commit(&id).await?;
+        staged.commit(&id).await.map_err(|e| not_stored(&key, e))?;
         let rec = record.clone();
         let m = manifest.clone();
         match s.store.call(move |st| st.put_plugin(&rec, &m)).await {
@@ -320,7 +331,21 @@ pub(crate) async fn collect_orphans(shared: &Arc<super::Shared>) -> Result<usize
 
 #[cfg(test)]
 mod tests {
-    use super::looks_executable;
+    use super::{BlobError, looks_executable, not_stored};
+
+    #[test]
+    fn storage_full_names_the_plugin_and_the_space() {
+        let full = BlobError::from_io(std::io::Error::from_raw_os_error(28));
+        let status = not_stored("big/one@1.0.0", full);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let msg = status.message();
+        assert!(
+            msg.starts_with("plugin big/one@1.0.0 not stored: "),
+            "{msg}"
+        );
+        assert!(msg.contains("storage is full"), "{msg}");
+        assert!(msg.contains("plugin.storage_path"), "{msg}");
+    }
 
     #[test]
     fn executable_detection() {

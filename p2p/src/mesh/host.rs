@@ -288,11 +288,12 @@ impl MeshHost {
 
 impl Actor {
     async fn run(mut self) {
+        let mut stopped = None;
         loop {
             tokio::select! {
                 command = self.rx.recv() => match command {
                     Some(Command::Shutdown(done)) => {
-                        let _ = done.send(());
+                        stopped = Some(done);
                         break;
                     }
                     Some(c) => self.command(c),
@@ -308,6 +309,13 @@ impl Actor {
         }
         for (_, reply) in self.outbound.drain() {
             let _ = reply.send(Err(MeshError::Closed));
+        }
+        // Release the swarm (listeners, connections) and the store before `shutdown`
+        // returns: its caller may reopen at once what the store holds (an agent
+        // restarted in-process reopens its cache index, which allows one opener).
+        drop(self);
+        if let Some(done) = stopped {
+            let _ = done.send(());
         }
     }
 
@@ -786,6 +794,45 @@ mod tests {
         let addrs = h.listen_addrs().await;
         assert!(!addrs.is_empty());
         (h, addrs)
+    }
+
+    /// A store that takes a while to drop and says when it is gone.
+    struct SlowDrop(Arc<std::sync::atomic::AtomicBool>);
+
+    impl ChunkStore for SlowDrop {
+        fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
+            None
+        }
+        fn held(&self, _: &ContentId) -> Option<Bitfield> {
+            None
+        }
+        fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+    }
+
+    impl Drop for SlowDrop {
+        fn drop(&mut self) {
+            std::thread::sleep(Duration::from_millis(100));
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_returns_after_the_store_is_released() {
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = MeshHost::start(
+            Keypair::generate_ed25519(),
+            HostConfig::default(),
+            Arc::new(SlowDrop(gone.clone())),
+        )
+        .await
+        .unwrap();
+        h.shutdown().await;
+        assert!(
+            gone.load(std::sync::atomic::Ordering::SeqCst),
+            "shutdown returned while the host still held its store"
+        );
     }
 
     fn refusal(r: Result<Vec<u8>, MeshError>) -> pb::Refusal {

@@ -305,6 +305,30 @@ pub struct ModelStats {
     pub bans: u64,
     /// Connections made (hints and redirects).
     pub connections: u64,
+    /// Connections refused because one side had `max_connections` already.
+    pub connections_refused: u64,
+}
+
+impl ModelStats {
+    /// The counters by name, as the report shows them.
+    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        [
+            ("events", self.events),
+            ("capped", u64::from(self.capped)),
+            ("server_requests", self.server_requests),
+            ("redirects", self.redirects),
+            ("server_busy", self.server_busy),
+            ("server_skipped", self.server_skipped),
+            ("peer_requests", self.peer_requests),
+            ("peer_busy", self.peer_busy),
+            ("bans", self.bans),
+            ("connections", self.connections),
+            ("connections_refused", self.connections_refused),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
 }
 
 /// A model run with its details.

@@ -545,10 +545,12 @@ impl<'a> Sim<'a> {
             if pa.left_at.is_some()
                 || pb.left_at.is_some()
                 || pb.start > self.now
-                || pa.conns >= max
-                || pb.conns >= max
                 || pa.neigh.contains(&b)
             {
+                return false;
+            }
+            if pa.conns >= max || pb.conns >= max {
+                self.stats.connections_refused += 1;
                 return false;
             }
         }
@@ -1276,6 +1278,7 @@ impl<'a> Sim<'a> {
                 0.0
             },
             per_agent,
+            counters: self.stats.counters(),
             ..FleetReport::default()
         };
         report.summarise(self.scenario.bound_seconds());
