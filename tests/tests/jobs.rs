@@ -142,6 +142,56 @@ async fn job_carries_plugins_manifests_and_peer_hints_and_records_results() {
     assert!(p.peer_hints[0].complete);
     assert_eq!(job(&c, &id).await.status(), pb::JobStatus::Running);
 
+    // Agents handed the plugin without holding it are fetching it: later askers are
+    // pointed at them too (after the complete holders, `complete = false`).
+    let hints_for = async |agent: &str| {
+        let token = c
+            .register_with(
+                agent,
+                &[("zone", "eu")],
+                vec![],
+                &PeerId::random().to_string(),
+            )
+            .await
+            .unwrap();
+        let mut client = c.agent(&token).await;
+        client
+            .heartbeat(pb::HeartbeatRequest::default())
+            .await
+            .unwrap();
+        client
+            .get_manifest(pb::GetManifestRequest {
+                agent_id: agent.into(),
+                plugin_id: "notify/slack".into(),
+                version: "1.0.0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .plugin
+            .unwrap()
+            .peer_hints
+            .into_iter()
+            .map(|h| (h.agent_id, h.complete))
+            .collect::<Vec<_>>()
+    };
+    let first = hints_for("fetcher-a").await;
+    assert_eq!(
+        first,
+        [("holder-near".into(), true), ("holder-far".into(), true)],
+        "nobody else is fetching yet (the worker has no peer id)"
+    );
+    let second = hints_for("fetcher-b").await;
+    assert_eq!(
+        second,
+        [
+            ("holder-near".into(), true),
+            ("holder-far".into(), true),
+            ("fetcher-a".into(), false)
+        ]
+    );
+
     // Nothing more to lease.
     assert!(fetch(&c, &worker, 0).await.is_empty());
 

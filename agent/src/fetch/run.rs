@@ -33,6 +33,9 @@ use crate::metrics::SourceLabel;
 /// Record progress after this many new chunks.
 const PROGRESS_EVERY: usize = 8;
 
+/// How often a fetch adds the peers that asked this agent for the content's bitfield.
+const ASKERS_EVERY: Duration = Duration::from_secs(1);
+
 /// A peer that answered busy (every upload slot taken) is left alone this long.
 pub const PEER_BUSY_RETRY: Duration = Duration::from_millis(100);
 
@@ -118,6 +121,7 @@ impl FetchRun<'_> {
         let mut actions = self.scheduler.handle(self.now(), Event::Tick);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut refresh = tokio::time::interval(Duration::from_millis(250));
+        let mut askers = tokio::time::interval(ASKERS_EVERY);
         loop {
             for action in std::mem::take(&mut actions) {
                 self.act(action);
@@ -137,6 +141,7 @@ impl FetchRun<'_> {
                 }
                 _ = tick.tick() => actions = self.scheduler.handle(self.now(), Event::Tick),
                 _ = refresh.tick() => self.refresh_bitfields(),
+                _ = askers.tick(), if mesh.is_some() => self.meet_askers(),
                 _ = cancel.cancelled() => {
                     self.fetcher.save_progress(self.manifest.content_id(), &self.have).await;
                     self.tasks.abort_all();
@@ -174,6 +179,17 @@ impl FetchRun<'_> {
             let result = mesh.handle().held(peer, addrs, &content, chunks).await.ok();
             Outcome::Held { peer, result }
         });
+    }
+
+    /// Peers that asked us for this content's bitfield are fetching or holding it too:
+    /// ask them in turn (they come back as [`Outcome::Providers`]).
+    fn meet_askers(&mut self) {
+        let Some(mesh) = self.fetcher.mesh.clone() else {
+            return;
+        };
+        let content = self.manifest.content_id();
+        self.tasks
+            .spawn(async move { Outcome::Providers(mesh.handle().askers(content).await) });
     }
 
     fn refresh_bitfields(&mut self) {

@@ -21,6 +21,12 @@ use crate::store::{AgentRecord, Installed, plugin_key};
 
 /// Most peer hints sent per plugin.
 const MAX_PEER_HINTS: usize = 16;
+/// Of the hints, at most this many name agents still fetching the plugin.
+const MAX_FETCHER_HINTS: usize = 8;
+/// Agents handed a manifest this long ago are no longer hinted as fetching it.
+const FETCHER_HINT_WINDOW_MS: i64 = 10 * 60 * 1000;
+/// Most fetchers remembered per content (the most recent are kept).
+pub(crate) const MAX_FETCHERS_REMEMBERED: usize = 256;
 /// Most chunk ranges in one download request.
 const MAX_RANGES: usize = 1024;
 /// Most plugin results in one job report, and the largest `result` of one.
@@ -102,32 +108,72 @@ impl Shared {
     }
 
     /// Agents other than `requester` that hold `content` and may have `plugin`, same
-    /// zone first, most recently seen first.
+    /// zone first, most recently seen first; then (`complete = false`, up to
+    /// [`MAX_FETCHER_HINTS`]) agents handed the plugin within the last
+    /// [`FETCHER_HINT_WINDOW_MS`] that do not hold it yet — they are fetching it and
+    /// serve the chunks they have, so agents fetching at once also fetch from each other
+    /// (with complete holders only, a fleet fetching at once took everything from the
+    /// few seeds). A requester that does not hold the plugin is remembered as fetching it.
     fn peer_hints(&self, requester: &AgentRecord, plugin: &pb::PluginVersion) -> Vec<pb::PeerHint> {
         let required = allowed_labels(plugin);
         let zone = requester.labels.get("zone");
         let now = now_ms();
-        let fleet = self.fleet.lock().expect("fleet lock");
+        let mut fleet = self.fleet.lock().expect("fleet lock");
+        let may_serve = |a: &LiveAgent| {
+            a.record.agent_id != requester.agent_id
+                && !a.record.peer_id.is_empty()
+                && self.online(a, now)
+                && labels::satisfies(&a.record.labels, &required)
+        };
+        let holds = |a: &LiveAgent| a.record.installed.iter().any(|i| i.sha256 == plugin.sha256);
         let mut holders: Vec<&LiveAgent> = fleet
             .agents
             .values()
-            .filter(|a| a.record.agent_id != requester.agent_id)
-            .filter(|a| !a.record.peer_id.is_empty() && self.online(a, now))
-            .filter(|a| labels::satisfies(&a.record.labels, &required))
-            .filter(|a| a.record.installed.iter().any(|i| i.sha256 == plugin.sha256))
+            .filter(|a| may_serve(a) && holds(a))
             .collect();
         holders.sort_by_key(|a| (a.record.labels.get("zone") != zone, -a.last_seen));
-        holders
+        holders.truncate(MAX_PEER_HINTS);
+        let hint = |a: &LiveAgent, complete: bool| pb::PeerHint {
+            agent_id: a.record.agent_id.clone(),
+            peer_id: a.record.peer_id.clone(),
+            addrs: a.record.addrs.clone(),
+            complete,
+            zone: a.record.labels.get("zone").cloned().unwrap_or_default(),
+        };
+        let mut hints: Vec<pb::PeerHint> = holders.iter().map(|a| hint(a, true)).collect();
+        let room = MAX_FETCHER_HINTS.min(MAX_PEER_HINTS.saturating_sub(hints.len()));
+        let fetchers: Vec<&LiveAgent> = fleet
+            .fetching
+            .get(&plugin.sha256)
             .into_iter()
-            .take(MAX_PEER_HINTS)
-            .map(|a| pb::PeerHint {
-                agent_id: a.record.agent_id.clone(),
-                peer_id: a.record.peer_id.clone(),
-                addrs: a.record.addrs.clone(),
-                complete: true,
-                zone: a.record.labels.get("zone").cloned().unwrap_or_default(),
-            })
-            .collect()
+            .flatten()
+            .filter(|(_, at)| now - at <= FETCHER_HINT_WINDOW_MS)
+            .filter_map(|(id, _)| fleet.agents.get(id))
+            .filter(|a| may_serve(a) && !holds(a))
+            .collect();
+        if !fetchers.is_empty() {
+            // A different window of the fetchers for each requester, so a fleet does not
+            // pile onto the first few.
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut h = DefaultHasher::new();
+            requester.agent_id.hash(&mut h);
+            let start = (h.finish() % fetchers.len() as u64) as usize;
+            let n = room.min(fetchers.len());
+            hints.extend((0..n).map(|i| hint(fetchers[(start + i) % fetchers.len()], false)));
+        }
+        if !requester
+            .installed
+            .iter()
+            .any(|i| i.sha256 == plugin.sha256)
+        {
+            let list = fleet.fetching.entry(plugin.sha256.clone()).or_default();
+            list.retain(|(id, at)| *id != requester.agent_id && now - at <= FETCHER_HINT_WINDOW_MS);
+            if list.len() >= MAX_FETCHERS_REMEMBERED {
+                list.pop_front();
+            }
+            list.push_back((requester.agent_id.clone(), now));
+        }
+        hints
     }
 
     fn plugin_info(

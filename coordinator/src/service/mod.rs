@@ -144,6 +144,11 @@ pub(crate) struct Fleet {
     pub(crate) agents: HashMap<String, LiveAgent>,
     /// Token hash → agent id.
     pub(crate) tokens: HashMap<[u8; 32], String>,
+    /// SHA-256 → agents handed the plugin's manifest without holding it (they are
+    /// fetching it), with when (unix ms), oldest first; at most
+    /// `agents::MAX_FETCHERS_REMEMBERED` per content. Named in peer hints with
+    /// `complete = false`.
+    pub(crate) fetching: HashMap<String, std::collections::VecDeque<(String, i64)>>,
 }
 
 impl Fleet {

@@ -136,6 +136,7 @@ enum Command {
     },
     Provide(ContentId, bool),
     Providers(ContentId, Reply<Vec<PeerId>>),
+    Askers(ContentId, oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Respond(ResponseChannel<pb::ChunkResponse>, pb::ChunkResponse),
     Shutdown(oneshot::Sender<()>),
@@ -188,7 +189,16 @@ struct Actor {
     stats: Arc<HostStats>,
     provided: std::collections::HashSet<ContentId>,
     max_connections: usize,
+    /// Vouched peers that asked for a content's bitfield, most recent last (see
+    /// [`MeshHandle::askers`]); at most [`MAX_ASKERS`] per content and
+    /// [`MAX_ASKED_CONTENTS`] contents.
+    askers: HashMap<ContentId, std::collections::VecDeque<PeerId>>,
 }
+
+/// Most askers remembered per content.
+pub const MAX_ASKERS: usize = 64;
+/// Most contents whose askers are remembered (past it the memory starts over).
+pub const MAX_ASKED_CONTENTS: usize = 64;
 
 impl MeshHost {
     /// Starts a host with `keypair` serving from `store`; returns its handle once it
@@ -280,6 +290,7 @@ impl MeshHost {
             slots: UploadSlots::new(config.max_uploads),
             outbound: HashMap::new(),
             queries: HashMap::new(),
+            askers: HashMap::new(),
         };
         tokio::spawn(actor.run());
         Ok(MeshHandle { tx, peer_id, stats })
@@ -364,6 +375,10 @@ impl Actor {
                     .kad
                     .get_providers(kad::RecordKey::new(content.as_bytes()));
                 self.queries.insert(id, (Vec::new(), reply));
+            }
+            Command::Askers(content, reply) => {
+                let askers = self.askers.get(&content);
+                let _ = reply.send(askers.into_iter().flatten().copied().collect());
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
@@ -518,6 +533,18 @@ impl Actor {
             .send_response(channel, response);
     }
 
+    fn remember_asker(&mut self, content: ContentId, peer: PeerId) {
+        if !self.askers.contains_key(&content) && self.askers.len() >= MAX_ASKED_CONTENTS {
+            self.askers.clear();
+        }
+        let askers = self.askers.entry(content).or_default();
+        askers.retain(|p| *p != peer);
+        if askers.len() >= MAX_ASKERS {
+            askers.pop_front();
+        }
+        askers.push_back(peer);
+    }
+
     fn inbound(
         &mut self,
         peer: PeerId,
@@ -534,6 +561,7 @@ impl Actor {
         };
         match request.kind {
             Some(pb::chunk_request::Kind::Bitfield(_)) => {
+                self.remember_asker(content, peer);
                 let response = match self.store.held(&content) {
                     Some(held) => pb::ChunkResponse {
                         kind: Some(pb::chunk_response::Kind::Held(pb::HeldChunks {
@@ -732,6 +760,19 @@ impl MeshHandle {
             .map_err(|_| MeshError::Closed)
     }
 
+    /// Vouched peers that recently asked this host which chunks of `content` it holds:
+    /// agents fetching the same content (or holding it), most recent last. A fetch adds
+    /// them as peers: the coordinator's hints name only complete holders and the DHT
+    /// lookup runs once, so without them agents fetching at the same time never learned
+    /// of each other and all took everything from the seeds.
+    pub async fn askers(&self, content: ContentId) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Askers(content, reply)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Peers the DHT knows to provide `content`.
     pub async fn providers(&self, content: ContentId) -> Result<Vec<PeerId>, MeshError> {
         self.call(|reply| Command::Providers(content, reply)).await
@@ -879,6 +920,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(held.iter_set().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(a.askers(open).await, vec![b.peer_id()], "a vouched asker");
+        assert!(a.askers(secret).await.is_empty());
         assert_eq!(
             b.chunk(a.peer_id(), a_addrs.clone(), &open, 1)
                 .await
@@ -929,8 +972,14 @@ mod tests {
             .unwrap();
         c.set_credentials(rogue, &key).await.unwrap();
         assert_eq!(
-            refusal(c.chunk(a.peer_id(), a_addrs, &open, 0).await),
+            refusal(c.chunk(a.peer_id(), a_addrs.clone(), &open, 0).await),
             pb::Refusal::NotVouched
+        );
+        assert!(c.held(a.peer_id(), a_addrs, &open, 3).await.is_err());
+        assert_eq!(
+            a.askers(open).await,
+            vec![b.peer_id()],
+            "refused askers are not remembered"
         );
         for h in [a, b, c] {
             h.shutdown().await;

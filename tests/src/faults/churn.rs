@@ -13,7 +13,8 @@
 //! (records other peers stored expire by TTL either way).
 //!
 //! Properties: every fetcher's job succeeds, its cached plugin has the pushed SHA-256,
-//! and every plugin execution ran the pushed bytes. The outcome reports the bytes the
+//! every plugin execution ran the pushed bytes, and the fetchers served each other
+//! some of it. The outcome reports the bytes the
 //! fetchers got from peers and from the coordinator, before and after the kill.
 
 use std::time::Duration;
@@ -143,6 +144,13 @@ pub async fn churn() -> anyhow::Result<Outcome> {
         .iter()
         .map(|a| a.agent().metrics().uploaded_bytes.get())
         .sum();
+    // Fetchers learn of each other (the coordinator hints agents still fetching, and a
+    // fetch meets the peers that asked it for a bitfield): they do not all wait on the
+    // seeds.
+    ensure!(
+        shared > 0,
+        "the fetchers served each other nothing: every byte came from the seeds"
+    );
     let mib = |b: u64| b as f64 / 1048576.0;
     Ok(Outcome {
         outcome: format!(

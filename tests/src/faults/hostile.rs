@@ -957,7 +957,7 @@ const SIZE: usize = 4 << 20;
 fn honest(cfg: &mut arcade_agent::config::AgentConfig) {
     // Slow uploads keep most fetches longer than the hedge delay, so requesters meet
     // the stalls' strikes before they are done.
-    cfg.mesh.upload_rate = ByteSize::mib(1);
+    cfg.mesh.upload_rate = ByteSize::kib(256);
 }
 
 /// The `hostile-peers` scenario.
