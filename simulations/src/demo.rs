@@ -9,17 +9,16 @@
 
 use std::time::{Duration, Instant};
 
-use arcade_agent::config::AgentConfig;
 use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
-use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
 use arcade_p2p::ContentId;
-use arcade_p2p::settings::{ByteSize, Seconds};
+use arcade_p2p::settings::ByteSize;
 use arcade_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::client::Conn;
+use crate::local;
 use crate::sample::sample_plugin;
 
 /// What the demo runs.
@@ -107,14 +106,8 @@ impl DemoReport {
 /// Runs the demo.
 pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let dir = tempfile::tempdir()?;
-    let mut config = CoordinatorConfig {
-        listen: "127.0.0.1:0".into(),
-        metrics_listen: "off".into(),
-        data_dir: dir.path().join("coordinator"),
-        ..Default::default()
-    };
+    let mut config = local::coordinator_config(dir.path());
     config.plugin.max_plugin_size = ByteSize::mib(opts.size_mib.max(1) + 1);
-    config.jobs.heartbeat_interval = Seconds(Duration::from_millis(500));
     let coordinator = RunningCoordinator::start(config.validate()?).await?;
     let conn = Conn::of(&coordinator);
 
@@ -138,18 +131,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
 
     let mut agents = Vec::new();
     for n in 0..opts.agents {
-        let mut c = AgentConfig {
-            id: format!("agent-{n:02}"),
-            coordinator: conn.url.clone(),
-            enroll_token: conn.enroll_token.clone(),
-            data_dir: dir.path().join(format!("agent-{n:02}")),
-            metrics_listen: "off".into(),
-            ..Default::default()
-        };
-        c.labels.insert("name".into(), c.id.clone());
-        c.jobs.poll_wait = Seconds::secs(5);
-        c.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-        c.mesh.allow_loopback = true;
+        let c = local::agent_config(&conn, dir.path(), &format!("agent-{n:02}"));
         agents.push(RunningAgent::start(c.validate()?).await?);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -158,20 +140,14 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let mut ids = Vec::new();
     for n in 0..opts.agents {
         let job = jobs
-            .create_job(pb::CreateJobRequest {
-                name: "demo".into(),
-                commands: vec!["echo hello from $(hostname)".into()],
-                label_selector: vec![pb::Label {
-                    key: "name".into(),
-                    value: format!("agent-{n:02}"),
-                }],
-                required_plugins: vec![pb::RequiredPlugin {
-                    plugin_id: id.into(),
-                    version: version.into(),
-                    stages: vec![pb::Stage::Before as i32, pb::Stage::After as i32],
-                }],
-                ..Default::default()
-            })
+            .create_job(local::pinned_job(
+                "demo",
+                &format!("agent-{n:02}"),
+                "echo hello from $(hostname)",
+                &[id],
+                version,
+                &[pb::Stage::Before, pb::Stage::After],
+            ))
             .await?
             .into_inner()
             .job_id;

@@ -12,6 +12,8 @@
 //! - [`chart`] — dependency-free SVG charts of fleet runs (CDFs, stacked bars, lines).
 //! - [`sample`] — deterministic generated content and sample plugins.
 //! - [`swarm`] — the real-stack engine: a real coordinator and N real agents on loopback.
+//! - [`local`] — what the demo and the real-stack engine share: embedded coordinator and
+//!   loopback agent configs, jobs pinned to one agent.
 //! - [`scenario`] — fleet scenarios (TOML) shared by the real-stack and model engines.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -21,6 +23,7 @@ pub mod chart;
 pub mod client;
 pub mod demo;
 pub mod fleet;
+pub mod local;
 pub mod model;
 pub mod process;
 pub mod report;

@@ -20,16 +20,15 @@
 
 use std::time::{Duration, Instant};
 
-use arcade_agent::config::AgentConfig;
 use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
-use arcade_coordinator::config::CoordinatorConfig;
 use arcade_coordinator::metrics::PluginVersionLabels;
 use arcade_p2p::ContentId;
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
 
 use crate::client::Conn;
+use crate::local;
 use crate::report::{AgentOutcome, FleetReport, cpu_seconds};
 use crate::scenario::Scenario;
 
@@ -56,16 +55,10 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     let sizes = scenario.plugin_bytes();
     let total = scenario.total_bytes();
     let dir = tempfile::tempdir()?;
-    let mut cc = CoordinatorConfig {
-        listen: "127.0.0.1:0".into(),
-        metrics_listen: "off".into(),
-        data_dir: dir.path().join("coordinator"),
-        ..Default::default()
-    };
+    let mut cc = local::coordinator_config(dir.path());
     cc.plugin.max_plugin_size = ByteSize(sizes.iter().max().copied().unwrap_or(0) + mib);
     cc.plugin.chunk_size = ByteSize(scenario.chunk_bytes());
     cc.serve.egress_rate = mib_rate(scenario.server.up_mibps);
-    cc.jobs.heartbeat_interval = Seconds(Duration::from_millis(500));
     cc.jobs.lease_ttl = Seconds::secs(120);
     let coordinator = RunningCoordinator::start(cc.validate()?).await?;
     let conn = Conn::of(&coordinator);
@@ -83,21 +76,10 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
 
     let plans = scenario.plan();
     let agent_config = |n: usize| -> anyhow::Result<_> {
-        let mut c = AgentConfig {
-            id: format!("agent-{n:04}"),
-            coordinator: conn.url.clone(),
-            enroll_token: conn.enroll_token.clone(),
-            data_dir: dir.path().join(format!("agent-{n:04}")),
-            metrics_listen: "off".into(),
-            max_concurrent_jobs: 1,
-            ..Default::default()
-        };
-        c.labels.insert("name".into(), c.id.clone());
-        c.jobs.poll_wait = Seconds::secs(5);
+        let mut c = local::agent_config(&conn, dir.path(), &format!("agent-{n:04}"));
+        c.max_concurrent_jobs = 1;
         c.download.timeout = Seconds::secs(120);
         c.mesh.enabled = scenario.p2p;
-        c.mesh.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-        c.mesh.allow_loopback = true;
         c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
         c.mesh.max_uploads = 16;
         Ok(c.validate()?)
@@ -116,26 +98,18 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut jobs = conn.jobs(&conn.admin_token).await;
+    let plugin_ids: Vec<&str> = plugins.iter().map(|(id, _)| id.as_str()).collect();
     let mut ids = Vec::new();
     for n in 0..scenario.agents {
         let id = jobs
-            .create_job(pb::CreateJobRequest {
-                name: "swarm".into(),
-                commands: vec!["true".into()],
-                label_selector: vec![pb::Label {
-                    key: "name".into(),
-                    value: format!("agent-{n:04}"),
-                }],
-                required_plugins: plugins
-                    .iter()
-                    .map(|(id, _)| pb::RequiredPlugin {
-                        plugin_id: id.clone(),
-                        version: "1.0.0".into(),
-                        stages: vec![pb::Stage::Before as i32],
-                    })
-                    .collect(),
-                ..Default::default()
-            })
+            .create_job(local::pinned_job(
+                "swarm",
+                &format!("agent-{n:04}"),
+                "true",
+                &plugin_ids,
+                "1.0.0",
+                &[pb::Stage::Before],
+            ))
             .await?
             .into_inner()
             .job_id;

@@ -127,3 +127,34 @@ fn bad_scenarios_are_one_line_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("arcade-sim model"));
 }
+
+/// README command #1 (smaller): every agent runs the sample plugin, and the
+/// coordinator sends less than one copy per agent.
+#[test]
+fn demo_runs_the_plugin_on_every_agent() {
+    let out = sim()
+        .args(["demo", "--agents", "4", "--size-mib", "4", "--json"])
+        .output()
+        .expect("run arcade-sim demo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {text}"));
+    let agents = v["agents"].as_array().expect("agents rows");
+    assert_eq!(agents.len(), 4, "{v}");
+    let size = v["size"].as_u64().expect("size");
+    for a in agents {
+        assert_eq!(a["result"], "succeeded", "{a}");
+        let got =
+            a["bytes_from_peers"].as_u64().unwrap() + a["bytes_from_coordinator"].as_u64().unwrap();
+        assert_eq!(got, size, "every verified byte counted once: {a}");
+    }
+    assert!(
+        v["egress_over_size"].as_f64().unwrap() < 4.0,
+        "the mesh saves coordinator egress: {v}"
+    );
+}
