@@ -4,13 +4,10 @@
 //! 1 MiB/s each; six more agents then fetch it at once. As soon as the fetchers have
 //! some of it from peers and none has all of it, two of the four seeds are killed.
 //!
-//! "Killed": the seeds are in-process `RunningAgent`s, which cannot be sent SIGKILL;
-//! dropping one (no `shutdown()`) is the nearest equivalent — its main loop is
-//! cancelled at once (no grace), its libp2p host stops and every connection drops in
-//! the middle of whatever chunk it was sending, and it stops heartbeating, so the
-//! coordinator drops it from peer hints three heartbeats later. What a real kill -9
-//! would not do is withdraw the seed's own DHT provider records from its own memory
-//! (records other peers stored expire by TTL either way).
+//! "Killed": the seeds are real `arcade-agent` processes, killed with SIGKILL — their
+//! connections drop in the middle of whatever chunk they were sending and their
+//! heartbeats stop, so the coordinator drops them from peer hints three heartbeats
+//! later. The fetchers run in this process (their metrics give the bytes by source).
 //!
 //! Properties: every fetcher's job succeeds, its cached plugin has the pushed SHA-256,
 //! every plugin execution ran the pushed bytes, and the fetchers served each other
@@ -28,8 +25,9 @@ use super::hostile::{
     self_checking_plugin, start_jobs, wait_holder,
 };
 use super::{Outcome, Scenario};
-use crate::agents::TestAgent;
-use crate::{TestCoordinator, eventually};
+use crate::agents::{TestAgent, agent_config};
+use crate::process::AgentProcess;
+use crate::{ENROLL, TestCoordinator, eventually};
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("churn", || Box::pin(churn()))];
@@ -61,11 +59,18 @@ pub async fn churn() -> anyhow::Result<Outcome> {
     drop(data);
     let mut job_ids = Vec::new();
 
-    // The seeds get the plugin and are listed as holders.
+    // The seeds (real processes) get the plugin and are listed as holders.
     let seed_names: Vec<String> = (0..SEEDS).map(|i| format!("seed-{i}")).collect();
+    let seed_dir = tempfile::tempdir()?;
     let mut seeds = Vec::new();
     for n in &seed_names {
-        seeds.push(labelled_agent(&c.url, n, slow_uploads).await);
+        let mut cfg = agent_config(seed_dir.path(), &c.url, ENROLL, n);
+        cfg.data_dir = seed_dir.path().join(n);
+        cfg.labels.insert("name".into(), n.clone());
+        slow_uploads(&mut cfg);
+        let path = seed_dir.path().join(format!("{n}.toml"));
+        std::fs::write(&path, toml::to_string(&cfg)?)?;
+        seeds.push(Some(AgentProcess::start(&path)?));
     }
     let jobs = start_jobs(&c, "churn/tool", &seed_names).await;
     all_succeeded(
@@ -89,7 +94,7 @@ pub async fn churn() -> anyhow::Result<Outcome> {
     let jobs = start_jobs(&c, "churn/tool", &names).await;
 
     // Mid-fetch: the fetchers hold an eighth of what they need, from peers, and none is
-    // done; the seeds to be killed have been serving.
+    // done.
     let total = size * FETCHERS as u64;
     let mid = eventually(Duration::from_secs(60), || async {
         let got = sum(&fetchers, "peer") + sum(&fetchers, "server");
@@ -99,10 +104,7 @@ pub async fn churn() -> anyhow::Result<Outcome> {
         {
             return Some(Err(got));
         }
-        let serving = seeds[..KILLED]
-            .iter()
-            .all(|s| s.agent().metrics().uploaded_bytes.get() > 0);
-        (serving && sum(&fetchers, "peer") >= total / 8).then_some(Ok(got))
+        (sum(&fetchers, "peer") >= total / 8).then_some(Ok(got))
     })
     .await
     .context("the fleet fetch never got an eighth of the way")?;
@@ -114,8 +116,9 @@ pub async fn churn() -> anyhow::Result<Outcome> {
     };
     let (peer_before, server_before) = (sum(&fetchers, "peer"), sum(&fetchers, "server"));
     for seed in &mut seeds[..KILLED] {
-        // Dropped without shutdown(): see the module docs.
-        drop(seed.running.take());
+        if let Some(process) = seed.take() {
+            process.kill9();
+        }
     }
 
     all_succeeded(
