@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod faults;
+pub mod peers;
 pub mod process;
 pub mod proxy;
 

@@ -2,41 +2,14 @@
 //! for — and only to them, and only what their labels allow — over real libp2p swarms
 //! on loopback.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use arcade_p2p::labels::Labels;
-use arcade_p2p::mesh::bitfield::Bitfield;
-use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
+use arcade_p2p::mesh::host::{MeshError, Multiaddr};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
+use arcade_tests::peers::bare_peer;
 use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
-
-/// A peer that holds nothing (it only asks).
-struct Empty;
-
-impl ChunkStore for Empty {
-    fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
-        None
-    }
-    fn held(&self, _: &ContentId) -> Option<Bitfield> {
-        None
-    }
-    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-}
-
-async fn bare_peer() -> MeshHandle {
-    MeshHost::start(
-        libp2p_identity::Keypair::generate_ed25519(),
-        HostConfig::default(),
-        Arc::new(Empty),
-    )
-    .await
-    .unwrap()
-}
 
 fn plugin(bytes: usize, seed: u8) -> Vec<u8> {
     let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
@@ -100,7 +73,7 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
     assert!(!holder_addrs.is_empty(), "agent advertised its addresses");
 
     // A vouched peer (team=blue) registers and gets the open plugin from the holder.
-    let blue = bare_peer().await;
+    let blue = bare_peer().await.unwrap();
     let reg = c
         .agent(ENROLL)
         .await
@@ -161,7 +134,7 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
         other => panic!("expected Forbidden, got {other:?}"),
     }
     // An outsider the coordinator never vouched for gets nothing.
-    let outsider = bare_peer().await;
+    let outsider = bare_peer().await.unwrap();
     match outsider.chunk(holder_peer, holder_addrs, &sha, 0).await {
         Err(MeshError::Refused { reason, .. }) => assert_eq!(reason, pb::Refusal::NotVouched),
         other => panic!("expected NotVouched, got {other:?}"),

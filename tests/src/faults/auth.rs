@@ -12,13 +12,12 @@
 //! not vouched for. Every cell is asserted; the outcome line gives the counts.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use arcade_p2p::labels::Labels;
 use arcade_p2p::mesh::bitfield::Bitfield;
-use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
+use arcade_p2p::mesh::host::{MeshError, MeshHandle, Multiaddr};
 use arcade_p2p::mesh::ticket::{PeerId, TicketIssuer};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
@@ -33,6 +32,7 @@ use tonic::{Code, Status};
 
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
+use crate::peers::bare_peer;
 use crate::{ADMIN, ENROLL, TestCoordinator, content, eventually, wait_job};
 
 /// The scenarios of this module.
@@ -353,31 +353,6 @@ impl Matrix {
         let (held, total) = self.groups.get(group).copied().unwrap_or_default();
         format!("{held}/{total}")
     }
-}
-
-/// A peer that holds nothing (it only asks).
-struct Empty;
-
-impl ChunkStore for Empty {
-    fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
-        None
-    }
-    fn held(&self, _: &ContentId) -> Option<Bitfield> {
-        None
-    }
-    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-}
-
-async fn bare_peer() -> anyhow::Result<MeshHandle> {
-    MeshHost::start(
-        libp2p_identity::Keypair::generate_ed25519(),
-        HostConfig::default(),
-        Arc::new(Empty),
-    )
-    .await
-    .context("start a bare libp2p peer")
 }
 
 /// Registers `id` with `labels` (and `peer`'s id when given); returns its token and,

@@ -33,7 +33,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,19 +40,20 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use arcade_agent::metrics::SourceLabel;
 use arcade_p2p::labels::Labels;
 use arcade_p2p::mesh::bitfield::Bitfield;
-use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
+use arcade_p2p::mesh::host::{MeshError, MeshHandle, Multiaddr};
 use arcade_p2p::mesh::protocol::{self, MAX_REQUEST_BYTES, PROTOCOL, refused};
 use arcade_p2p::mesh::ticket::{PeerId, TicketIssuer};
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
-use futures::{AsyncRead, AsyncWrite, AsyncWriteExt as _, Future, StreamExt as _};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{StreamProtocol, noise, tcp, yamux};
 
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
+use crate::peers::bare_peer;
 use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, eventually};
 
 /// The scenarios of this module.
@@ -480,8 +480,6 @@ struct HostileCodec {
     ledger: Arc<Mutex<Ledger>>,
 }
 
-type BoxedIo<'r, T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send + 'r>>;
-
 fn unsupported<T>() -> std::io::Result<T> {
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
@@ -544,73 +542,52 @@ impl HostileCodec {
     }
 }
 
-// `request_response::Codec` is an `async_trait`; this is its expansion, written out so
-// that the tests need no `async-trait` dependency.
+#[async_trait::async_trait]
 impl request_response::Codec for HostileCodec {
     type Protocol = StreamProtocol;
     type Request = pb::ChunkRequest;
     type Response = Reply;
 
-    fn read_request<'a, 'b, 'c, 'r, T>(
-        &'a mut self,
-        _: &'b StreamProtocol,
-        io: &'c mut T,
-    ) -> BoxedIo<'r, pb::ChunkRequest>
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<pb::ChunkRequest>
     where
-        T: AsyncRead + Unpin + Send + 'r,
-        'a: 'r,
-        'b: 'r,
-        'c: 'r,
-        Self: 'r,
+        T: AsyncRead + Unpin + Send,
     {
-        Box::pin(protocol::read_message(io, MAX_REQUEST_BYTES))
+        protocol::read_message(io, MAX_REQUEST_BYTES).await
     }
 
-    fn read_response<'a, 'b, 'c, 'r, T>(
-        &'a mut self,
-        _: &'b StreamProtocol,
-        _: &'c mut T,
-    ) -> BoxedIo<'r, Reply>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, _: &mut T) -> std::io::Result<Reply>
     where
-        T: AsyncRead + Unpin + Send + 'r,
-        'a: 'r,
-        'b: 'r,
-        'c: 'r,
-        Self: 'r,
+        T: AsyncRead + Unpin + Send,
     {
-        Box::pin(async { unsupported() })
+        unsupported()
     }
 
-    fn write_request<'a, 'b, 'c, 'r, T>(
-        &'a mut self,
-        _: &'b StreamProtocol,
-        _: &'c mut T,
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
         _: pb::ChunkRequest,
-    ) -> BoxedIo<'r, ()>
+    ) -> std::io::Result<()>
     where
-        T: AsyncWrite + Unpin + Send + 'r,
-        'a: 'r,
-        'b: 'r,
-        'c: 'r,
-        Self: 'r,
+        T: AsyncWrite + Unpin + Send,
     {
-        Box::pin(async { unsupported() })
+        unsupported()
     }
 
-    fn write_response<'a, 'b, 'c, 'r, T>(
-        &'a mut self,
-        _: &'b StreamProtocol,
-        io: &'c mut T,
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
         reply: Reply,
-    ) -> BoxedIo<'r, ()>
+    ) -> std::io::Result<()>
     where
-        T: AsyncWrite + Unpin + Send + 'r,
-        'a: 'r,
-        'b: 'r,
-        'c: 'r,
-        Self: 'r,
+        T: AsyncWrite + Unpin + Send,
     {
-        Box::pin(self.write(io, reply))
+        self.write(io, reply).await
     }
 }
 
@@ -782,31 +759,6 @@ impl HostilePeer {
 
 // ----- hostile clients (tickets) ----------------------------------------------------
 
-/// A store that holds nothing: hostile clients only ask.
-struct Nothing;
-
-impl ChunkStore for Nothing {
-    fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
-        None
-    }
-    fn held(&self, _: &ContentId) -> Option<Bitfield> {
-        None
-    }
-    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-}
-
-async fn client() -> anyhow::Result<MeshHandle> {
-    MeshHost::start(
-        libp2p_identity::Keypair::generate_ed25519(),
-        HostConfig::default(),
-        Arc::new(Nothing),
-    )
-    .await
-    .map_err(|e| anyhow!("hostile client: {e}"))
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -866,8 +818,8 @@ async fn bad_tickets(c: &TestCoordinator, target: &Target) -> anyhow::Result<usi
     let key_bytes =
         std::fs::read(c.config.data_dir.join("mesh.key")).context("coordinator mesh key")?;
     let coordinator = TicketIssuer::from_bytes(&key_bytes).map_err(|e| anyhow!("mesh key: {e}"))?;
-    let thief = client().await?;
-    let owner = client().await?;
+    let thief = bare_peer().await?;
+    let owner = bare_peer().await?;
     let none: &[Multiaddr] = &[];
     let thief_reg = enroll(c, "ticket-thief", &thief.peer_id(), none, vec![]).await?;
     let owner_reg = enroll(c, "ticket-owner", &owner.peer_id(), none, vec![]).await?;

@@ -1,0 +1,36 @@
+//! Bare libp2p peers for the end-to-end tests: a real mesh host that holds nothing and
+//! only asks (outsiders, thieves, label-restricted requesters).
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arcade_p2p::ContentId;
+use arcade_p2p::labels::Labels;
+use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshHandle, MeshHost};
+
+/// A store that holds nothing.
+struct Nothing;
+
+impl ChunkStore for Nothing {
+    fn allowed_labels(&self, _: &ContentId) -> Option<Labels> {
+        None
+    }
+    fn held(&self, _: &ContentId) -> Option<Bitfield> {
+        None
+    }
+    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+/// Starts a mesh host on loopback with a fresh identity that serves nothing.
+pub async fn bare_peer() -> anyhow::Result<MeshHandle> {
+    MeshHost::start(
+        libp2p_identity::Keypair::generate_ed25519(),
+        HostConfig::default(),
+        Arc::new(Nothing),
+    )
+    .await
+    .context("start a bare libp2p peer")
+}
