@@ -319,9 +319,12 @@ impl FetchRun<'_> {
                             .handle(now, Event::PeerJoined { peer, have: held }),
                     ),
                     Some(before) => {
-                        for chunk in held.iter_set().filter(|&i| !before.get(i)) {
-                            actions.extend(self.scheduler.handle(now, Event::Have { peer, chunk }));
-                        }
+                        // Every new chunk of the answer in one scheduler call.
+                        let news = held
+                            .iter_set()
+                            .filter(|&i| !before.get(i))
+                            .map(|chunk| Event::Have { peer, chunk });
+                        actions.extend(self.scheduler.handle_all(now, news));
                     }
                 }
                 Ok(actions)

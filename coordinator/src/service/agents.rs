@@ -749,7 +749,11 @@ impl Agent for AgentService {
                     Instant::now(),
                     usable,
                 );
-                if let Admission::Redirect(holders) = decision {
+                if let Admission::Redirect {
+                    holders,
+                    retry_after,
+                } = decision
+                {
                     let hints: Vec<String> = holders
                         .iter()
                         .filter_map(|h| fleet.agents.get(h))
@@ -766,7 +770,7 @@ impl Agent for AgentService {
                     md.insert(
                         "arcade-retry-after-ms",
                         tonic::metadata::MetadataValue::from(
-                            super::herd::REDIRECT_RETRY_AFTER.as_millis() as u32,
+                            u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
                         ),
                     );
                     if let Ok(v) = hints.join(";").parse() {

@@ -18,6 +18,20 @@
 //!   requests per peer, [`server_max_inflight`](SchedulerConfig::server_max_inflight) at
 //!   the server and [`max_inflight_total`](SchedulerConfig::max_inflight_total) in all
 //!   (server included), duplicates included.
+//! - **Busy window.** New peer requests (not hedges or endgame duplicates) are also held
+//!   to a window that a busy answer cuts by a quarter, once per round (answers to
+//!   requests sent before the last cut do not cut again), down to twice
+//!   `max_inflight_per_peer`, and that each chunk from a peer widens by one, up to
+//!   `max_inflight_total`. An agent among peers whose upload slots are all taken asks
+//!   for about what they can send instead of replacing every refused request at once:
+//!   in a modelled fleet of 1,000, busy answers outnumbered the chunks delivered eleven
+//!   to one, and four to one with the window. (Halving, down to `max_inflight_per_peer`,
+//!   left uploads idle: 1.51 × the bound instead of 1.15.)
+//! - **Peers before the server.** The server is not asked for starved chunks while
+//!   some missing chunk a connected peer holds is still unrequested: an agent with peer
+//!   work does not need the coordinator, and in a large fleet every agent asking about
+//!   every chunk its peers do not show yet was most of the coordinator's traffic (in the
+//!   modelled fleet of 1,000: 708 k redirects → 48 k).
 //! - **Server fallback.** The server is the source of last resort. It is asked for a
 //!   chunk only when (a) no connected peer that may serve it has existed for
 //!   [`server_fallback_after`](SchedulerConfig::server_fallback_after) (the clock of a
@@ -372,6 +386,10 @@ pub struct Scheduler<P> {
     inflight_total: usize,
     server_inflight: usize,
     server_blocked_until: Duration,
+    /// Most outstanding new peer requests (the busy window).
+    window: usize,
+    /// When the window was last cut: busy answers to older requests do not cut it again.
+    window_cut_at: Duration,
     /// Missing chunks with no request and `eligible > 0`.
     queue: BTreeSet<QueueKey>,
     /// Missing chunks with `eligible == 0`, requested or not.
@@ -418,6 +436,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             inflight_total: 0,
             server_inflight: 0,
             server_blocked_until: Duration::ZERO,
+            window: usize::MAX,
+            window_cut_at: Duration::ZERO,
             queue: BTreeSet::new(),
             starved: BTreeSet::new(),
             started: false,
@@ -429,6 +449,20 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Feeds one event at time `now` (monotonic, from an arbitrary origin) and returns
     /// what to do. Expires, hedges and schedules requests on every call.
     pub fn handle(&mut self, now: Duration, event: Event<P>) -> Vec<Action<P>> {
+        self.handle_all(now, std::iter::once(event))
+    }
+
+    /// Feeds several events that happened at `now`, in order, and schedules once after
+    /// the last: what a driver does with a batch of news (one bitfield answer that
+    /// announces many chunks, or the answers of every peer polled at once). Scheduling
+    /// after each event instead would cost a full pass per event and, for announcements,
+    /// hand requests to whichever peer happened to be fed first. Events after the one
+    /// that completes the content are ignored.
+    pub fn handle_all(
+        &mut self,
+        now: Duration,
+        events: impl IntoIterator<Item = Event<P>>,
+    ) -> Vec<Action<P>> {
         let mut out = Vec::new();
         if !self.started {
             self.start(now);
@@ -440,26 +474,38 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             self.finish(&mut out);
             return out;
         }
+        for event in events {
+            self.apply(now, event, &mut out);
+            if self.done_emitted {
+                return out;
+            }
+        }
+        self.expire(now, &mut out);
+        self.schedule(now, &mut out);
+        out
+    }
+
+    fn apply(&mut self, now: Duration, event: Event<P>, out: &mut Vec<Action<P>>) {
         match event {
             Event::PeerJoined { peer, have } => self.peer_joined(peer, &have),
             Event::PeerLeft { peer } => {
                 self.remove_peer(now, &peer);
             }
             Event::Have { peer, chunk } => self.announce(&peer, chunk),
-            Event::ChunkArrived { source, chunk } => {
-                self.chunk_arrived(now, source, chunk, &mut out)
-            }
-            Event::ChunkBad { source, chunk } => self.chunk_bad(now, source, chunk, &mut out),
+            Event::ChunkArrived { source, chunk } => self.chunk_arrived(now, source, chunk, out),
+            Event::ChunkBad { source, chunk } => self.chunk_bad(now, source, chunk, out),
             Event::PeerBusy {
                 peer,
                 chunk,
                 retry_after,
             } => {
-                if self
-                    .drop_request(chunk, &Source::Peer(peer.clone()))
-                    .is_some()
-                {
+                if let Some(sent) = self.drop_request(chunk, &Source::Peer(peer.clone())) {
                     self.stats.peer_busy += 1;
+                    if sent >= self.window_cut_at {
+                        let floor = 2 * self.config.max_inflight_per_peer;
+                        self.window = (self.peer_window() * 3 / 4).max(floor);
+                        self.window_cut_at = now;
+                    }
                     // Answers to requests sent before the current pause are one round.
                     if let Some(slot) = self.peers.get_mut(&peer)
                         && slot.busy_until <= now
@@ -474,21 +520,16 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 if self.drop_request(chunk, &source).is_some() {
                     self.stats.failures += 1;
                     if let Source::Peer(peer) = source {
-                        self.strike(now, peer, chunk, &mut out);
+                        self.strike(now, peer, chunk, out);
                     }
                 }
             }
-            Event::ServerBusy { retry_after, .. } => self.server_busy(now, retry_after, &mut out),
+            Event::ServerBusy { retry_after, .. } => self.server_busy(now, retry_after, out),
             Event::ServerDeferred { chunk, retry_after } => {
                 self.server_deferred(now, chunk, retry_after)
             }
             Event::Tick => {}
         }
-        if !self.done_emitted {
-            self.expire(now, &mut out);
-            self.schedule(now, &mut out);
-        }
-        out
     }
 
     /// The chunks already here.
@@ -514,6 +555,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// The configuration in effect (zero limits raised to 1).
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// The busy window: most new peer requests outstanding at once (see the module docs).
+    pub fn peer_window(&self) -> usize {
+        self.window.min(self.config.max_inflight_total)
     }
 
     /// Whether `peer` is banned for this content.
@@ -628,6 +674,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 if let Some(slot) = self.peers.get_mut(&peer) {
                     slot.busy_streak = 0;
                 }
+                self.window = self.peer_window().saturating_add(1);
                 self.stats.chunks_from_peers += 1;
             }
             Source::Server => self.stats.chunks_from_server += 1,
@@ -685,6 +732,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     fn server_deferred(&mut self, now: Duration, c: u32, retry_after: Duration) {
         self.stats.server_busy += 1;
+        self.server_blocked_until = self
+            .server_blocked_until
+            .max(now.saturating_add(retry_after / 2));
         if c as usize >= self.slots.len() || self.have.get(c) {
             return;
         }
@@ -785,7 +835,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Rarest first: requests unrequested chunks from holders with free slots.
     fn fill_from_peers(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let per_peer = self.config.max_inflight_per_peer;
+        let window = self.peer_window();
         if self.inflight_total >= self.config.max_inflight_total
+            || self.inflight_total - self.server_inflight >= window
             || self.queue.range((1, 0, 0)..).next().is_none()
         {
             return;
@@ -809,7 +861,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             .filter(|&c| offered[c as usize / 64] >> (c % 64) & 1 == 1)
             .collect();
         for c in offered {
-            if free_peers == 0 || self.inflight_total >= self.config.max_inflight_total {
+            if free_peers == 0
+                || self.inflight_total >= self.config.max_inflight_total
+                || self.inflight_total - self.server_inflight >= window
+            {
                 break;
             }
             if let Some(peer) = self.pick_peer(now, c) {
@@ -823,6 +878,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     /// Chunks no peer may serve, once their fallback clock has run out.
     fn fill_from_server(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        if self.inflight_total - self.server_inflight >= self.peer_window() {
+            return;
+        }
         let mut cursor: Option<StarvedKey> = None;
         while self.server_available(now) && self.inflight_total < self.config.max_inflight_total {
             let next = match cursor {

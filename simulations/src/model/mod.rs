@@ -49,8 +49,9 @@
 //!   (then waits `server_rpc_cost` per request ahead of it, zero by default). The herd
 //!   is asked first, exactly as `download_plugin` does: a redirect goes back one latency
 //!   later with the holders, and the agent connects them (polled one round trip later,
-//!   as the driver's `add_peer`) and feeds [`Event::ServerDeferred`] with
-//!   [`REDIRECT_RETRY_AFTER`]. A served request takes one of `serve.max_streams` streams
+//!   as the driver's `add_peer`) and feeds [`Event::ServerDeferred`] with the redirect's
+//!   own wait ([`REDIRECT_RETRY_AFTER`], doubling with each redirect of that agent for
+//!   that chunk). A served request takes one of `serve.max_streams` streams
 //!   or is answered busy (retry after 200 ms, no holders → [`Event::ServerBusy`], as the
 //!   real driver does). Streams are sent one after another; a stream cancelled before
 //!   its turn (the agent aborted it — cancelled, done, or gone — which the coordinator
@@ -73,12 +74,13 @@
 //! every 200 ms, and polls the bitfields of connected peers one round trip after the
 //! agent starts (the hints' first answers) and then every 250 ms; the phase of both
 //! timers is drawn per agent (real agents pick up their jobs at different moments, so
-//! their timers are not in step). A peer's first answer is [`Event::PeerJoined`] with its
+//! their timers are not in step). The answers of one poll round reach the scheduler in
+//! one [`Scheduler::handle_all`] call, as the driver feeds the news of one answer. A
+//! peer's first answer is [`Event::PeerJoined`] with its
 //! bitfield; a later answer that holds new chunks is one `PeerJoined` with those
 //! this agent still misses (the scheduler adds it to what the peer announced and
 //! ignores announced chunks it already holds; the real driver feeds one [`Event::Have`]
-//! per new chunk — the same information at the same instant, scheduled once instead of
-//! once per chunk); an answer with nothing missing is not fed at all (the scheduler's
+//! per new chunk in one batch — the same information at the same instant); an answer with nothing missing is not fed at all (the scheduler's
 //! timers still run at the agent's next event or tick). An answer reflects the peer's
 //! holdings at the instant it is delivered (a real answer is one latency older). A peer that has not
 //! started yet, or has left, does not answer. Chunks become [`Event::ChunkArrived`];
@@ -112,8 +114,8 @@
 //! Per event O(1) in the model itself (the slot and outstanding lists it scans are
 //! bounded by `max_uploads` and the scheduler's in-flight limits); the scheduler and the
 //! herd cost what they cost in the real processes. The bulk of the work is the
-//! scheduler's `handle` for every bitfield answer with news: agents × peers × 4 per
-//! simulated second.
+//! scheduler's announcements (every agent learns every chunk from every peer: agents ×
+//! peers × chunks) and the busy answers of popular holders.
 //!
 //! [`Event::ServerDeferred`]: arcade_p2p::mesh::scheduler::Event::ServerDeferred
 //! [`Event::ServerBusy`]: arcade_p2p::mesh::scheduler::Event::ServerBusy
@@ -126,6 +128,7 @@
 //! [`Action::Cancel`]: arcade_p2p::mesh::scheduler::Action::Cancel
 //! [`Action::Ban`]: arcade_p2p::mesh::scheduler::Action::Ban
 //! [`REDIRECT_RETRY_AFTER`]: arcade_coordinator::herd::REDIRECT_RETRY_AFTER
+//! [`Scheduler::handle_all`]: arcade_p2p::mesh::scheduler::Scheduler::handle_all
 //! [`Herd::admit`]: arcade_coordinator::herd::Herd::admit
 //! [`Herd::served`]: arcade_coordinator::herd::Herd::served
 

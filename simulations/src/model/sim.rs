@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-use arcade_coordinator::herd::{Admission, Herd, REDIRECT_RETRY_AFTER};
+use arcade_coordinator::herd::{Admission, Herd};
 use arcade_p2p::ContentId;
 use arcade_p2p::mesh::bitfield::Bitfield;
 use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, Source};
@@ -150,7 +150,7 @@ impl Queue {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reply {
-    Deferred,
+    Deferred(Duration),
     Busy,
 }
 
@@ -570,6 +570,11 @@ impl<'a> Sim<'a> {
 
     /// Feeds one event to agent `a`'s fetch of plugin `p` and carries out its actions.
     fn feed(&mut self, a: usize, p: usize, event: Event<u32>) {
+        self.feed_all(a, p, std::iter::once(event));
+    }
+
+    /// Feeds events that happen at once in one [`Scheduler::handle_all`] call.
+    fn feed_all(&mut self, a: usize, p: usize, events: impl IntoIterator<Item = Event<u32>>) {
         let now = Duration::from_nanos(self.now);
         let run = &mut self.agents[a].runs[p];
         if run.state != RunState::Active {
@@ -578,7 +583,7 @@ impl<'a> Sim<'a> {
         let Some(sched) = run.sched.as_mut() else {
             return;
         };
-        let actions = sched.handle(now, event);
+        let actions = sched.handle_all(now, events);
         for action in actions {
             self.act(a, p, action);
         }
@@ -815,12 +820,18 @@ impl<'a> Sim<'a> {
         if self.gone(a) || self.agents[a].done_at.is_some() {
             return;
         }
+        // Every peer's answer in one scheduler call, as the driver feeds a batch.
+        let mut news = Vec::new();
         for p in 0..self.plugins.len() {
-            let mut i = 0;
-            while self.agents[a].runs[p].state == RunState::Active && i < self.agents[a].neigh.len()
-            {
-                self.poll(a, p, i);
-                i += 1;
+            if self.agents[a].runs[p].state != RunState::Active {
+                continue;
+            }
+            news.clear();
+            for i in 0..self.agents[a].neigh.len() {
+                news.extend(self.poll(a, p, i));
+            }
+            if !news.is_empty() {
+                self.feed_all(a, p, news.drain(..));
             }
         }
         if periodic {
@@ -839,22 +850,25 @@ impl<'a> Sim<'a> {
             return;
         }
         for p in 0..self.plugins.len() {
-            if self.agents[a].runs[p].state == RunState::Active {
-                self.poll(a, p, edge);
+            if self.agents[a].runs[p].state == RunState::Active
+                && let Some(news) = self.poll(a, p, edge)
+            {
+                self.feed(a, p, news);
             }
         }
     }
 
-    /// A bitfield answer from agent `a`'s `i`-th peer to its fetch of plugin `p`.
-    fn poll(&mut self, a: usize, p: usize, i: usize) {
+    /// A bitfield answer from agent `a`'s `i`-th peer to its fetch of plugin `p`: the
+    /// event to feed, if it has news.
+    fn poll(&mut self, a: usize, p: usize, i: usize) -> Option<Event<u32>> {
         let b = self.agents[a].neigh[i] as usize;
         let view = self.agents[a].runs[p].views[i];
         if view.closed {
-            return;
+            return None;
         }
         let count = self.answers[b * self.plugins.len() + p];
         if count == NO_ANSWER || (view.joined && count == view.seen) {
-            return;
+            return None;
         }
         // Only chunks this agent misses: the scheduler ignores announced chunks it
         // already holds, so an answer with nothing else is not worth a call.
@@ -870,17 +884,10 @@ impl<'a> Sim<'a> {
         let first = !v.joined;
         v.joined = true;
         v.seen = count;
-        if first || have.is_some() {
-            let have = have.unwrap_or_else(|| Bitfield::new(self.plugins[p].chunks));
-            self.feed(
-                a,
-                p,
-                Event::PeerJoined {
-                    peer: b as u32,
-                    have,
-                },
-            );
-        }
+        (first || have.is_some()).then(|| Event::PeerJoined {
+            peer: b as u32,
+            have: have.unwrap_or_else(|| Bitfield::new(self.plugins[p].chunks)),
+        })
     }
 
     // ----- peer transfers -----------------------------------------------------------
@@ -1086,10 +1093,14 @@ impl<'a> Sim<'a> {
                 self.base + Duration::from_nanos(now),
                 usable,
             );
-            if let Admission::Redirect(holders) = decision {
+            if let Admission::Redirect {
+                holders,
+                retry_after,
+            } = decision
+            {
                 self.stats.redirects += 1;
                 let t = &mut self.transfers[tid as usize];
-                t.reply = Reply::Deferred;
+                t.reply = Reply::Deferred(retry_after);
                 t.holders.clear();
                 t.holders.extend(
                     holders
@@ -1173,7 +1184,7 @@ impl<'a> Sim<'a> {
         let holders = std::mem::take(&mut t.holders);
         if !self.gone(a) && self.take_outstanding(a, p, SERVER, chunk, tid) {
             match reply {
-                Reply::Deferred => {
+                Reply::Deferred(retry_after) => {
                     for &h in &holders {
                         if self.connect(a, h) {
                             let edge = (self.agents[a].neigh.len() - 1) as u32;
@@ -1187,14 +1198,7 @@ impl<'a> Sim<'a> {
                             );
                         }
                     }
-                    self.feed(
-                        a,
-                        p,
-                        Event::ServerDeferred {
-                            chunk,
-                            retry_after: REDIRECT_RETRY_AFTER,
-                        },
-                    );
+                    self.feed(a, p, Event::ServerDeferred { chunk, retry_after });
                 }
                 Reply::Busy => self.feed(
                     a,

@@ -251,6 +251,114 @@ fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
 }
 
 #[test]
+fn busy_answers_narrow_the_window_once_per_round_and_chunks_widen_it() {
+    let mut s = Scheduler::new(64, Bitfield::new(64), no_server(), 9);
+    let peers = (1..=10).map(|p| joined(p, Bitfield::full(64)));
+    let mut asked = requested(&s.handle_all(ms(0), peers));
+    let mut t = 0;
+    let mut sizes = Vec::new();
+    for _ in 0..7 {
+        sizes.push(s.inflight());
+        assert_eq!(asked.len(), s.inflight());
+        // Every outstanding request comes back busy: one cut per round, and the places
+        // below the new window go to peers not paused yet.
+        t += 10;
+        for (source, chunk) in std::mem::take(&mut asked) {
+            let Source::Peer(peer) = source else {
+                panic!("no server here")
+            };
+            let retry_after = ms(100);
+            let event = Event::PeerBusy {
+                peer,
+                chunk,
+                retry_after,
+            };
+            let more = requested(&s.handle(ms(t), event));
+            assert!(more.is_empty() || s.inflight() <= s.peer_window());
+            asked.extend(more);
+        }
+        // After every peer's pause, the round is topped up to the window.
+        t += 2000;
+        asked.extend(requested(&s.handle(ms(t), Event::Tick)));
+    }
+    assert_eq!(
+        sizes,
+        [32, 24, 18, 13, 9, 8, 8],
+        "cut by a quarter, floor 8"
+    );
+    assert_eq!(s.peer_window(), 8);
+    // Each chunk from a peer widens it by one, up to max_inflight_total.
+    for (source, chunk) in asked {
+        s.handle(ms(t + 5), arrived(source, chunk));
+    }
+    assert_eq!(s.peer_window(), 16);
+    assert_eq!(s.stats().bans, 0);
+}
+
+#[test]
+fn the_server_waits_while_peer_requests_fill_the_window() {
+    let config = SchedulerConfig {
+        max_inflight_total: 8,
+        server_max_inflight: 2,
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(16, Bitfield::new(16), config, 4);
+    let batch = [joined(1, bits(16, 0..8)), joined(2, bits(16, 0..8))];
+    let first = requested(&s.handle_all(ms(0), batch));
+    assert_eq!(first.len(), 8);
+    // Chunks 8..16 are starved past the fallback delay, but the window is full of peer
+    // requests: the server is not asked.
+    assert!(requested(&s.handle(ms(600), Event::Tick)).is_empty());
+    // A chunk arrives and no peer holds anything unrequested: the free place goes to
+    // the server.
+    let (source, chunk) = first[0].clone();
+    let next = requested(&s.handle(ms(700), arrived(source, chunk)));
+    assert_eq!(next.len(), 1);
+    assert!(next.iter().all(|(src, c)| *src == Server && *c >= 8));
+}
+
+#[test]
+fn a_redirect_also_paces_the_other_server_requests() {
+    let mut s = Scheduler::new(10, Bitfield::new(10), SchedulerConfig::default(), 5);
+    assert!(requested(&s.handle(ms(0), Event::Tick)).is_empty());
+    let to_server = requested(&s.handle(ms(500), Event::Tick));
+    assert_eq!(to_server.len(), 4, "server_max_inflight");
+    let deferred = to_server[0].1;
+    let event = Event::ServerDeferred {
+        chunk: deferred,
+        retry_after: ms(300),
+    };
+    // Half the redirect's wait before any server request, a full wait for its chunk.
+    assert!(requested(&s.handle(ms(510), event)).is_empty());
+    assert!(requested(&s.handle(ms(659), Event::Tick)).is_empty());
+    let next = requested(&s.handle(ms(660), Event::Tick));
+    assert_eq!(next.len(), 1);
+    assert!(next[0].0 == Server && next[0].1 != deferred);
+}
+
+#[test]
+fn a_batch_of_news_is_scheduled_once_after_the_last_event() {
+    // Peer 1 holds everything, peer 2 the first half. Fed together, the second half is
+    // the rarer and goes to peer 1; the first half to peer 2.
+    let mut s = Scheduler::new(8, Bitfield::new(8), no_server(), 6);
+    let batch = [joined(1, Bitfield::full(8)), joined(2, bits(8, 0..4))];
+    let asked = requested(&s.handle_all(ms(0), batch));
+    assert_eq!(asked.len(), 8);
+    for (source, chunk) in asked {
+        match source {
+            P(1) => assert!(chunk >= 4, "peer 1 asked for {chunk}"),
+            P(2) => assert!(chunk < 4, "peer 2 asked for {chunk}"),
+            other => panic!("unexpected source {other:?}"),
+        }
+    }
+    // Events after the one that completes the content are ignored.
+    let mut one = Scheduler::new(1, Bitfield::new(1), no_server(), 7);
+    one.handle(ms(0), joined(1, Bitfield::full(1)));
+    let out = one.handle_all(ms(1), [arrived(P(1), 0), joined(2, Bitfield::full(1))]);
+    assert_eq!(out, vec![Action::Done]);
+}
+
+#[test]
 fn a_peer_that_stalls_until_the_hedge_wins_is_struck_and_banned() {
     let config = SchedulerConfig {
         hedge_after: ms(1000),
