@@ -337,6 +337,8 @@ struct Outstanding<P> {
 /// What the scheduler tracks about one chunk.
 #[derive(Debug, Clone)]
 struct ChunkSlot<P> {
+    /// The random tie-break of the chunk: distinct per chunk, fixed for the run.
+    key: u64,
     /// Connected, unbanned peers that announced the chunk and did not fail it.
     eligible: u32,
     /// When `eligible == 0`: when the server may be asked for it.
@@ -375,7 +377,6 @@ type StarvedKey = (Duration, u64, u32);
 pub struct Scheduler<P> {
     config: SchedulerConfig,
     have: Bitfield,
-    key_seed: u64,
     rng: SplitMix64,
     slots: Vec<ChunkSlot<P>>,
     peers: BTreeMap<P, PeerSlot>,
@@ -390,8 +391,11 @@ pub struct Scheduler<P> {
     window: usize,
     /// When the window was last cut: busy answers to older requests do not cut it again.
     window_cut_at: Duration,
-    /// Missing chunks with no request and `eligible > 0`.
-    queue: BTreeSet<QueueKey>,
+    /// Missing chunks with no request and `eligible > 0` (the rarest-first order is
+    /// read from their slots when requests are sent: an announcement only counts).
+    queue: Bitfield,
+    /// How many chunks `queue` holds.
+    queued: u32,
     /// Missing chunks with `eligible == 0`, requested or not.
     starved: BTreeSet<StarvedKey>,
     started: bool,
@@ -419,16 +423,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         Self {
             config: config.sanitized(),
             have,
-            key_seed,
             rng,
-            slots: vec![
-                ChunkSlot {
+            slots: (0..chunks)
+                .map(|c| ChunkSlot {
+                    key: mix64(key_seed.wrapping_add(u64::from(c).wrapping_mul(SplitMix64::GAMMA))),
                     eligible: 0,
                     ready_at: Duration::ZERO,
                     failed: Vec::new(),
-                };
-                chunks as usize
-            ],
+                })
+                .collect(),
             peers: BTreeMap::new(),
             strikes: BTreeMap::new(),
             banned: BTreeSet::new(),
@@ -438,7 +441,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             server_blocked_until: Duration::ZERO,
             window: usize::MAX,
             window_cut_at: Duration::ZERO,
-            queue: BTreeSet::new(),
+            queue: Bitfield::new(chunks),
+            queued: 0,
             starved: BTreeSet::new(),
             started: false,
             done_emitted: false,
@@ -838,7 +842,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let window = self.peer_window();
         if self.inflight_total >= self.config.max_inflight_total
             || self.inflight_total - self.server_inflight >= window
-            || self.queue.range((1, 0, 0)..).next().is_none()
+            || self.queued == 0
         {
             return;
         }
@@ -851,28 +855,52 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 slot.have.or_into(&mut offered);
             }
         }
-        // Rarest first among the chunks some free peer holds. Chunks no peer holds
-        // (eligible = 0) sort first and are skipped; requesting a chunk only takes that
-        // chunk out of the queue, so the order read up front stays valid.
-        let offered: Vec<u32> = self
+        if free_peers == 0 {
+            return;
+        }
+        // Rarest first among the chunks some free peer holds; requesting a chunk only
+        // takes that chunk out of the queue, so the order read up front stays valid. The
+        // order is sorted in slices of what the limits still allow (most calls send one
+        // or two requests).
+        let mut order: Vec<QueueKey> = self
             .queue
-            .range((1, 0, 0)..)
-            .map(|k| k.2)
+            .iter_set()
             .filter(|&c| offered[c as usize / 64] >> (c % 64) & 1 == 1)
+            .map(|c| {
+                let slot = &self.slots[c as usize];
+                (slot.eligible, slot.key, c)
+            })
             .collect();
-        for c in offered {
-            if free_peers == 0
-                || self.inflight_total >= self.config.max_inflight_total
-                || self.inflight_total - self.server_inflight >= window
-            {
+        let mut next = 0;
+        while next < order.len() {
+            let budget = (self
+                .config
+                .max_inflight_total
+                .saturating_sub(self.inflight_total))
+            .min(window.saturating_sub(self.inflight_total - self.server_inflight));
+            if free_peers == 0 || budget == 0 {
                 break;
             }
-            if let Some(peer) = self.pick_peer(now, c) {
-                if self.peers[&peer].inflight + 1 == per_peer {
-                    free_peers -= 1;
-                }
-                self.request(now, c, Source::Peer(peer), out);
+            let end = (next + budget).min(order.len());
+            if end < order.len() {
+                order[next..].select_nth_unstable(end - next - 1);
             }
+            order[next..end].sort_unstable();
+            for &(_, _, c) in &order[next..end] {
+                if free_peers == 0
+                    || self.inflight_total >= self.config.max_inflight_total
+                    || self.inflight_total - self.server_inflight >= window
+                {
+                    break;
+                }
+                if let Some(peer) = self.pick_peer(now, c) {
+                    if self.peers[&peer].inflight + 1 == per_peer {
+                        free_peers -= 1;
+                    }
+                    self.request(now, c, Source::Peer(peer), out);
+                }
+            }
+            next = end;
         }
     }
 
@@ -906,7 +934,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Every missing chunk in flight and few missing: duplicate single requests.
     fn endgame(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let missing = self.have.missing();
-        if missing == 0 || missing > self.config.endgame_chunks || !self.queue.is_empty() {
+        if missing == 0 || missing > self.config.endgame_chunks || self.queued > 0 {
             return;
         }
         let missing: Vec<u32> = self.have.iter_missing().collect();
@@ -1071,8 +1099,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             let removed = self.starved.remove(&(slot.ready_at, key, c));
             debug_assert!(removed, "chunk {c} missing from the starved set");
         } else if !self.outstanding.contains_key(&c) {
-            let removed = self.queue.remove(&(slot.eligible, key, c));
+            let removed = self.queue.clear(c);
             debug_assert!(removed, "chunk {c} missing from the queue");
+            self.queued -= 1;
         }
     }
 
@@ -1087,17 +1116,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             let inserted = self.starved.insert((slot.ready_at, key, c));
             debug_assert!(inserted, "chunk {c} already in the starved set");
         } else if !self.outstanding.contains_key(&c) {
-            let inserted = self.queue.insert((slot.eligible, key, c));
+            let inserted = self.queue.set(c);
             debug_assert!(inserted, "chunk {c} already in the queue");
+            self.queued += 1;
         }
     }
 
     /// The random tie-break of chunk `c`: distinct per chunk, fixed for the run.
     fn chunk_key(&self, c: u32) -> u64 {
-        mix64(
-            self.key_seed
-                .wrapping_add(u64::from(c).wrapping_mul(SplitMix64::GAMMA)),
-        )
+        self.slots[c as usize].key
     }
 
     fn chunks(&self) -> u32 {
