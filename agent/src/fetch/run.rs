@@ -37,7 +37,7 @@ const PROGRESS_EVERY: usize = 8;
 const ASKERS_EVERY: Duration = Duration::from_secs(1);
 
 /// A peer that answered busy (every upload slot taken) is left alone this long.
-pub const PEER_BUSY_RETRY: Duration = Duration::from_millis(100);
+pub const PEER_BUSY_RETRY: Duration = Duration::from_millis(200);
 
 /// What a finished task reports.
 pub(super) enum Outcome {

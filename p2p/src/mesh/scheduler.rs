@@ -386,6 +386,9 @@ pub struct Scheduler<P> {
     outstanding: BTreeMap<u32, Vec<Outstanding<P>>>,
     inflight_total: usize,
     server_inflight: usize,
+    /// No outstanding request was sent before this (a lower bound, made exact whenever
+    /// the requests are scanned for timeouts and hedges): most calls skip the scans.
+    oldest_sent: Duration,
     server_blocked_until: Duration,
     /// Most outstanding new peer requests (the busy window).
     window: usize,
@@ -438,6 +441,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             outstanding: BTreeMap::new(),
             inflight_total: 0,
             server_inflight: 0,
+            oldest_sent: Duration::ZERO,
             server_blocked_until: Duration::ZERO,
             window: usize::MAX,
             window_cut_at: Duration::ZERO,
@@ -786,6 +790,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// Cancels every request older than `request_timeout` and counts it as a failure.
     fn expire(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let timeout = self.config.request_timeout;
+        if now.saturating_sub(self.oldest_sent) < timeout {
+            return;
+        }
         let expired: Vec<(u32, Source<P>)> = self
             .outstanding
             .iter()
@@ -810,6 +817,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 self.strike(now, peer, c, out);
             }
         }
+        self.rescan_oldest(now);
     }
 
     fn schedule(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
@@ -822,6 +830,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// A chunk whose only request is older than `hedge_after` gets a duplicate.
     fn hedge(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let hedge_after = self.config.hedge_after;
+        if now.saturating_sub(self.oldest_sent) < hedge_after {
+            return;
+        }
         let stalled: Vec<u32> = self
             .outstanding
             .iter()
@@ -834,6 +845,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             }
             self.duplicate(now, c, true, out);
         }
+        self.rescan_oldest(now);
+    }
+
+    /// Makes `oldest_sent` exact again after a scan.
+    fn rescan_oldest(&mut self, now: Duration) {
+        self.oldest_sent = self
+            .outstanding
+            .values()
+            .flatten()
+            .map(|r| r.sent)
+            .min()
+            .unwrap_or(now);
     }
 
     /// Rarest first: requests unrequested chunks from holders with free slots.
@@ -1009,6 +1032,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     }
 
     fn request(&mut self, now: Duration, c: u32, source: Source<P>, out: &mut Vec<Action<P>>) {
+        if self.inflight_total == 0 {
+            self.oldest_sent = now;
+        }
         self.detach(c);
         self.outstanding.entry(c).or_default().push(Outstanding {
             source: source.clone(),
