@@ -260,7 +260,7 @@ egress_rate = "0B"
 # another mesh agent; it is pointed at the holders (peers) instead ...
 herd_window = "2m"
 # ... at most this many times per agent and chunk (each redirect asks the agent to
-# wait 500ms), then served anyway (0 = off).
+# wait: 300ms, doubling with each redirect up to 4.8s), then served anyway (0 = off).
 max_redirects = 8
 "##;
 
