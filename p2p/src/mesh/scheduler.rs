@@ -25,13 +25,18 @@
 //!   `max_inflight_total`. An agent among peers whose upload slots are all taken asks
 //!   for about what they can send instead of replacing every refused request at once:
 //!   in a modelled fleet of 1,000, busy answers outnumbered the chunks delivered eleven
-//!   to one, and four to one with the window. (Halving, down to `max_inflight_per_peer`,
-//!   left uploads idle: 1.51 × the bound instead of 1.15.)
-//! - **Peers before the server.** The server is not asked for starved chunks while
-//!   some missing chunk a connected peer holds is still unrequested: an agent with peer
-//!   work does not need the coordinator, and in a large fleet every agent asking about
-//!   every chunk its peers do not show yet was most of the coordinator's traffic (in the
-//!   modelled fleet of 1,000: 708 k redirects → 48 k).
+//!   to one, and two to one with the window. (Halving, down to `max_inflight_per_peer`,
+//!   left uploads idle: 1.51 × the bound instead of 1.15.) A request outstanding for
+//!   half of `hedge_after` or longer no longer holds a place: it is presumed stalled
+//!   at a slow peer, and must not keep the agent from asking anyone else.
+//! - **Peers before the server.** The server is not asked for starved chunks while the
+//!   agent's peer requests fill its busy window: an agent busy with peers does not need
+//!   the coordinator, and in a large fleet every agent asking about every chunk its
+//!   peers do not show yet was most of the coordinator's traffic (in the modelled fleet
+//!   of 1,000, with the pacing that follows: 708 k redirects → 18 k). After a redirect
+//!   ([`Event::ServerDeferred`]) no starved chunk goes to the server, and no endgame
+//!   duplicate either, for half the redirect's wait; hedges of stalled requests still
+//!   may.
 //! - **Server fallback.** The server is the source of last resort. It is asked for a
 //!   chunk only when (a) no connected peer that may serve it has existed for
 //!   [`server_fallback_after`](SchedulerConfig::server_fallback_after) (the clock of a
@@ -390,6 +395,10 @@ pub struct Scheduler<P> {
     /// the requests are scanned for timeouts and hedges): most calls skip the scans.
     oldest_sent: Duration,
     server_blocked_until: Duration,
+    /// No starved chunk goes to the server before this (half a redirect's wait; hedges
+    /// and endgame duplicates are not held back: they rescue requests stuck at slow
+    /// peers).
+    fallback_paced_until: Duration,
     /// Most outstanding new peer requests (the busy window).
     window: usize,
     /// When the window was last cut: busy answers to older requests do not cut it again.
@@ -443,6 +452,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             server_inflight: 0,
             oldest_sent: Duration::ZERO,
             server_blocked_until: Duration::ZERO,
+            fallback_paced_until: Duration::ZERO,
             window: usize::MAX,
             window_cut_at: Duration::ZERO,
             queue: Bitfield::new(chunks),
@@ -740,8 +750,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     fn server_deferred(&mut self, now: Duration, c: u32, retry_after: Duration) {
         self.stats.server_busy += 1;
-        self.server_blocked_until = self
-            .server_blocked_until
+        self.fallback_paced_until = self
+            .fallback_paced_until
             .max(now.saturating_add(retry_after / 2));
         if c as usize >= self.slots.len() || self.have.get(c) {
             return;
@@ -863,8 +873,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     fn fill_from_peers(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
         let per_peer = self.config.max_inflight_per_peer;
         let window = self.peer_window();
+        let mut used = self.window_used(now);
         if self.inflight_total >= self.config.max_inflight_total
-            || self.inflight_total - self.server_inflight >= window
+            || used >= window
             || self.queued == 0
         {
             return;
@@ -900,7 +911,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 .config
                 .max_inflight_total
                 .saturating_sub(self.inflight_total))
-            .min(window.saturating_sub(self.inflight_total - self.server_inflight));
+            .min(window.saturating_sub(used));
             if free_peers == 0 || budget == 0 {
                 break;
             }
@@ -912,7 +923,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             for &(_, _, c) in &order[next..end] {
                 if free_peers == 0
                     || self.inflight_total >= self.config.max_inflight_total
-                    || self.inflight_total - self.server_inflight >= window
+                    || used >= window
                 {
                     break;
                 }
@@ -921,6 +932,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                         free_peers -= 1;
                     }
                     self.request(now, c, Source::Peer(peer), out);
+                    used += 1;
                 }
             }
             next = end;
@@ -929,7 +941,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     /// Chunks no peer may serve, once their fallback clock has run out.
     fn fill_from_server(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
-        if self.inflight_total - self.server_inflight >= self.peer_window() {
+        if now < self.fallback_paced_until || self.window_used(now) >= self.peer_window() {
             return;
         }
         let mut cursor: Option<StarvedKey> = None;
@@ -970,7 +982,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             }
             let reqs = &self.outstanding[&c];
             if reqs.len() == 1 {
-                let late = now.saturating_sub(reqs[0].sent) >= self.config.server_fallback_after;
+                let late = now.saturating_sub(reqs[0].sent) >= self.config.server_fallback_after
+                    && now >= self.fallback_paced_until;
                 self.duplicate(now, c, late, out);
             }
         }
@@ -1082,6 +1095,26 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             }
             Source::Server => self.server_inflight -= 1,
         }
+    }
+
+    /// Outstanding peer requests that hold a place in the busy window: those younger
+    /// than half `hedge_after`. An older one is presumed stalled (a slow or overloaded
+    /// peer; it is hedged at `hedge_after`): with a window cut down by busy answers, a
+    /// few requests stuck at slow peers otherwise kept an agent from asking anyone else
+    /// (the slow-peers scenario went from 6 to 61 x its bound).
+    fn window_used(&mut self, now: Duration) -> usize {
+        let stalled = self.config.hedge_after / 2;
+        if now.saturating_sub(self.oldest_sent) >= stalled {
+            self.rescan_oldest(now);
+        }
+        if now.saturating_sub(self.oldest_sent) < stalled {
+            return self.inflight_total - self.server_inflight;
+        }
+        self.outstanding
+            .values()
+            .flatten()
+            .filter(|r| matches!(r.source, Source::Peer(_)) && now.saturating_sub(r.sent) < stalled)
+            .count()
     }
 
     fn has_request(&self, c: u32, source: &Source<P>) -> bool {

@@ -252,7 +252,12 @@ fn busy_peers_are_left_alone_for_a_while_but_never_struck() {
 
 #[test]
 fn busy_answers_narrow_the_window_once_per_round_and_chunks_widen_it() {
-    let mut s = Scheduler::new(64, Bitfield::new(64), no_server(), 9);
+    // A long hedge delay: no request here is old enough to be presumed stalled.
+    let config = SchedulerConfig {
+        hedge_after: Duration::from_secs(60),
+        ..no_server()
+    };
+    let mut s = Scheduler::new(64, Bitfield::new(64), config, 9);
     let peers = (1..=10).map(|p| joined(p, Bitfield::full(64)));
     let mut asked = requested(&s.handle_all(ms(0), peers));
     let mut t = 0;
@@ -293,6 +298,29 @@ fn busy_answers_narrow_the_window_once_per_round_and_chunks_widen_it() {
     }
     assert_eq!(s.peer_window(), 16);
     assert_eq!(s.stats().bans, 0);
+}
+
+#[test]
+fn requests_stalled_for_half_the_hedge_delay_leave_the_window() {
+    let mut s = Scheduler::new(64, Bitfield::new(64), no_server(), 11);
+    let peers = (1..=10).map(|p| joined(p, Bitfield::full(64)));
+    let asked = requested(&s.handle_all(ms(0), peers));
+    assert_eq!(asked.len(), 32);
+    let (Source::Peer(peer), chunk) = asked[0].clone() else {
+        panic!("no server here")
+    };
+    let busy = Event::PeerBusy {
+        peer,
+        chunk,
+        retry_after: ms(100),
+    };
+    assert!(requested(&s.handle(ms(10), busy)).is_empty());
+    assert_eq!(s.peer_window(), 24);
+    // 31 requests outstanding in a window of 24: nothing new while they are young...
+    assert!(requested(&s.handle(ms(1499), Event::Tick)).is_empty());
+    // ...and once they are older than hedge_after / 2 (3 s / 2) they are presumed
+    // stalled: only max_inflight_total (32) limits new requests.
+    assert_eq!(requested(&s.handle(ms(1500), Event::Tick)).len(), 1);
 }
 
 #[test]
