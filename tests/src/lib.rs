@@ -131,10 +131,14 @@ pub async fn create_job(
         .job_id
 }
 
-/// Waits (at most 60 s) until job `id` succeeded or failed, and returns it.
-pub async fn wait_job(c: &Conn, id: &str) -> arcade_proto::v1::JobDetail {
+/// Waits (at most `limit`) until job `id` succeeded or failed; an error names the job.
+pub async fn finished_job(
+    c: &Conn,
+    id: &str,
+    limit: Duration,
+) -> anyhow::Result<arcade_proto::v1::JobDetail> {
     use arcade_proto::v1::JobStatus;
-    eventually(Duration::from_secs(60), || async {
+    eventually(limit, || async {
         let j = c
             .jobs(&c.admin_token)
             .await
@@ -146,7 +150,14 @@ pub async fn wait_job(c: &Conn, id: &str) -> arcade_proto::v1::JobDetail {
         matches!(j.status(), JobStatus::Succeeded | JobStatus::Failed).then_some(j)
     })
     .await
-    .unwrap_or_else(|| panic!("job {id} did not finish within 60 s"))
+    .ok_or_else(|| anyhow::anyhow!("job {id} did not finish within {limit:?}"))
+}
+
+/// Waits (at most 60 s) until job `id` succeeded or failed, and returns it.
+pub async fn wait_job(c: &Conn, id: &str) -> arcade_proto::v1::JobDetail {
+    finished_job(c, id, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Deterministic test content of `len` bytes.

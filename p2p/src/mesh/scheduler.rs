@@ -433,6 +433,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let mut rng = SplitMix64(seed);
         let key_seed = rng.next_u64();
         Self {
+            window: config.max_inflight_total.max(1),
             config: config.sanitized(),
             have,
             rng,
@@ -453,7 +454,6 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             oldest_sent: Duration::ZERO,
             server_blocked_until: Duration::ZERO,
             fallback_paced_until: Duration::ZERO,
-            window: usize::MAX,
             window_cut_at: Duration::ZERO,
             queue: Bitfield::new(chunks),
             queued: 0,
@@ -520,8 +520,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 if let Some(sent) = self.drop_request(chunk, &Source::Peer(peer.clone())) {
                     self.stats.peer_busy += 1;
                     if sent >= self.window_cut_at {
+                        // A quarter off, down to two peers' worth of requests.
                         let floor = 2 * self.config.max_inflight_per_peer;
-                        self.window = (self.peer_window() * 3 / 4).max(floor);
+                        self.window = (self.window * 3 / 4).max(floor).min(self.window);
                         self.window_cut_at = now;
                     }
                     // Answers to requests sent before the current pause are one round.
@@ -577,7 +578,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     /// The busy window: most new peer requests outstanding at once (see the module docs).
     pub fn peer_window(&self) -> usize {
-        self.window.min(self.config.max_inflight_total)
+        self.window
     }
 
     /// Whether `peer` is banned for this content.
@@ -692,7 +693,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 if let Some(slot) = self.peers.get_mut(&peer) {
                     slot.busy_streak = 0;
                 }
-                self.window = self.peer_window().saturating_add(1);
+                self.window = (self.window + 1).min(self.config.max_inflight_total);
                 self.stats.chunks_from_peers += 1;
             }
             Source::Server => self.stats.chunks_from_server += 1,

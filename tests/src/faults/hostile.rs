@@ -54,7 +54,7 @@ use libp2p::{StreamProtocol, noise, tcp, yamux};
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
 use crate::peers::bare_peer;
-use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, eventually};
+use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, eventually, finished_job};
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("hostile-peers", || Box::pin(hostile_peers()))];
@@ -128,24 +128,6 @@ pub fn check_executions(log: &Path, sha: &ContentId, jobs: &[String]) -> anyhow:
         );
     }
     Ok(runs.len())
-}
-
-/// Waits (at most `limit`) until job `id` succeeded or failed; an error names the job.
-pub async fn finished_job(c: &Conn, id: &str, limit: Duration) -> anyhow::Result<pb::JobDetail> {
-    use pb::JobStatus;
-    eventually(limit, || async {
-        let j = c
-            .jobs(&c.admin_token)
-            .await
-            .get_job(pb::GetJobRequest { job_id: id.into() })
-            .await
-            .ok()?
-            .into_inner()
-            .job?;
-        matches!(j.status(), JobStatus::Succeeded | JobStatus::Failed).then_some(j)
-    })
-    .await
-    .ok_or_else(|| anyhow!("job {id} did not finish within {limit:?}"))
 }
 
 /// Creates one job needing `plugin@1.0.0` for each agent named in `names` (selected by
