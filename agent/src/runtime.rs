@@ -87,6 +87,9 @@ struct Core {
     metrics: Metrics,
     /// Running job id → its stop token.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// The installed list the coordinator last accepted (heartbeats send it only when
+    /// it changed).
+    reported: Mutex<Option<Vec<pb::InstalledPlugin>>>,
     shutdown: CancellationToken,
     stop_jobs: CancellationToken,
 }
@@ -145,7 +148,9 @@ impl Core {
             max_concurrent_jobs: self.config.raw.max_concurrent_jobs,
             installed_plugins: self.installed().await,
         };
+        let sent = req.installed_plugins.clone();
         let reg = self.session.register(req).await?;
+        *self.reported.lock().expect("reported lock") = Some(sent);
         tracing::info!(agent = %self.config.id, "registered with the coordinator");
         if let Some(mesh) = &self.mesh {
             mesh.set_credentials(reg.mesh_ticket, &reg.mesh_public_key)
@@ -206,14 +211,23 @@ impl Core {
             if let Some(mesh) = &self.mesh {
                 self.metrics.sync_mesh(mesh.handle().stats());
             }
+            let installed = self.installed().await;
+            let changed = self.reported.lock().expect("reported lock").as_ref() != Some(&installed);
             let req = pb::HeartbeatRequest {
                 agent_id: self.config.id.clone(),
                 running_jobs: self.running_ids(),
-                installed_plugins: self.installed().await,
-                installed_set: true,
+                installed_plugins: if changed {
+                    installed.clone()
+                } else {
+                    Vec::new()
+                },
+                installed_set: changed,
             };
             match self.session.client().heartbeat(req).await {
                 Ok(resp) => {
+                    if changed {
+                        *self.reported.lock().expect("reported lock") = Some(installed);
+                    }
                     let resp = resp.into_inner();
                     if let (Some(mesh), false) = (&self.mesh, resp.mesh_ticket.is_empty()) {
                         let key = self.mesh_key.lock().expect("mesh key lock").clone();
@@ -229,6 +243,12 @@ impl Core {
                     for job in resp.revoked_jobs {
                         if let Some(token) = self.running.lock().expect("running lock").get(&job) {
                             tracing::warn!(job = %job, "lease revoked by the coordinator: stopping the job");
+                            token.cancel();
+                        }
+                    }
+                    for job in resp.cancelled_jobs {
+                        if let Some(token) = self.running.lock().expect("running lock").get(&job) {
+                            tracing::warn!(job = %job, "job cancelled by an admin: killing its processes");
                             token.cancel();
                         }
                     }
@@ -502,6 +522,7 @@ impl RunningAgent {
             fetcher,
             metrics,
             running: Mutex::new(HashMap::new()),
+            reported: Mutex::new(None),
             shutdown,
             stop_jobs,
         });

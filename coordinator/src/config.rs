@@ -41,6 +41,50 @@ pub struct CoordinatorConfig {
     pub mesh: MeshConfig,
     /// `[serve]`: serving plugin content (herd protection).
     pub serve: ServeConfig,
+    /// `[agents]`: limits on the registered fleet.
+    pub agents: AgentsConfig,
+    /// `[store]`: the metadata database.
+    pub store: StoreConfig,
+}
+
+/// `[agents]`: bounds on what agents may make the coordinator remember.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Most registered agents; a Register for a new id beyond it is refused
+    /// (RESOURCE_EXHAUSTED) until `arcadectl agent remove` makes room.
+    pub max_agents: u32,
+    /// Register calls accepted per second (burst of the same size); more are answered
+    /// RESOURCE_EXHAUSTED with a retry hint (0 = unlimited).
+    pub register_rate: u32,
+    /// Most installed plugins one agent may declare.
+    pub max_installed: u32,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            max_agents: 20_000,
+            register_rate: 500,
+            max_installed: 10_000,
+        }
+    }
+}
+
+/// `[store]`: the embedded metadata database (redb).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Page cache of the metadata database.
+    pub cache_size: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_size: ByteSize::mib(64),
+        }
+    }
 }
 
 /// `[serve]`: how the coordinator serves plugin content to agents.
@@ -140,6 +184,8 @@ pub struct JobsConfig {
     pub long_poll_max: Seconds,
     /// Longest command output tail kept per job.
     pub max_output_tail: ByteSize,
+    /// Finished jobs are deleted this long after they finished (0 = kept forever).
+    pub retention: Seconds,
 }
 
 impl Default for CoordinatorConfig {
@@ -155,6 +201,8 @@ impl Default for CoordinatorConfig {
             jobs: JobsConfig::default(),
             mesh: MeshConfig::default(),
             serve: ServeConfig::default(),
+            agents: AgentsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -189,6 +237,7 @@ impl Default for JobsConfig {
             max_attempts: 3,
             long_poll_max: Seconds::secs(30),
             max_output_tail: ByteSize::kib(64),
+            retention: Seconds::secs(7 * 86_400),
         }
     }
 }
@@ -245,6 +294,23 @@ max_attempts = 3
 long_poll_max = "30s"
 # Longest command output tail kept per job.
 max_output_tail = "64KiB"
+# Finished jobs (succeeded, failed, cancelled) are deleted this long after they
+# finished, by a background sweep ("0s" = keep them forever).
+retention = "7d"
+
+[agents]
+# Most registered agents; Register for a new id beyond this is refused with
+# RESOURCE_EXHAUSTED until `arcadectl agent remove` makes room.
+max_agents = 20000
+# Register calls accepted per second (burst of the same size); more are answered
+# RESOURCE_EXHAUSTED and agents retry (0 = unlimited).
+register_rate = 500
+# Most installed plugins one agent may declare (Register, Heartbeat).
+max_installed = 10000
+
+[store]
+# Page cache of the metadata database (<data_dir>/coordinator.redb).
+cache_size = "64MiB"
 
 [mesh]
 # Lifetime of the coordinator-signed tickets that admit an agent's libp2p peer to the
@@ -384,6 +450,25 @@ impl CoordinatorConfig {
         }
         if j.max_output_tail > ByteSize::mib(1) {
             return Err(bad("jobs.max_output_tail", "must be at most 1MiB"));
+        }
+        if j.retention.get() > std::time::Duration::from_secs(10 * 365 * 86_400) {
+            return Err(bad("jobs.retention", "must be at most 10 years (or 0s)"));
+        }
+        let a = &self.agents;
+        if a.max_agents == 0 || a.max_agents > 10_000_000 {
+            return Err(bad("agents.max_agents", "must be between 1 and 10000000"));
+        }
+        if a.register_rate > 1_000_000 {
+            return Err(bad(
+                "agents.register_rate",
+                "must be at most 1000000 (0 = unlimited)",
+            ));
+        }
+        if a.max_installed > 100_000 {
+            return Err(bad("agents.max_installed", "must be at most 100000"));
+        }
+        if self.store.cache_size < ByteSize::mib(1) || self.store.cache_size > ByteSize(1 << 40) {
+            return Err(bad("store.cache_size", "must be between 1MiB and 1TiB"));
         }
         if self.serve.max_streams == 0 || self.serve.max_streams > 100_000 {
             return Err(bad("serve.max_streams", "must be between 1 and 100000"));

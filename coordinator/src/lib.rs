@@ -4,9 +4,12 @@
 //! Module map (the tree is the architecture):
 //! - [`config`] — TOML + env configuration, validated before any port is bound.
 //! - [`blob`] — the content-addressed blob store trait and its filesystem backend.
-//! - [`store`] — durable metadata in redb (plugins, manifests, agents, jobs, leases).
+//! - [`store`] — durable metadata behind the [`store::MetaStore`] trait; redb with group
+//!   commit is the embedded default.
+//! - [`dispatch`] — job dispatch (sans-IO): the queue by need, waiting agents by label,
+//!   hand-off of each new job to one eligible waiter.
 //! - `service` — the gRPC services (`Agent`, `Fleet`, `Jobs`, `PluginAdmin`) and the
-//!   state they share (auth, caches, lease deadlines).
+//!   state they share (auth, the fleet and its indexes, lease deadlines, caches).
 //! - [`herd`] — herd protection (sans-IO): which chunk requests the coordinator serves
 //!   and which it points at peers; also driven by the `arcade-sim model` simulator.
 //! - [`metrics`] — Prometheus metrics in a per-coordinator registry.
@@ -22,6 +25,7 @@ pub mod blob;
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod dispatch;
 pub mod metrics;
 pub mod server;
 mod service;

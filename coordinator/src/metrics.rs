@@ -13,12 +13,17 @@
 //! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`) |
 //! | `arcade_coordinator_agent_registrations_total` | counter | — |
 //! | `arcade_coordinator_chunk_redirects_total` | counter | — |
+//! | `arcade_coordinator_store_writes_total` | counter | `op` (`create_job`, `claim_job`, `complete_job`, …) |
+//! | `arcade_coordinator_store_commits_total` | counter | — |
+//! | `arcade_coordinator_jobs_queued` | gauge | — |
+//! | `arcade_coordinator_agents_waiting` | gauge | — |
 
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -63,6 +68,41 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// An `op` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// The store operation.
+    pub op: String,
+}
+
+/// What the metadata store counts: write operations and the group commits they
+/// shared (so `writes / commits` is the batching factor).
+#[derive(Clone, Debug, Default)]
+pub struct StoreMetrics {
+    writes: Family<OpLabel, Counter>,
+    /// `arcade_coordinator_store_commits_total`.
+    pub commits: Counter,
+}
+
+impl StoreMetrics {
+    /// Counts one write operation `op`.
+    pub fn writes(&self, op: &str) -> Counter {
+        self.writes
+            .get_or_create(&OpLabel { op: op.to_owned() })
+            .clone()
+    }
+
+    /// Write operations `op` so far.
+    pub fn write_count(&self, op: &str) -> u64 {
+        self.writes(op).get()
+    }
+
+    /// Write transactions committed so far.
+    pub fn commit_count(&self) -> u64 {
+        self.commits.get()
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
@@ -91,6 +131,12 @@ pub struct Metrics {
     pub registrations: Counter,
     /// `arcade_coordinator_chunk_redirects_total`.
     pub redirects: Counter,
+    /// `arcade_coordinator_store_*`.
+    pub store: StoreMetrics,
+    /// `arcade_coordinator_jobs_queued`.
+    pub jobs_queued: Gauge,
+    /// `arcade_coordinator_agents_waiting`.
+    pub agents_waiting: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,6 +218,29 @@ impl Metrics {
             "Chunk requests answered 'get it from peers' (herd protection)",
             redirects.clone(),
         );
+        let store = StoreMetrics::default();
+        r.register(
+            "arcade_coordinator_store_writes",
+            "Metadata write operations, by operation",
+            store.writes.clone(),
+        );
+        r.register(
+            "arcade_coordinator_store_commits",
+            "Metadata write transactions committed (each a group commit of writes)",
+            store.commits.clone(),
+        );
+        let jobs_queued = Gauge::default();
+        r.register(
+            "arcade_coordinator_jobs_queued",
+            "Jobs queued and not yet leased",
+            jobs_queued.clone(),
+        );
+        let agents_waiting = Gauge::default();
+        r.register(
+            "arcade_coordinator_agents_waiting",
+            "Agents long-polling FetchJob with no job yet",
+            agents_waiting.clone(),
+        );
         Self {
             registry: Arc::new(r),
             downloads,
@@ -184,6 +253,9 @@ impl Metrics {
             leases_expired,
             registrations,
             redirects,
+            store,
+            jobs_queued,
+            agents_waiting,
         }
     }
 

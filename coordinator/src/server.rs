@@ -22,11 +22,12 @@ use tokio_util::sync::CancellationToken;
 use crate::blob::{BlobStore, FsBlobStore};
 use crate::config::{MetricsListen, ValidConfig};
 use crate::metrics::Metrics;
-use crate::service::Shared;
-use crate::service::agents::{AgentService, FleetService};
+use crate::service::agents::AgentService;
+use crate::service::fleet_api::FleetService;
 use crate::service::jobs::JobsService;
 use crate::service::plugins::{PluginAdminService, collect_orphans};
-use crate::store::Store;
+use crate::service::{Credentials, Shared};
+use crate::store::{MetaStore, RedbStore};
 use arcade_p2p::mesh::ticket::TicketIssuer;
 
 /// Largest message the coordinator accepts (pushes, results) and sends (manifests of
@@ -164,9 +165,14 @@ impl RunningCoordinator {
         let enroll_token = resolve_token(&config.raw.enroll_token, &data_dir, "enroll.token")?;
         let tickets = mesh_key(&data_dir)?;
         let db_path = data_dir.join("coordinator.redb");
-        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
-            .await
-            .map_err(|e| StartError::Cleanup(e.to_string()))??;
+        let metrics = Metrics::new();
+        let cache = config.raw.store.cache_size.bytes() as usize;
+        let store_metrics = metrics.store.clone();
+        let store: Arc<dyn MetaStore> = Arc::new(
+            tokio::task::spawn_blocking(move || RedbStore::open(&db_path, cache, store_metrics))
+                .await
+                .map_err(|e| StartError::Cleanup(e.to_string()))??,
+        );
         let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.storage_path)?);
 
         let grpc_listener =
@@ -197,15 +203,21 @@ impl RunningCoordinator {
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let shutdown = CancellationToken::new();
-        let shared = Arc::new(Shared::new(
-            config,
-            store,
-            blobs,
-            &admin_token,
-            &enroll_token,
-            tickets,
-            shutdown.clone(),
-        )?);
+        let shared = Arc::new(
+            Shared::new(
+                config,
+                store,
+                blobs,
+                metrics,
+                Credentials {
+                    admin_token: &admin_token,
+                    enroll_token: &enroll_token,
+                    tickets,
+                },
+                shutdown.clone(),
+            )
+            .await?,
+        );
         let removed = collect_orphans(&shared)
             .await
             .map_err(|s| StartError::Cleanup(s.message().to_owned()))?;
@@ -292,6 +304,24 @@ impl RunningCoordinator {
                     _ = tick.tick() => {
                         if let Err(e) = sweeper.sweep_leases().await {
                             tracing::error!(error = %e, "lease sweep failed");
+                        }
+                    }
+                }
+            }
+        });
+        let token = shutdown.clone();
+        let sweeper = shared.clone();
+        let period =
+            crate::service::leases::retention_period(sweeper.config.raw.jobs.retention.get());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = sweeper.sweep_retention().await {
+                            tracing::error!(error = %e, "retention sweep failed");
                         }
                     }
                 }

@@ -44,7 +44,9 @@ pub(super) async fn dispatch(ctx: &Ctx, command: Command) -> Result<(), CtlError
             json,
         }) => job_list(ctx, status, limit.unwrap_or(0), json).await,
         Command::Job(JobCommand::Wait { id, timeout }) => job_wait(ctx, id, timeout).await,
+        Command::Job(JobCommand::Cancel { id, json }) => job_cancel(ctx, id, json).await,
         Command::Agent(AgentCommand::List { json }) => agent_list(ctx, json).await,
+        Command::Agent(AgentCommand::Remove { id }) => agent_remove(ctx, id).await,
     }
 }
 
@@ -185,6 +187,24 @@ fn parameters(given: &[String]) -> Result<HashMap<String, String>, CtlError> {
     Ok(out)
 }
 
+/// Joins words into one `sh -c` command line that runs them exactly as given: a word
+/// of only safe characters stays as it is, any other is single-quoted (a `'` inside
+/// becomes `'\''`), an empty word becomes `''`.
+pub(crate) fn shell_join(words: &[String]) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    words
+        .iter()
+        .map(|w| {
+            if !w.is_empty() && w.chars().all(safe) {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The request `job create` sends (all local validation happens here).
 fn create_request(args: CreateArgs) -> Result<pb::CreateJobRequest, CtlError> {
     let required_plugins = args
@@ -196,7 +216,7 @@ fn create_request(args: CreateArgs) -> Result<pb::CreateJobRequest, CtlError> {
     let parameters = parameters(&args.param)?;
     let mut commands = args.cmd;
     if !args.command.is_empty() {
-        commands.push(args.command.join(" "));
+        commands.push(shell_join(&args.command));
     }
     if commands.is_empty() && required_plugins.is_empty() {
         return Err(CtlError::Usage(
@@ -260,6 +280,7 @@ async fn job_list(
         Some(StatusArg::Running) => pb::JobStatus::Running,
         Some(StatusArg::Succeeded) => pb::JobStatus::Succeeded,
         Some(StatusArg::Failed) => pb::JobStatus::Failed,
+        Some(StatusArg::Cancelled) => pb::JobStatus::Cancelled,
     };
     let conn = ctx.connect().await?;
     let jobs: Vec<JobJson> = conn
@@ -314,6 +335,12 @@ async fn job_wait(ctx: &Ctx, id: String, timeout: Option<Duration>) -> Result<()
         match job.status {
             "succeeded" => return emit(&format!("job {} succeeded", job.id)),
             "failed" => return Err(CtlError::Job(failure_reason(&job))),
+            "cancelled" => {
+                return Err(CtlError::Job(format!(
+                    "job {} was cancelled: {}",
+                    job.id, job.error_message
+                )));
+            }
             _ => {}
         }
         let pause = match timeout {
@@ -333,6 +360,52 @@ async fn job_wait(ctx: &Ctx, id: String, timeout: Option<Duration>) -> Result<()
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+async fn job_cancel(ctx: &Ctx, id: String, json: bool) -> Result<(), CtlError> {
+    let conn = ctx.connect().await?;
+    let job = conn
+        .jobs()
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .map_err(|s| conn.error(s))?
+        .into_inner()
+        .job
+        .ok_or_else(|| CtlError::BadAnswer("CancelJob returned no job".into()))?;
+    let job = JobJson::from(job);
+    if json {
+        return emit_json(&job);
+    }
+    emit(&match job.status {
+        "cancelled" => format!("job {} cancelled", job.id),
+        "running" => format!(
+            "job {} is running on agent {}: cancel requested, the agent stops it at its next heartbeat",
+            job.id, job.agent_id
+        ),
+        other => format!("job {} had already finished: {other}", job.id),
+    })
+}
+
+async fn agent_remove(ctx: &Ctx, id: String) -> Result<(), CtlError> {
+    let conn = ctx.connect().await?;
+    let requeued = conn
+        .fleet()
+        .remove_agent(pb::RemoveAgentRequest {
+            agent_id: id.clone(),
+        })
+        .await
+        .map_err(|s| conn.error(s))?
+        .into_inner()
+        .requeued_jobs;
+    emit(&format!(
+        "agent {id} removed; {} job(s) re-queued{}",
+        requeued.len(),
+        if requeued.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", requeued.join(", "))
+        }
+    ))
 }
 
 async fn agent_list(ctx: &Ctx, json: bool) -> Result<(), CtlError> {
@@ -359,6 +432,38 @@ async fn agent_list(ctx: &Ctx, json: bool) -> Result<(), CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_join_quotes_what_the_shell_would_split_or_expand() {
+        let w = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(shell_join(&w(&["make", "-j4", "a=b"])), "make -j4 a=b");
+        assert_eq!(shell_join(&w(&["echo", ""])), "echo ''");
+        assert_eq!(
+            shell_join(&w(&["echo", "it's $HOME"])),
+            "echo 'it'\\''s $HOME'"
+        );
+        // The shell itself turns the line back into the same words.
+        let words = w(&[
+            "printf",
+            "%s|",
+            "a b",
+            "it's",
+            "$x",
+            "*",
+            "",
+            "tab\there",
+            "é",
+        ]);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(shell_join(&words))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "a b|it's|$x|*||tab\there|é|"
+        );
+    }
 
     #[test]
     fn plugin_specs_parse_stages() {
@@ -394,6 +499,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(req.commands, ["first", "echo hi"]);
+        let exact = create_request(CreateArgs {
+            plugin: vec![],
+            label: vec![],
+            param: vec![],
+            name: None,
+            timeout: None,
+            cmd: vec![],
+            command: vec!["sh".into(), "-c".into(), "echo a >> f".into()],
+        })
+        .unwrap();
+        assert_eq!(exact.commands, ["sh -c 'echo a >> f'"]);
         assert_eq!(req.parameters["k"], "v=w");
         assert_eq!(req.timeout_seconds, 5);
         assert!(parameters(&["=x".into()]).is_err());

@@ -65,10 +65,10 @@ pub enum Command {
     /// Plugin registry: push, list, get, enable, disable, delete.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Jobs: create, get, list, wait.
+    /// Jobs: create, get, list, wait, cancel.
     #[command(subcommand)]
     Job(JobCommand),
-    /// Agents: list.
+    /// Agents: list, remove.
     #[command(subcommand)]
     Agent(AgentCommand),
 }
@@ -173,6 +173,15 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a job: a queued job is never run; a running one is killed by its agent
+    /// (told at its next heartbeat) and ends `cancelled`.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Print the job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Wait until a job finishes; exit 0 only if it succeeded.
     Wait {
         /// Job id.
@@ -205,7 +214,8 @@ pub struct CreateArgs {
     /// A command (repeatable; run before the trailing command).
     #[arg(long, value_name = "CMD")]
     pub cmd: Vec<String>,
-    /// The words after `--`, joined with spaces into one command.
+    /// The command after `--`, run exactly as typed: each word is shell-quoted and
+    /// the words joined into one `sh -c` command line.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
@@ -221,6 +231,8 @@ pub enum StatusArg {
     Succeeded,
     /// Finished unsuccessfully.
     Failed,
+    /// Cancelled by an admin.
+    Cancelled,
 }
 
 /// `arcadectl agent …`.
@@ -231,6 +243,12 @@ pub enum AgentCommand {
         /// Print a JSON array.
         #[arg(long)]
         json: bool,
+    },
+    /// Forget an agent: its token stops working, its running jobs are re-queued and it
+    /// is no longer named as a peer. It may enrol again with the enrollment token.
+    Remove {
+        /// Agent id.
+        id: String,
     },
 }
 

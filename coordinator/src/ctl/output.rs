@@ -99,8 +99,12 @@ pub struct JobJson {
     pub id: String,
     /// Job name.
     pub name: String,
-    /// `queued`, `running`, `succeeded` or `failed`.
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
     pub status: &'static str,
+    /// A running job whose cancel was asked for (its agent is stopping it).
+    pub cancel_requested: bool,
+    /// Why no registered agent could ever run this queued job (empty otherwise).
+    pub waiting_reason: String,
     /// The agent holding (or that held) the lease.
     pub agent_id: String,
     /// Leases handed out so far.
@@ -135,6 +139,8 @@ impl From<pb::JobDetail> for JobJson {
     fn from(j: pb::JobDetail) -> Self {
         Self {
             status: status_name(j.status),
+            cancel_requested: j.cancel_requested,
+            waiting_reason: j.waiting_reason,
             id: j.job_id,
             name: j.name,
             agent_id: j.agent_id,
@@ -245,13 +251,14 @@ fn label_map(labels: Vec<pb::Label>) -> BTreeMap<String, String> {
     labels.into_iter().map(|l| (l.key, l.value)).collect()
 }
 
-/// The name of a job status (`queued`, `running`, `succeeded`, `failed`).
+/// The name of a job status (`queued`, `running`, `succeeded`, `failed`, `cancelled`).
 pub fn status_name(status: i32) -> &'static str {
     match pb::JobStatus::try_from(status) {
         Ok(pb::JobStatus::Queued) => "queued",
         Ok(pb::JobStatus::Running) => "running",
         Ok(pb::JobStatus::Succeeded) => "succeeded",
         Ok(pb::JobStatus::Failed) => "failed",
+        Ok(pb::JobStatus::Cancelled) => "cancelled",
         Ok(pb::JobStatus::Unspecified) | Err(_) => "unspecified",
     }
 }
@@ -432,7 +439,14 @@ pub fn job_details(j: &JobJson) -> String {
     for (k, v) in [
         ("job", j.id.clone()),
         ("name", or_dash(&j.name)),
-        ("status", j.status.into()),
+        (
+            "status",
+            if j.cancel_requested && j.status == "running" {
+                "running (cancel requested)".into()
+            } else {
+                j.status.into()
+            },
+        ),
         ("agent", or_dash(&j.agent_id)),
         ("attempts", j.attempts.to_string()),
         ("plugins", or_dash(&plugins)),
@@ -451,6 +465,9 @@ pub fn job_details(j: &JobJson) -> String {
         ("finished", time(j.finished_at)),
     ] {
         out.push_str(&format!("{k:<11} {v}\n"));
+    }
+    if !j.waiting_reason.is_empty() {
+        out.push_str(&format!("{:<11} {}\n", "waiting", j.waiting_reason));
     }
     for (i, c) in j.commands.iter().enumerate() {
         out.push_str(&format!("{:<11} {c}\n", format!("command {}", i + 1)));

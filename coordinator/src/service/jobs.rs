@@ -1,4 +1,4 @@
-//! `Jobs`: create, get and list jobs (admin token).
+//! `Jobs`: create, get, list and cancel jobs (admin token).
 
 use std::collections::HashSet;
 
@@ -8,7 +8,9 @@ use arcade_proto::v1 as pb;
 use arcade_proto::v1::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
 
-use super::{SharedRef, now_ms};
+use super::{SharedRef, allowed_labels, now_ms};
+use crate::dispatch::Need;
+use crate::store::CancelOutcome;
 
 const MAX_COMMANDS: usize = 256;
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -99,6 +101,7 @@ impl Jobs for JobsService {
             )));
         }
         let mut seen = HashSet::new();
+        let mut acls = Vec::with_capacity(req.required_plugins.len());
         let mut required = Vec::with_capacity(req.required_plugins.len());
         for rp in &req.required_plugins {
             let r = PluginRef::new(&rp.plugin_id, &rp.version)
@@ -115,6 +118,7 @@ impl Jobs for JobsService {
                     "plugin {key} is disabled; enable it or use another version"
                 )));
             }
+            acls.push(allowed_labels(&plugin));
             required.push(pb::RequiredPlugin {
                 plugin_id: r.id.to_string(),
                 version: r.version.to_string(),
@@ -133,10 +137,11 @@ impl Jobs for JobsService {
             created_at: now_ms(),
             ..Default::default()
         };
-        let j = job.clone();
-        s.store.call(move |st| st.create_job(&j)).await?;
+        let need = Need::new(&selector, acls.iter());
+        // Durable as queued before it is acknowledged or handed to an agent.
+        s.store.create_job(job.clone()).await?;
         s.metrics.jobs_created.inc();
-        s.job_queued.notify_waiters();
+        s.enqueue(job.job_id.clone(), need);
         tracing::info!(job = %job.job_id, plugins = job.required_plugins.len(), "job created");
         Ok(Response::new(pb::CreateJobResponse { job_id: job.job_id }))
     }
@@ -150,13 +155,22 @@ impl Jobs for JobsService {
         if id.is_empty() || id.len() > 64 {
             return Err(Status::invalid_argument("job_id must be 1-64 characters"));
         }
-        let i = id.clone();
-        let job = self
-            .0
+        let s = &self.0;
+        let mut job = s
             .store
-            .call(move |s| s.get_job(&i))
+            .get_job(&id)
             .await?
             .ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
+        if job.status() == pb::JobStatus::Queued {
+            if let Ok(need) = s.need_of(&job).await {
+                job.waiting_reason = s
+                    .fleet
+                    .lock()
+                    .expect("fleet lock")
+                    .unrunnable_reason(&need)
+                    .unwrap_or_default();
+            }
+        }
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 
@@ -172,12 +186,56 @@ impl Jobs for JobsService {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let jobs = self
-            .0
-            .store
-            .call(move |s| s.list_jobs(status, limit))
-            .await?;
+        let jobs = self.0.store.list_jobs(status, limit).await?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let s = &self.0;
+        s.require_admin(&request)?;
+        let id = request.into_inner().job_id;
+        if id.is_empty() || id.len() > 64 {
+            return Err(Status::invalid_argument("job_id must be 1-64 characters"));
+        }
+        // Out of the in-memory queue first, so no agent is handed it; the store decides
+        // (a claim that got there first makes it a running job's cancel).
+        let was_queued = {
+            let mut d = s.dispatch.lock().expect("dispatch lock");
+            let removed = d.remove(&id);
+            s.sync_dispatch_gauges(&d);
+            removed
+        };
+        let outcome = match s.store.cancel_job(&id, now_ms()).await {
+            Ok(o) => o,
+            Err(e) => {
+                if was_queued {
+                    // Not cancelled: it stays queued.
+                    if let Ok(Some(job)) = s.store.get_job(&id).await {
+                        if let Ok(need) = s.need_of(&job).await {
+                            s.enqueue(id.clone(), need);
+                        }
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        let job = match outcome {
+            CancelOutcome::Cancelled(job) => {
+                s.count_finished("cancelled");
+                tracing::info!(job = %id, "queued job cancelled");
+                job
+            }
+            CancelOutcome::Requested(job) => {
+                s.leases.lock().expect("lease lock").request_cancel(&id);
+                tracing::info!(job = %id, agent = %job.agent_id, "cancel of a running job requested");
+                job
+            }
+            CancelOutcome::Finished(job) => job,
+        };
+        Ok(Response::new(pb::CancelJobResponse { job: Some(job) }))
     }
 }
 

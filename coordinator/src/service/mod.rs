@@ -1,18 +1,28 @@
 //! The gRPC services and the state they share.
 //!
 //! [`Shared`] is owned by the running coordinator (see `server.rs`) and handed to every
-//! service as an `Arc`. It holds the durable store (redb), the blob store, the metrics,
-//! and three in-memory views rebuilt from the store at start: agents with their tokens
-//! and last-seen times, lease deadlines, and the manifest/plugin cache.
+//! service as an `Arc`. It holds the metadata store (behind [`MetaStore`]), the blob
+//! store, the metrics, and in-memory state rebuilt from the store at start: the fleet
+//! and its indexes (`fleet.rs`), the job queue and waiting agents
+//! (`crate::dispatch`), lease deadlines, and the manifest/plugin cache. Locks here guard
+//! in-memory steps only; none is held across I/O.
 //!
 //! - `plugins.rs` — `PluginAdmin` (push, list, get, enable, delete).
-//! - `agents.rs` — `Agent` (register, heartbeat, fetch jobs, results, manifests,
-//!   streamed downloads) and `Fleet`.
-//! - `jobs.rs` — `Jobs` (create, get, list).
+//! - `agents.rs` — `Agent`: register, heartbeat, fetch jobs, results, manifests.
+//! - `downloads.rs` — `Agent.DownloadPlugin`: streamed, verified chunks; herd checks.
+//! - `hints.rs` — peer hints: which agents to fetch a content from.
+//! - `fleet.rs` — the fleet in memory and its indexes; `fleet_api.rs` — `Fleet`.
+//! - `jobs.rs` — `Jobs` (create, get, list, cancel).
+//! - `leases.rs` — lease deadlines, their sweep, and the retention sweep.
 
 pub(crate) mod agents;
+pub(crate) mod downloads;
+pub(crate) mod fleet;
+pub(crate) mod fleet_api;
 pub mod herd;
+pub(crate) mod hints;
 pub(crate) mod jobs;
+pub(crate) mod leases;
 pub(crate) mod plugins;
 
 use std::collections::HashMap;
@@ -24,14 +34,17 @@ use arcade_p2p::labels::{self, Labels};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::blob::{BlobError, BlobStore};
 use crate::config::ValidConfig;
+use crate::dispatch::{Dispatch, Need, QueuedJob};
 use crate::metrics::Metrics;
-use crate::store::{AgentRecord, LeaseChange, Store, StoreError, plugin_key};
+use crate::store::{AgentRecord, MetaStore, StoreError, plugin_key};
+use fleet::Fleet;
+use leases::Leases;
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> i64 {
@@ -50,12 +63,13 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match &e {
             StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
-            StoreError::PluginNotFound(_) | StoreError::JobNotFound(_) => {
-                Status::not_found(e.to_string())
-            }
+            StoreError::PluginNotFound(_)
+            | StoreError::JobNotFound(_)
+            | StoreError::AgentNotFound(_) => Status::not_found(e.to_string()),
             StoreError::PluginInUse { .. } | StoreError::NotLeased { .. } => {
                 Status::failed_precondition(e.to_string())
             }
+            StoreError::Aborted | StoreError::Closed => Status::unavailable(e.to_string()),
             StoreError::Db(_) | StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "metadata store failure");
                 Status::internal(e.to_string())
@@ -129,52 +143,54 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 }
 
-/// An agent as the coordinator sees it now.
-#[derive(Debug, Clone)]
-pub(crate) struct LiveAgent {
-    pub(crate) record: AgentRecord,
-    /// Unix ms of the last authenticated call since start (0 = none).
-    pub(crate) last_seen: i64,
-    /// Expiry (unix ms) of the mesh ticket last issued to it since start (0 = none).
-    pub(crate) ticket_expires_at: i64,
+/// A token bucket for `Register` calls (`agents.register_rate`).
+pub(crate) struct RegisterLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
 }
 
-#[derive(Default)]
-pub(crate) struct Fleet {
-    pub(crate) agents: HashMap<String, LiveAgent>,
-    /// Token hash → agent id.
-    pub(crate) tokens: HashMap<[u8; 32], String>,
-    /// SHA-256 → agents handed the plugin's manifest without holding it (they are
-    /// fetching it), with when (unix ms), oldest first; at most
-    /// `agents::MAX_FETCHERS_REMEMBERED` per content. Named in peer hints with
-    /// `complete = false`.
-    pub(crate) fetching: HashMap<String, std::collections::VecDeque<(String, i64)>>,
-}
-
-impl Fleet {
-    /// Adds or replaces an agent; its previous token (if any) stops being valid.
-    pub(crate) fn insert(&mut self, record: AgentRecord, last_seen: i64) {
-        if let Some(old) = self.agents.get(&record.agent_id) {
-            let old_hash = old.record.token_hash;
-            self.tokens.remove(&old_hash);
+impl RegisterLimiter {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            state: Mutex::new((f64::from(rate), Instant::now())),
         }
-        self.tokens
-            .insert(record.token_hash, record.agent_id.clone());
-        self.agents.insert(
-            record.agent_id.clone(),
-            LiveAgent {
-                record,
-                last_seen,
-                ticket_expires_at: 0,
-            },
-        );
+    }
+
+    /// Takes one token; `Err(wait)` when none is left.
+    pub(crate) fn try_take(&self) -> Result<(), Duration> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let mut st = self.state.lock().expect("limiter lock");
+        let now = Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
+        st.0 = (st.0 + refill).min(self.rate);
+        st.1 = now;
+        if st.0 >= 1.0 {
+            st.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - st.0) / self.rate))
+        }
     }
 }
+
+/// The secrets a coordinator starts with.
+pub(crate) struct Credentials<'a> {
+    pub(crate) admin_token: &'a str,
+    pub(crate) enroll_token: &'a str,
+    /// Signs mesh tickets.
+    pub(crate) tickets: arcade_p2p::mesh::ticket::TicketIssuer,
+}
+
+/// The dispatch state behind its mutex, with the metric gauges it keeps current.
+pub(crate) type JobDispatch = Dispatch<oneshot::Sender<QueuedJob>>;
 
 /// State shared by every service.
 pub(crate) struct Shared {
     pub(crate) config: ValidConfig,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn MetaStore>,
     pub(crate) blobs: Arc<dyn BlobStore>,
     pub(crate) metrics: Metrics,
     pub(crate) admin_hash: [u8; 32],
@@ -182,18 +198,20 @@ pub(crate) struct Shared {
     pub(crate) tickets: arcade_p2p::mesh::ticket::TicketIssuer,
     pub(crate) enroll_hash: [u8; 32],
     pub(crate) fleet: Mutex<Fleet>,
-    /// Job id → (agent id, lease deadline).
-    pub(crate) leases: Mutex<HashMap<String, (String, Instant)>>,
+    /// Running jobs: holder, deadline, cancel asked for.
+    pub(crate) leases: Mutex<Leases>,
+    /// Queued jobs and waiting agents.
+    pub(crate) dispatch: Mutex<JobDispatch>,
     pub(crate) manifests: TtlCache<ContentId, Arc<Manifest>>,
     pub(crate) plugins: TtlCache<String, pb::PluginVersion>,
-    /// Woken when a job is queued (new or re-queued).
-    pub(crate) job_queued: Notify,
     /// Herd protection: which chunks went to whom.
     pub(crate) herd: Mutex<herd::Herd>,
     /// Bounds concurrent `DownloadPlugin` streams (`serve.max_streams`).
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
     /// Coordinator egress limit (`serve.egress_rate`).
     pub(crate) egress: arcade_p2p::mesh::limiter::RateLimiter,
+    /// `agents.register_rate`.
+    pub(crate) registrations: RegisterLimiter,
     /// Serialises blob commit/removal with the metadata write that references it.
     pub(crate) content_lock: tokio::sync::Mutex<()>,
     pub(crate) shutdown: CancellationToken,
@@ -216,44 +234,47 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
 }
 
 impl Shared {
-    /// Builds the shared state, loading agents and leases from the store.
-    pub(crate) fn new(
+    /// Builds the shared state, loading agents, leases and the queue from the store.
+    pub(crate) async fn new(
         config: ValidConfig,
-        store: Store,
+        store: Arc<dyn MetaStore>,
         blobs: Arc<dyn BlobStore>,
-        admin_token: &str,
-        enroll_token: &str,
-        tickets: arcade_p2p::mesh::ticket::TicketIssuer,
+        metrics: Metrics,
+        credentials: Credentials<'_>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
+        let Credentials {
+            admin_token,
+            enroll_token,
+            tickets,
+        } = credentials;
         let mut fleet = Fleet::default();
-        for record in store.list_agents()? {
+        for record in store.list_agents().await? {
             fleet.insert(record, 0);
         }
         // Leases survive a restart; their agents get one full lease_ttl to heartbeat.
+        let mut leases = Leases::default();
         let deadline = Instant::now() + config.raw.jobs.lease_ttl.get();
-        let leases = store
-            .leases()?
-            .into_iter()
-            .map(|(job, agent)| (job, (agent, deadline)))
-            .collect();
+        for (job, agent) in store.leases().await? {
+            leases.start(job, agent, deadline);
+        }
         let ttl = config
             .raw
             .plugin
             .enable_cache
             .then(|| config.raw.plugin.cache_ttl.get());
-        Ok(Self {
+        let shared = Self {
             store,
             blobs,
-            metrics: Metrics::new(),
+            metrics,
             admin_hash: token_hash(admin_token),
             tickets,
             enroll_hash: token_hash(enroll_token),
             fleet: Mutex::new(fleet),
             leases: Mutex::new(leases),
+            dispatch: Mutex::new(Dispatch::default()),
             manifests: TtlCache::new(ttl, 1024),
             plugins: TtlCache::new(ttl, 4096),
-            job_queued: Notify::new(),
             herd: Mutex::new(herd::Herd::new(
                 config.raw.serve.herd_window.get(),
                 config.raw.serve.max_redirects,
@@ -266,10 +287,49 @@ impl Shared {
                 // One chunk of burst: the cap holds from the first second.
                 1 << 20,
             ),
+            registrations: RegisterLimiter::new(config.raw.agents.register_rate),
             content_lock: tokio::sync::Mutex::new(()),
             shutdown,
             config,
-        })
+        };
+        for job in shared.store.queued_jobs().await? {
+            match shared.need_of(&job).await {
+                Ok(need) => shared.enqueue(job.job_id, need),
+                Err(e) => {
+                    tracing::error!(job = %job.job_id, error = %e.message(), "queued job cannot be dispatched")
+                }
+            }
+        }
+        Ok(shared)
+    }
+
+    /// What an agent must carry to run `job`: its selector and its plugins' access rules.
+    pub(crate) async fn need_of(&self, job: &pb::JobDetail) -> Result<Need, Status> {
+        let selector: Labels = job
+            .label_selector
+            .iter()
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect();
+        let mut acls = Vec::with_capacity(job.required_plugins.len());
+        for r in &job.required_plugins {
+            acls.push(allowed_labels(
+                &self.plugin(&plugin_key(&r.plugin_id, &r.version)).await?,
+            ));
+        }
+        Ok(Need::new(&selector, acls.iter()))
+    }
+
+    /// Queues a job for dispatch (it is durable as queued already): handed to one
+    /// waiting agent that may run it, or kept in the queue.
+    pub(crate) fn enqueue(&self, job_id: String, need: Need) {
+        let mut d = self.dispatch.lock().expect("dispatch lock");
+        d.enqueue(job_id, need);
+        self.sync_dispatch_gauges(&d);
+    }
+
+    pub(crate) fn sync_dispatch_gauges(&self, d: &JobDispatch) {
+        self.metrics.jobs_queued.set(d.queued() as i64);
+        self.metrics.agents_waiting.set(d.waiting() as i64);
     }
 
     /// A mesh ticket for `agent` (empty when it registered without a peer id), and
@@ -328,7 +388,7 @@ impl Shared {
         &self,
         req: &Request<T>,
         claimed_id: &str,
-    ) -> Result<AgentRecord, Status> {
+    ) -> Result<Arc<AgentRecord>, Status> {
         let hash = token_hash(bearer(req)?);
         let mut fleet = self.fleet.lock().expect("fleet lock");
         let id = fleet
@@ -349,15 +409,25 @@ impl Shared {
         Ok(live.record.clone())
     }
 
+    /// Whether `agent` is still registered under the same token (not removed or
+    /// re-registered since it was authenticated).
+    pub(crate) fn is_current(&self, agent: &AgentRecord) -> bool {
+        self.fleet
+            .lock()
+            .expect("fleet lock")
+            .agents
+            .get(&agent.agent_id)
+            .is_some_and(|l| l.record.token_hash == agent.token_hash)
+    }
+
     /// A plugin version, through the cache.
     pub(crate) async fn plugin(&self, key: &str) -> Result<pb::PluginVersion, Status> {
         if let Some(p) = self.plugins.get(&key.to_owned()) {
             return Ok(p);
         }
-        let k = key.to_owned();
         let p = self
             .store
-            .call(move |s| s.get_plugin(&k))
+            .get_plugin(key)
             .await?
             .ok_or_else(|| Status::not_found(format!("plugin {key} does not exist")))?;
         self.plugins.put(key.to_owned(), p.clone());
@@ -369,15 +439,11 @@ impl Shared {
         if let Some(m) = self.manifests.get(&id) {
             return Ok(m);
         }
-        let m = self
-            .store
-            .call(move |s| s.get_manifest(&id))
-            .await?
-            .ok_or_else(|| {
-                Status::data_loss(format!(
-                    "manifest of content {id} is missing; re-push the plugin"
-                ))
-            })?;
+        let m = self.store.get_manifest(id).await?.ok_or_else(|| {
+            Status::data_loss(format!(
+                "manifest of content {id} is missing; re-push the plugin"
+            ))
+        })?;
         let m = Arc::new(m);
         self.manifests.put(id, m.clone());
         Ok(m)
@@ -401,93 +467,6 @@ impl Shared {
                 plugin_key(&plugin.plugin_id, &plugin.version)
             )))
         }
-    }
-
-    /// Starts lease deadlines for freshly leased jobs.
-    pub(crate) fn start_leases(&self, agent_id: &str, jobs: &[pb::JobDetail]) {
-        let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
-        let mut leases = self.leases.lock().expect("lease lock");
-        for j in jobs {
-            leases.insert(j.job_id.clone(), (agent_id.to_owned(), deadline));
-        }
-    }
-
-    /// Extends the leases of the `claimed` jobs that `agent_id` holds; returns the
-    /// claimed jobs it does not hold (the agent should stop them). Leases the agent
-    /// holds but no longer claims (it restarted and lost them) are left to expire.
-    pub(crate) fn extend_leases(&self, agent_id: &str, claimed: &[String]) -> Vec<String> {
-        let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
-        let mut leases = self.leases.lock().expect("lease lock");
-        let mut revoked = Vec::new();
-        for job in claimed {
-            match leases.get_mut(job) {
-                Some((agent, at)) if agent == agent_id => *at = deadline,
-                _ => revoked.push(job.clone()),
-            }
-        }
-        revoked
-    }
-
-    /// Ends expired leases (re-queue or fail); called periodically by the server.
-    pub(crate) async fn sweep_leases(&self) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let expired: Vec<(String, String)> = {
-            let leases = self.leases.lock().expect("lease lock");
-            leases
-                .iter()
-                .filter(|(_, (_, at))| *at <= now)
-                .map(|(j, (a, _))| (j.clone(), a.clone()))
-                .collect()
-        };
-        if expired.is_empty() {
-            return Ok(());
-        }
-        let max = self.config.raw.jobs.max_attempts;
-        let list = expired.clone();
-        let changes = self
-            .store
-            .call(move |s| s.expire_leases(&list, max, now_ms()))
-            .await?;
-        {
-            let mut leases = self.leases.lock().expect("lease lock");
-            for (job, agent) in &expired {
-                if leases
-                    .get(job)
-                    .is_some_and(|(a, at)| a == agent && *at <= now)
-                {
-                    leases.remove(job);
-                }
-            }
-        }
-        let mut requeued = false;
-        for change in changes {
-            let (outcome, job) = match &change {
-                LeaseChange::Requeued(j) => {
-                    requeued = true;
-                    ("requeued", j)
-                }
-                LeaseChange::Failed(j) => {
-                    self.metrics
-                        .jobs_finished
-                        .get_or_create(&crate::metrics::StatusLabel {
-                            status: "failed".into(),
-                        })
-                        .inc();
-                    ("failed", j)
-                }
-            };
-            tracing::warn!(job = %job, outcome, "job lease expired without a heartbeat");
-            self.metrics
-                .leases_expired
-                .get_or_create(&crate::metrics::OutcomeLabel {
-                    outcome: outcome.into(),
-                })
-                .inc();
-        }
-        if requeued {
-            self.job_queued.notify_waiters();
-        }
-        Ok(())
     }
 }
 
@@ -523,24 +502,31 @@ pub(crate) type SharedRef = Arc<Shared>;
 mod tests {
     use super::*;
 
-    fn shared(dir: &std::path::Path) -> Shared {
+    async fn shared(dir: &std::path::Path) -> Shared {
         let config = crate::config::CoordinatorConfig {
             data_dir: dir.to_owned(),
             ..Default::default()
         }
         .validate()
         .unwrap();
-        let store = Store::open(&dir.join("c.redb")).unwrap();
+        let metrics = Metrics::new();
+        let store =
+            crate::store::RedbStore::open(&dir.join("c.redb"), 1 << 20, metrics.store.clone())
+                .unwrap();
         let blobs = Arc::new(crate::blob::FsBlobStore::open(&dir.join("plugins")).unwrap());
         let s = Shared::new(
             config,
-            store,
+            Arc::new(store),
             blobs,
-            "admin-token",
-            "enroll-token",
-            arcade_p2p::mesh::ticket::TicketIssuer::generate(),
+            metrics,
+            Credentials {
+                admin_token: "admin-token",
+                enroll_token: "enroll-token",
+                tickets: arcade_p2p::mesh::ticket::TicketIssuer::generate(),
+            },
             CancellationToken::new(),
         )
+        .await
         .unwrap();
         let record = AgentRecord {
             agent_id: "a1".into(),
@@ -566,10 +552,10 @@ mod tests {
         req
     }
 
-    #[test]
-    fn admin_calls_tell_unknown_tokens_from_tokens_without_the_right() {
+    #[tokio::test]
+    async fn admin_calls_tell_unknown_tokens_from_tokens_without_the_right() {
         let dir = tempfile::tempdir().unwrap();
-        let s = shared(dir.path());
+        let s = shared(dir.path()).await;
         s.require_admin(&with_token("admin-token")).unwrap();
         for (token, code, says) in [
             ("agent-token", tonic::Code::PermissionDenied, "agent a1"),
@@ -590,6 +576,17 @@ mod tests {
         assert_eq!(keep_tail("hello", 3), "llo");
         assert_eq!(keep_tail("aé", 1), "");
         assert_eq!(keep_tail("aéb", 2), "b");
+    }
+
+    #[test]
+    fn register_limiter_refuses_beyond_the_burst() {
+        let l = RegisterLimiter::new(3);
+        for _ in 0..3 {
+            l.try_take().unwrap();
+        }
+        let wait = l.try_take().unwrap_err();
+        assert!(wait <= Duration::from_millis(334), "{wait:?}");
+        RegisterLimiter::new(0).try_take().unwrap();
     }
 
     #[test]

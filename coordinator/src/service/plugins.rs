@@ -99,7 +99,7 @@ impl PluginAdminService {
             ));
         }
         let k = key.clone();
-        let existing = s.store.call(move |st| st.get_plugin(&k)).await?;
+        let existing = s.store.get_plugin(&k).await?;
         if let (Some(old), Some(exp)) = (&existing, &expected) {
             if old.sha256 != exp.to_hex() {
                 return Err(Status::already_exists(format!(
@@ -188,8 +188,8 @@ impl PluginAdminService {
         let _guard = s.content_lock.lock().await;
         staged.commit(&id).await.map_err(|e| not_stored(&key, e))?;
         let rec = record.clone();
-        let m = manifest.clone();
-        match s.store.call(move |st| st.put_plugin(&rec, &m)).await {
+        let m = Arc::new(manifest.clone());
+        match s.store.put_plugin(rec, m).await {
             Ok(PutOutcome::Created) => {
                 tracing::info!(plugin = %key, sha256 = %id, size = manifest.size(), chunks = manifest.chunk_count(), "plugin pushed");
                 Ok(pb::PushPluginResponse {
@@ -199,7 +199,7 @@ impl PluginAdminService {
             }
             Ok(PutOutcome::Existing) => {
                 let k = key.clone();
-                let stored = s.store.call(move |st| st.get_plugin(&k)).await?;
+                let stored = s.store.get_plugin(&k).await?;
                 Ok(pb::PushPluginResponse {
                     plugin: stored,
                     created: false,
@@ -207,7 +207,7 @@ impl PluginAdminService {
             }
             Err(e @ StoreError::Conflict { .. }) => {
                 // A concurrent push of other content won; drop our blob unless used.
-                let refs = s.store.call(|st| st.referenced_contents()).await?;
+                let refs = s.store.referenced_contents().await?;
                 if !refs.contains(&id) {
                     s.blobs.remove(&id).await?;
                 }
@@ -244,7 +244,7 @@ impl PluginAdmin for PluginAdminService {
     ) -> Result<Response<pb::ListPluginsResponse>, Status> {
         self.0.require_admin(&request)?;
         let t = request.into_inner().plugin_type;
-        let plugins = self.0.store.call(move |s| s.list_plugins(&t)).await?;
+        let plugins = self.0.store.list_plugins(&t).await?;
         Ok(Response::new(pb::ListPluginsResponse { plugins }))
     }
 
@@ -278,11 +278,7 @@ impl PluginAdmin for PluginAdminService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .key();
         let k = key.clone();
-        let plugin = self
-            .0
-            .store
-            .call(move |s| s.set_enabled(&k, req.enabled))
-            .await?;
+        let plugin = self.0.store.set_enabled(&k, req.enabled).await?;
         self.0.invalidate_plugin(&key);
         tracing::info!(plugin = %key, enabled = plugin.enabled, "plugin enabled state changed");
         Ok(Response::new(pb::SetPluginEnabledResponse {
@@ -301,7 +297,7 @@ impl PluginAdmin for PluginAdminService {
             .key();
         let _guard = self.0.content_lock.lock().await;
         let k = key.clone();
-        let orphan = self.0.store.call(move |s| s.delete_plugin(&k)).await?;
+        let orphan = self.0.store.delete_plugin(&k).await?;
         self.0.invalidate_plugin(&key);
         let content_removed = match orphan {
             Some(id) => {
@@ -318,7 +314,7 @@ impl PluginAdmin for PluginAdminService {
 /// Removes blobs no plugin references (left by a crash between the blob rename and the
 /// metadata commit). Called once at start, before serving.
 pub(crate) async fn collect_orphans(shared: &Arc<super::Shared>) -> Result<usize, Status> {
-    let refs = shared.store.call(|s| s.referenced_contents()).await?;
+    let refs = shared.store.referenced_contents().await?;
     let mut removed = 0;
     for id in shared.blobs.list().await? {
         if !refs.contains(&id) && shared.blobs.remove(&id).await? {

@@ -2,6 +2,8 @@
 //! - [`coordinator`] — push and streamed-download throughput, coordinator peak RSS.
 //! - [`agent`] — job-received → `before`-started latency with a cached plugin, and the
 //!   agent's peak RSS while fetching plugins of growing size.
+//! - [`control`] — the coordinator's control plane at fleet scale: jobs/s, create →
+//!   lease latency, RPC latencies, CPU, RSS and store commits with N agents.
 //! - [`primitives`] — manifest building, chunk and whole-content verification MB/s, and
 //!   one peer → one peer mesh transfer over loopback (MB/s, CPU per GiB).
 //!
@@ -9,5 +11,6 @@
 //! `arcade-sim swarm`/`model`/`sweep` ([`crate::fleet`]).
 
 pub mod agent;
+pub mod control;
 pub mod coordinator;
 pub mod primitives;

@@ -49,6 +49,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The coordinator's control plane at fleet scale: a real coordinator process, N
+    /// simulated agents over real gRPC (register, heartbeat, long-poll, immediate
+    /// results) and jobs offered at a fixed rate; prints jobs/s, latencies, CPU, RSS.
+    BenchFleet {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Jobs offered per second (0 = as fast as --in-flight allows).
+        #[arg(long, default_value_t = 500.0)]
+        jobs_per_s: f64,
+        /// Measured window, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Most CreateJob calls in flight (1 = one at a time, like a CI server).
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Heartbeat interval of the agents, seconds.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_s: u64,
+        /// TCP connections the agents share (default: one per agent).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Job-start latency with a cached plugin (p50/p99) and agent peak RSS while
     /// fetching plugins of growing size.
     BenchAgent {
@@ -302,6 +328,45 @@ fn main() -> ExitCode {
                     report.all_succeeded(),
                     "some agents did not run the job"
                 );
+                Ok(())
+            }
+            Cmd::BenchFleet {
+                agents,
+                jobs_per_s,
+                seconds,
+                in_flight,
+                heartbeat_s,
+                connections,
+                json,
+            } => {
+                let opts = arcade_simulations::bench::control::FleetBenchOptions {
+                    agents,
+                    jobs_per_s,
+                    seconds,
+                    in_flight,
+                    heartbeat_s,
+                    connections: connections.unwrap_or(agents),
+                };
+                let f = arcade_simulations::bench::control::run(&opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&f)?);
+                } else {
+                    let l = |x: &arcade_simulations::bench::control::Latency| {
+                        format!("{:.1} / {:.1} ms", x.p50_ms, x.p99_ms)
+                    };
+                    println!("agents                 {} ({} connections, registered in {:.1} s)", f.agents, f.connections, f.register_all_s);
+                    println!("offered                {} jobs/s, {} CreateJob in flight, {:.1} s", f.jobs_per_s_offered, f.in_flight, f.seconds);
+                    println!("jobs done              {} of {} created ({:.1}/s); {} not leased 10 s later", f.jobs_done, f.jobs_created, f.jobs_done_per_s, f.jobs_unfinished);
+                    println!("create -> lease p50/p99 {}", l(&f.create_to_lease));
+                    println!("CreateJob p50/p99      {}", l(&f.create_job));
+                    println!("FetchJob (with a job)  {}", l(&f.fetch_job));
+                    println!("Heartbeat p50/p99      {}", l(&f.heartbeat));
+                    println!("ReportJobResult        {}", l(&f.report_job_result));
+                    println!("errors                 {:?}", f.errors);
+                    println!("coordinator            {:.2} cores, peak RSS {:.0} MiB", f.coordinator_cpu_cores, f.coordinator_peak_rss_mib);
+                    println!("load generator         {:.2} cores", f.load_generator_cpu_cores);
+                    println!("store                  {} writes ({:.2} per job), {} commits ({:.0}/s)", f.store_writes, f.store_writes_per_job, f.store_commits, f.store_commits_per_s);
+                }
                 Ok(())
             }
             Cmd::BenchCoordinator { sizes_mib, json } => {

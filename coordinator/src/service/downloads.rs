@@ -1,0 +1,291 @@
+//! `Agent.DownloadPlugin`: a plugin's content streamed one verified chunk per message
+//! over the requested chunk ranges, behind the herd check (a single chunk another mesh
+//! agent got recently is pointed at that agent instead), the stream limit and the
+//! egress limiter. Memory per stream is one chunk.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arcade_p2p::Manifest;
+use arcade_p2p::labels;
+use arcade_proto::v1 as pb;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::herd::Admission;
+use super::{SharedRef, allowed_labels, now_ms, shown};
+use crate::blob::BlobReader;
+use crate::metrics::{DownloadLabels, PluginIdLabel, PluginVersionLabels};
+use crate::store::plugin_key;
+
+/// Most chunk ranges in one download request.
+const MAX_RANGES: usize = 1024;
+
+pub(crate) type DownloadStream =
+    Pin<Box<dyn Stream<Item = Result<pb::DownloadPluginResponse, Status>> + Send>>;
+
+/// Records the outcome of one download exactly once (on completion, error or drop).
+struct DownloadRecord {
+    shared: SharedRef,
+    plugin_id: String,
+    version: String,
+    started: Instant,
+    outcome: Option<&'static str>,
+}
+
+impl Drop for DownloadRecord {
+    fn drop(&mut self) {
+        let status = self.outcome.unwrap_or("cancelled");
+        let m = &self.shared.metrics;
+        m.downloads
+            .get_or_create(&DownloadLabels {
+                plugin_id: self.plugin_id.clone(),
+                version: self.version.clone(),
+                status: status.into(),
+            })
+            .inc();
+        if status == "success" {
+            m.download_duration
+                .get_or_create(&PluginIdLabel {
+                    plugin_id: self.plugin_id.clone(),
+                })
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+struct DownloadState {
+    shared: SharedRef,
+    agent_id: String,
+    _stream_slot: tokio::sync::OwnedSemaphorePermit,
+    reader: Box<dyn BlobReader>,
+    manifest: Arc<Manifest>,
+    ranges: Vec<(u32, u32)>,
+    range: usize,
+    next: u32,
+    first: bool,
+    bytes: prometheus_client::metrics::counter::Counter,
+    record: DownloadRecord,
+}
+
+impl DownloadState {
+    fn next_index(&mut self) -> Option<u32> {
+        while let Some(&(start, end)) = self.ranges.get(self.range) {
+            if self.next < start {
+                self.next = start;
+            }
+            if self.next < end {
+                let i = self.next;
+                self.next += 1;
+                return Some(i);
+            }
+            self.range += 1;
+            self.next = 0;
+        }
+        None
+    }
+
+    async fn chunk(&mut self, index: u32) -> Result<pb::DownloadPluginResponse, Status> {
+        let range = self
+            .manifest
+            .chunk_range(index)
+            .ok_or_else(|| Status::internal("chunk index out of range"))?;
+        let mut data = vec![0u8; (range.end - range.start) as usize];
+        self.reader.read_exact_at(range.start, &mut data).await?;
+        if let Err(e) = self.manifest.verify_chunk(index, &data) {
+            tracing::error!(content = %self.manifest.content_id(), chunk = index, error = %e, "stored content is corrupt");
+            return Err(Status::data_loss(format!(
+                "stored content {} is corrupt at chunk {index}; re-push the plugin",
+                self.manifest.content_id()
+            )));
+        }
+        self.shared.egress.acquire(data.len() as u64).await;
+        self.shared.herd.lock().expect("herd lock").served(
+            self.manifest.content_id(),
+            index,
+            &self.agent_id,
+            Instant::now(),
+        );
+        self.bytes.inc_by(data.len() as u64);
+        let first = std::mem::replace(&mut self.first, false);
+        Ok(pb::DownloadPluginResponse {
+            chunk_index: index,
+            offset: range.start,
+            data,
+            checksum: if first {
+                self.manifest.content_id().to_hex()
+            } else {
+                String::new()
+            },
+            size: if first {
+                self.manifest.size() as i64
+            } else {
+                0
+            },
+        })
+    }
+}
+
+pub(crate) async fn download_plugin(
+    s: &SharedRef,
+    request: Request<pb::DownloadPluginRequest>,
+) -> Result<Response<DownloadStream>, Status> {
+    let agent = s.require_agent(&request, &request.get_ref().agent_id)?;
+    let req = request.into_inner();
+    let denied = |plugin_id: &str, version: &str, status: &'static str| {
+        s.metrics
+            .downloads
+            .get_or_create(&DownloadLabels {
+                plugin_id: plugin_id.to_owned(),
+                version: version.to_owned(),
+                status: status.into(),
+            })
+            .inc();
+    };
+    let (plugin, manifest) = match s
+        .resolve_for_agent(&agent, &req.plugin_id, &req.version, &req.sha256)
+        .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            let status = if e.code() == tonic::Code::PermissionDenied {
+                "denied"
+            } else {
+                "error"
+            };
+            denied(&shown(&req.plugin_id), &shown(&req.version), status);
+            return Err(e);
+        }
+    };
+    let chunks = manifest.chunk_count();
+    if req.ranges.len() > MAX_RANGES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_RANGES} chunk ranges per request"
+        )));
+    }
+    let ranges: Vec<(u32, u32)> = if req.ranges.is_empty() {
+        // The whole content (nothing to stream for empty content).
+        if chunks == 0 {
+            vec![]
+        } else {
+            vec![(0, chunks)]
+        }
+    } else {
+        req.ranges.iter().map(|r| (r.start, r.end)).collect()
+    };
+    if let Some((start, end)) = ranges.iter().find(|(a, b)| a >= b || *b > chunks) {
+        return Err(Status::out_of_range(format!(
+            "chunk range [{start}, {end}) is invalid: ranges must be non-empty and within the {chunks} chunks of {}",
+            plugin_key(&plugin.plugin_id, &plugin.version)
+        )));
+    }
+    // Herd protection: a single chunk another mesh agent got recently comes from
+    // that agent instead (bounded redirects, then served anyway).
+    if let [(chunk, end)] = ranges[..] {
+        if end == chunk + 1 && !agent.peer_id.is_empty() {
+            let required = allowed_labels(&plugin);
+            let now = now_ms();
+            let fleet = s.fleet.lock().expect("fleet lock");
+            let usable = |holder: &str| {
+                fleet.agents.get(holder).is_some_and(|l| {
+                    !l.record.peer_id.is_empty()
+                        && s.online(l, now)
+                        && labels::satisfies(&l.record.labels, &required)
+                })
+            };
+            let decision = s.herd.lock().expect("herd lock").admit(
+                manifest.content_id(),
+                chunk,
+                &agent.agent_id,
+                Instant::now(),
+                usable,
+            );
+            if let Admission::Redirect {
+                holders,
+                retry_after,
+            } = decision
+            {
+                let hints: Vec<String> = holders
+                    .iter()
+                    .filter_map(|h| fleet.agents.get(h))
+                    .map(|l| format!("{}={}", l.record.peer_id, l.record.addrs.join(",")))
+                    .collect();
+                drop(fleet);
+                s.metrics.redirects.inc();
+                let mut status = Status::resource_exhausted(format!(
+                    "chunk {chunk} of {} is already in the swarm: get it from peers ({} holder(s))",
+                    plugin_key(&plugin.plugin_id, &plugin.version),
+                    hints.len()
+                ));
+                let md = status.metadata_mut();
+                md.insert(
+                    "arcade-retry-after-ms",
+                    tonic::metadata::MetadataValue::from(
+                        u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+                    ),
+                );
+                if let Ok(v) = hints.join(";").parse() {
+                    md.insert("arcade-holders", v);
+                }
+                return Err(status);
+            }
+        }
+    }
+    let stream_slot = s.streams.clone().try_acquire_owned().map_err(|_| {
+        let mut status = Status::resource_exhausted(format!(
+            "coordinator is serving its maximum of {} streams (serve.max_streams); retry shortly",
+            s.config.raw.serve.max_streams
+        ));
+        status.metadata_mut().insert(
+            "arcade-retry-after-ms",
+            tonic::metadata::MetadataValue::from(200u32),
+        );
+        status
+    })?;
+    let reader = s.blobs.open(&manifest.content_id()).await?;
+    tracing::info!(agent = %agent.agent_id, plugin = %plugin_key(&plugin.plugin_id, &plugin.version), sha256 = %&plugin.sha256[..12], size = plugin.size, "download started");
+    let state = DownloadState {
+        shared: s.clone(),
+        agent_id: agent.agent_id.clone(),
+        _stream_slot: stream_slot,
+        reader,
+        manifest,
+        ranges,
+        range: 0,
+        next: 0,
+        first: true,
+        bytes: s
+            .metrics
+            .served_bytes
+            .get_or_create(&PluginVersionLabels {
+                plugin_id: plugin.plugin_id.clone(),
+                version: plugin.version.clone(),
+            })
+            .clone(),
+        record: DownloadRecord {
+            shared: s.clone(),
+            plugin_id: plugin.plugin_id.clone(),
+            version: plugin.version.clone(),
+            started: Instant::now(),
+            outcome: None,
+        },
+    };
+    let stream = futures::stream::unfold(Some(state), |state| async move {
+        let mut st = state?;
+        match st.next_index() {
+            Some(i) => match st.chunk(i).await {
+                Ok(msg) => Some((Ok(msg), Some(st))),
+                Err(e) => {
+                    st.record.outcome = Some("error");
+                    Some((Err(e), None))
+                }
+            },
+            None => {
+                st.record.outcome = Some("success");
+                None
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(stream)))
+}

@@ -1,0 +1,286 @@
+//! The coordinator's durable metadata behind one trait, [`MetaStore`]: plugins,
+//! manifests, agents and their tokens, jobs, leases and the record of finished jobs.
+//! [`RedbStore`](redb::RedbStore) (one redb file, writes group-committed) is the embedded
+//! default; a shared SQL store for several coordinators implements the same trait.
+//!
+//! The trait is shaped for several processes sharing one store:
+//! - every write is one self-contained operation that checks its own precondition
+//!   (`claim_job` leases a job only if it is still queued — claim-with-skip: a loser gets
+//!   `None` and moves on; `complete_job` only if the caller still holds the lease), so
+//!   no caller ever runs code inside a store transaction;
+//! - deciding *which* job an agent should take is not the store's business: the
+//!   coordinator keeps its queue, waiters and label indexes in memory
+//!   (`crate::dispatch`), rebuilt at start from [`MetaStore::queued_jobs`];
+//! - every write is durable when its future resolves (before the RPC is acknowledged).
+
+pub mod redb;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use arcade_p2p::labels::Labels;
+use arcade_p2p::{ContentId, Manifest};
+use arcade_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+pub use self::redb::RedbStore;
+
+/// A metadata operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (shared by every operation of a failed group commit).
+    #[error("metadata database error: {0}")]
+    Db(#[source] Arc<::redb::Error>),
+    /// Another write of the same group commit failed, so none of them was committed.
+    #[error("metadata write not committed: another write of its batch failed; retry")]
+    Aborted,
+    /// The store's writer is gone (the coordinator is stopping).
+    #[error("metadata store is shut down")]
+    Closed,
+    /// A stored record cannot be decoded.
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// Same id@version, other content.
+    #[error(
+        "plugin {key} already exists with other content (sha256 {existing}); push a new version"
+    )]
+    Conflict {
+        /// id@version.
+        key: String,
+        /// The stored content.
+        existing: String,
+    },
+    /// No such plugin version.
+    #[error("plugin {0} does not exist")]
+    PluginNotFound(String),
+    /// No such job.
+    #[error("job {0} does not exist")]
+    JobNotFound(String),
+    /// No such agent.
+    #[error("agent {0} is not registered")]
+    AgentNotFound(String),
+    /// The plugin is still needed by queued or running jobs.
+    #[error(
+        "plugin {key} is needed by queued or running jobs ({jobs}); wait for them or disable it instead"
+    )]
+    PluginInUse {
+        /// id@version.
+        key: String,
+        /// Some of the jobs.
+        jobs: String,
+    },
+    /// The job is not leased to this agent.
+    #[error("job {job} is not leased to agent {agent} (its lease expired or it already finished)")]
+    NotLeased {
+        /// The job.
+        job: String,
+        /// The agent.
+        agent: String,
+    },
+}
+
+impl<E: Into<::redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Db(Arc::new(e.into()))
+    }
+}
+
+/// What a plugin write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// A new version was stored.
+    Created,
+    /// The same id@version with the same content was already there.
+    Existing,
+}
+
+/// A plugin an agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Installed {
+    /// Plugin id.
+    pub plugin_id: String,
+    /// Version.
+    pub version: String,
+    /// Content SHA-256 (hex).
+    pub sha256: String,
+}
+
+/// What the coordinator remembers of an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Agent id.
+    pub agent_id: String,
+    /// Host name it reported.
+    pub hostname: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// libp2p addresses.
+    pub addrs: Vec<String>,
+    /// Agent software version.
+    pub agent_version: String,
+    /// Plugins it holds.
+    pub installed: Vec<Installed>,
+    /// Unix ms of the last Register.
+    pub registered_at: i64,
+    /// SHA-256 of its current token.
+    pub token_hash: [u8; 32],
+}
+
+/// One job the lease sweep, an agent removal or a cancel changed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseChange {
+    /// Back in the queue (the job as stored now).
+    Requeued(Box<pb::JobDetail>),
+    /// Out of attempts: failed.
+    Failed(String),
+    /// Its cancel had been asked for: cancelled.
+    Cancelled(String),
+}
+
+/// The final result an agent reports for a leased job.
+#[derive(Debug, Clone, Default)]
+pub struct JobOutcome {
+    /// `Succeeded` or `Failed` (a job whose cancel was asked for ends `Cancelled`).
+    pub status: pb::JobStatus,
+    /// Exit code of the last command.
+    pub exit_code: i32,
+    /// Output tail (already bounded).
+    pub output_tail: String,
+    /// Error message (already bounded).
+    pub error_message: String,
+    /// Per plugin and stage.
+    pub plugin_results: Vec<pb::PluginExecutionResult>,
+    /// Unix ms (0 = keep the lease time).
+    pub started_at: i64,
+    /// Unix ms.
+    pub finished_at: i64,
+}
+
+/// What `cancel_job` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// It was queued: now cancelled, never to be leased.
+    Cancelled(pb::JobDetail),
+    /// It is running on `agent_id`: the cancel is recorded for its agent to act on.
+    Requested(pb::JobDetail),
+    /// It had already finished: unchanged.
+    Finished(pb::JobDetail),
+}
+
+/// What removing an agent did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RemovedAgent {
+    /// What happened to each job it held: queued again, or ended (its cancel had been
+    /// asked for, or it was out of attempts).
+    pub changes: Vec<LeaseChange>,
+}
+
+/// The coordinator's durable metadata. Every write is durable when it returns.
+#[async_trait::async_trait]
+pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
+    // ---- plugins and manifests ----
+
+    /// Stores a plugin version and its manifest (idempotent for identical content).
+    async fn put_plugin(
+        &self,
+        plugin: pb::PluginVersion,
+        manifest: Arc<Manifest>,
+    ) -> Result<PutOutcome, StoreError>;
+    /// One plugin version by `id@version`.
+    async fn get_plugin(&self, key: &str) -> Result<Option<pb::PluginVersion>, StoreError>;
+    /// Every plugin version (optionally of one type), ordered by id@version.
+    async fn list_plugins(&self, plugin_type: &str) -> Result<Vec<pb::PluginVersion>, StoreError>;
+    /// Plugin versions whose content is `id`.
+    async fn plugins_with_content(
+        &self,
+        id: ContentId,
+    ) -> Result<Vec<pb::PluginVersion>, StoreError>;
+    /// The manifest of a content.
+    async fn get_manifest(&self, id: ContentId) -> Result<Option<Manifest>, StoreError>;
+    /// Enables or disables a plugin version.
+    async fn set_enabled(&self, key: &str, enabled: bool) -> Result<pb::PluginVersion, StoreError>;
+    /// Deletes a plugin version unless queued or running jobs need it. Returns the
+    /// content id when no other version uses that content any more (its manifest is
+    /// removed too; the caller removes the blob).
+    async fn delete_plugin(&self, key: &str) -> Result<Option<ContentId>, StoreError>;
+    /// Content ids referenced by some plugin version.
+    async fn referenced_contents(&self) -> Result<HashSet<ContentId>, StoreError>;
+
+    // ---- agents ----
+
+    /// Stores an agent and makes `token_hash` its only valid token.
+    async fn put_agent(&self, agent: AgentRecord) -> Result<(), StoreError>;
+    /// Replaces an agent's installed-plugin list.
+    async fn set_installed(
+        &self,
+        agent_id: &str,
+        installed: Vec<Installed>,
+    ) -> Result<(), StoreError>;
+    /// Forgets an agent and its token; the jobs leased to it are re-queued (or end,
+    /// when cancelled or out of `max_attempts`).
+    async fn remove_agent(
+        &self,
+        agent_id: &str,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Result<RemovedAgent, StoreError>;
+    /// Every agent.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    // ---- jobs ----
+
+    /// Stores a new, queued job.
+    async fn create_job(&self, job: pb::JobDetail) -> Result<(), StoreError>;
+    /// One job.
+    async fn get_job(&self, job_id: &str) -> Result<Option<pb::JobDetail>, StoreError>;
+    /// Newest jobs first, optionally of one status.
+    async fn list_jobs(
+        &self,
+        status: pb::JobStatus,
+        limit: usize,
+    ) -> Result<Vec<pb::JobDetail>, StoreError>;
+    /// Every queued job, oldest first (to rebuild the in-memory queue at start).
+    async fn queued_jobs(&self) -> Result<Vec<pb::JobDetail>, StoreError>;
+    /// Every current lease: job id → agent id.
+    async fn leases(&self) -> Result<BTreeMap<String, String>, StoreError>;
+    /// Leases a job to `agent_id` if it is still queued (`None` when another caller
+    /// got it first or it was cancelled): one write.
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<pb::JobDetail>, StoreError>;
+    /// Records the final result of a job leased to `agent_id`.
+    async fn complete_job(
+        &self,
+        agent_id: &str,
+        job_id: &str,
+        outcome: JobOutcome,
+    ) -> Result<pb::JobDetail, StoreError>;
+    /// Ends expired leases (`(job, agent)` pairs; pairs whose lease moved on are
+    /// skipped): each job is re-queued, or fails once it has used `max_attempts`, or is
+    /// cancelled when that was asked for.
+    async fn expire_leases(
+        &self,
+        expired: Vec<(String, String)>,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Result<Vec<LeaseChange>, StoreError>;
+    /// Cancels a queued job, or records the cancel of a running one.
+    async fn cancel_job(&self, job_id: &str, now_ms: i64) -> Result<CancelOutcome, StoreError>;
+    /// Deletes up to `limit` jobs that finished before `before_ms`; returns how many.
+    async fn delete_finished(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError>;
+}
+
+/// `id@version`.
+pub fn plugin_key(id: &str, version: &str) -> String {
+    format!("{id}@{version}")
+}

@@ -1,0 +1,856 @@
+//! [`RedbStore`]: the embedded [`MetaStore`] in one redb file.
+//!
+//! Writes go through one writer thread that **group-commits**: it takes every operation
+//! waiting in its (bounded) queue — up to [`MAX_BATCH`] — applies them in one write
+//! transaction and commits it once, durably (fsync), before any of them is answered. So
+//! hundreds of job transitions a second cost a few fsyncs, and a caller is answered only
+//! once its write is on disk. Each operation checks its own precondition before it writes
+//! anything, so an operation refused for a logical reason (`NotLeased`, …) leaves no
+//! trace in the shared transaction; a database error fails every operation of its batch
+//! (nothing of that batch is committed). Reads are redb read transactions (MVCC, never
+//! blocked by the writer) on the blocking pool.
+//!
+//! Records are the protobuf messages of the API where one fits (`PluginVersion`,
+//! `Manifest`, `JobDetail`) and JSON for the agent record.
+//!
+//! | table | key → value |
+//! |---|---|
+//! | `plugins` | id@version → `PluginVersion` |
+//! | `manifests` | sha256 → encoded `Manifest` |
+//! | `agents` | agent id → JSON `AgentRecord` |
+//! | `agent_tokens` | token SHA-256 → agent id |
+//! | `jobs` | job id (UUIDv7: time-ordered) → `JobDetail` |
+//! | `queued_jobs` | job id → () for every queued job |
+//! | `job_leases` | job id → agent id for every running job |
+//! | `finished_jobs` | (finished_at ms, job id) → () for retention |
+//! | `meta` | `schema` → 2 |
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use arcade_p2p::{ContentId, Manifest};
+use arcade_proto::v1 as pb;
+use prost::Message as _;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AgentRecord, CancelOutcome, Installed, JobOutcome, LeaseChange, MetaStore, PutOutcome,
+    RemovedAgent, StoreError, plugin_key,
+};
+use crate::metrics::StoreMetrics;
+
+const PLUGINS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("plugins");
+const MANIFESTS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("manifests");
+const AGENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agents");
+const TOKENS: TableDefinition<'_, &[u8; 32], &str> = TableDefinition::new("agent_tokens");
+const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+const QUEUED: TableDefinition<'_, &str, ()> = TableDefinition::new("queued_jobs");
+const LEASES: TableDefinition<'_, &str, &str> = TableDefinition::new("job_leases");
+const FINISHED: TableDefinition<'_, (i64, &str), ()> = TableDefinition::new("finished_jobs");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The queue of schema 1 (sequence → job id), migrated into `queued_jobs` at open.
+const LEGACY_QUEUE: TableDefinition<'_, u64, &str> = TableDefinition::new("job_queue");
+
+const SCHEMA: u64 = 2;
+/// Most operations in one group commit.
+pub const MAX_BATCH: usize = 512;
+/// Operations waiting for the writer; callers wait (backpressure) beyond this.
+const QUEUE_DEPTH: usize = 8192;
+
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// One write: run against the batch's transaction (or told why there is none); returns
+/// how to answer its caller once the commit is known, and whether it failed in a way
+/// that may have left part of its writes behind (then the whole batch is aborted).
+type Op = Box<dyn FnOnce(Result<&WriteTransaction, StoreError>) -> (Finish, bool) + Send>;
+
+/// The redb metadata store (cheap to clone: all clones share the database and writer).
+#[derive(Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    ops: mpsc::Sender<(&'static str, Op)>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedbStore")
+    }
+}
+
+fn decode<M: prost::Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode_agent(agent: &AgentRecord) -> Vec<u8> {
+    // A struct of strings, maps and byte arrays always serialises.
+    serde_json::to_vec(agent).unwrap_or_default()
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Db(inner) => StoreError::Db(inner.clone()),
+        StoreError::Aborted => StoreError::Aborted,
+        _ => StoreError::Closed,
+    }
+}
+
+fn is_final(status: pb::JobStatus) -> bool {
+    matches!(
+        status,
+        pb::JobStatus::Succeeded | pb::JobStatus::Failed | pb::JobStatus::Cancelled
+    )
+}
+
+impl RedbStore {
+    /// Opens (creating) the database file with a page cache of `cache_bytes`, migrates
+    /// an older schema and starts the writer thread. Blocking.
+    pub fn open(
+        path: &Path,
+        cache_bytes: usize,
+        metrics: StoreMetrics,
+    ) -> Result<Self, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            // Best effort: the metadata holds token hashes.
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let tx = db.begin_write()?;
+        tx.open_table(PLUGINS)?;
+        tx.open_table(MANIFESTS)?;
+        tx.open_table(AGENTS)?;
+        tx.open_table(TOKENS)?;
+        tx.open_table(JOBS)?;
+        tx.open_table(QUEUED)?;
+        tx.open_table(LEASES)?;
+        tx.open_table(FINISHED)?;
+        let schema = tx.open_table(META)?.get("schema")?.map(|v| v.value());
+        if schema.is_none_or(|s| s < SCHEMA) {
+            migrate_v1(&tx)?;
+            tx.open_table(META)?.insert("schema", SCHEMA)?;
+        }
+        tx.commit()?;
+        let db = Arc::new(db);
+        let (ops, rx) = mpsc::channel(QUEUE_DEPTH);
+        // The writer holds the database weakly: it closes when the last store handle
+        // is dropped (not when the writer thread gets round to ending), so a restart in
+        // the same process can open the file again at once.
+        let writer_db = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(writer_db, rx, metrics))
+            .map_err(|e| StoreError::Db(Arc::new(redb::Error::Io(e))))?;
+        Ok(Self { db, ops })
+    }
+
+    /// Runs one write operation in the next group commit; answers once it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let op_fn: Op = Box::new(move |tx| {
+            let result = tx.and_then(f);
+            let torn = matches!(
+                result,
+                Err(StoreError::Db(_) | StoreError::Corrupt { .. } | StoreError::Closed)
+            );
+            let finish: Finish = Box::new(move |commit: Result<(), StoreError>| {
+                let _ = reply.send(match (result, commit) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(e),
+                    (Ok(v), Ok(())) => Ok(v),
+                });
+            });
+            (finish, torn)
+        });
+        self.ops
+            .send((op, op_fn))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read transaction on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read()?;
+            f(&tx)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The writer thread: group commits until every sender is gone.
+fn writer(
+    db: std::sync::Weak<Database>,
+    mut rx: mpsc::Receiver<(&'static str, Op)>,
+    metrics: StoreMetrics,
+) {
+    let mut batch: Vec<(&'static str, Op)> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let Some(db) = db.upgrade() else {
+            // Every handle is gone; answering is moot (their callers are gone too).
+            batch.clear();
+            break;
+        };
+        let tx = db.begin_write().map_err(StoreError::from);
+        let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
+        let mut torn = false;
+        for (name, op) in batch.drain(..) {
+            metrics.writes(name).inc();
+            let (finish, op_torn) = op(tx.as_ref().map_err(clone_err));
+            torn |= op_torn;
+            finishers.push(finish);
+        }
+        let commit = match tx {
+            Err(e) => Err(e),
+            Ok(tx) if torn => {
+                let _ = tx.abort();
+                Err(StoreError::Aborted)
+            }
+            Ok(tx) => {
+                metrics.commits.inc();
+                tx.commit().map_err(StoreError::from)
+            }
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, ops = finishers.len(), "metadata store: batch not committed");
+        }
+        for finish in finishers {
+            finish(match &commit {
+                Ok(()) => Ok(()),
+                Err(e) => Err(clone_err(e)),
+            });
+        }
+    }
+}
+
+/// Schema 1 → 2: the sequence-keyed queue becomes `queued_jobs`, and finished jobs get
+/// their retention entries.
+fn migrate_v1(tx: &WriteTransaction) -> Result<(), StoreError> {
+    let legacy: Vec<String> = match tx.open_table(LEGACY_QUEUE) {
+        Ok(t) => {
+            let mut ids = Vec::new();
+            for e in t.iter()? {
+                ids.push(e?.1.value().to_owned());
+            }
+            ids
+        }
+        Err(e) => return Err(e.into()),
+    };
+    {
+        let mut queued = tx.open_table(QUEUED)?;
+        for id in &legacy {
+            queued.insert(id.as_str(), ())?;
+        }
+    }
+    tx.delete_table(LEGACY_QUEUE)?;
+    let jobs = tx.open_table(JOBS)?;
+    let mut finished = tx.open_table(FINISHED)?;
+    for e in jobs.iter()? {
+        let (k, v) = e?;
+        let job: pb::JobDetail = decode(k.value(), v.value())?;
+        if is_final(job.status()) {
+            finished.insert((job.finished_at, k.value()), ())?;
+        }
+    }
+    Ok(())
+}
+
+fn load_job(tx: &WriteTransaction, job_id: &str) -> Result<Option<pb::JobDetail>, StoreError> {
+    let jobs = tx.open_table(JOBS)?;
+    jobs.get(job_id)?
+        .map(|v| decode(job_id, v.value()))
+        .transpose()
+}
+
+fn save_job(tx: &WriteTransaction, job: &pb::JobDetail) -> Result<(), StoreError> {
+    tx.open_table(JOBS)?
+        .insert(job.job_id.as_str(), job.encode_to_vec().as_slice())?;
+    Ok(())
+}
+
+/// Marks `job` finished now with `status` and records it for retention.
+fn finish_job(
+    tx: &WriteTransaction,
+    job: &mut pb::JobDetail,
+    status: pb::JobStatus,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    job.set_status(status);
+    if job.finished_at == 0 {
+        job.finished_at = now_ms;
+    }
+    tx.open_table(FINISHED)?
+        .insert((job.finished_at, job.job_id.as_str()), ())?;
+    save_job(tx, job)
+}
+
+/// Ends the lease of `job_id` held by `agent_id` (already removed from `job_leases`):
+/// cancelled if asked for, failed when out of attempts, else queued again.
+fn end_lease(
+    tx: &WriteTransaction,
+    job_id: &str,
+    agent_id: &str,
+    why: &str,
+    max_attempts: u32,
+    now_ms: i64,
+) -> Result<Option<LeaseChange>, StoreError> {
+    let Some(mut job) = load_job(tx, job_id)? else {
+        return Ok(None);
+    };
+    if job.cancel_requested {
+        job.error_message = format!("cancelled by an admin; {why}");
+        finish_job(tx, &mut job, pb::JobStatus::Cancelled, now_ms)?;
+        return Ok(Some(LeaseChange::Cancelled(job_id.to_owned())));
+    }
+    if job.attempts >= max_attempts {
+        job.error_message = format!(
+            "{why} {} time(s) (last agent {agent_id}); giving up after jobs.max_attempts = {max_attempts}",
+            job.attempts
+        );
+        finish_job(tx, &mut job, pb::JobStatus::Failed, now_ms)?;
+        return Ok(Some(LeaseChange::Failed(job_id.to_owned())));
+    }
+    job.set_status(pb::JobStatus::Queued);
+    job.error_message = format!("{why} (agent {agent_id}); re-queued");
+    save_job(tx, &job)?;
+    tx.open_table(QUEUED)?.insert(job_id, ())?;
+    Ok(Some(LeaseChange::Requeued(Box::new(job))))
+}
+
+#[async_trait::async_trait]
+impl MetaStore for RedbStore {
+    async fn put_plugin(
+        &self,
+        plugin: pb::PluginVersion,
+        manifest: Arc<Manifest>,
+    ) -> Result<PutOutcome, StoreError> {
+        self.write("put_plugin", move |tx| {
+            let key = plugin_key(&plugin.plugin_id, &plugin.version);
+            let mut plugins = tx.open_table(PLUGINS)?;
+            let existing = plugins
+                .get(key.as_str())?
+                .map(|v| decode::<pb::PluginVersion>(&key, v.value()))
+                .transpose()?;
+            match existing {
+                Some(old) if old.sha256 == plugin.sha256 => Ok(PutOutcome::Existing),
+                Some(old) => Err(StoreError::Conflict {
+                    key,
+                    existing: old.sha256,
+                }),
+                None => {
+                    plugins.insert(key.as_str(), plugin.encode_to_vec().as_slice())?;
+                    let mut manifests = tx.open_table(MANIFESTS)?;
+                    let id = manifest.content_id();
+                    if manifests.get(id.as_bytes())?.is_none() {
+                        manifests.insert(id.as_bytes(), manifest.encode().as_slice())?;
+                    }
+                    Ok(PutOutcome::Created)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn get_plugin(&self, key: &str) -> Result<Option<pb::PluginVersion>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |tx| {
+            let plugins = tx.open_table(PLUGINS)?;
+            plugins
+                .get(key.as_str())?
+                .map(|v| decode(&key, v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_plugins(&self, plugin_type: &str) -> Result<Vec<pb::PluginVersion>, StoreError> {
+        let plugin_type = plugin_type.to_owned();
+        self.read(move |tx| list_plugins(tx, &plugin_type)).await
+    }
+
+    async fn plugins_with_content(
+        &self,
+        id: ContentId,
+    ) -> Result<Vec<pb::PluginVersion>, StoreError> {
+        let hex = id.to_hex();
+        self.read(move |tx| {
+            Ok(list_plugins(tx, "")?
+                .into_iter()
+                .filter(|p| p.sha256 == hex)
+                .collect())
+        })
+        .await
+    }
+
+    async fn get_manifest(&self, id: ContentId) -> Result<Option<Manifest>, StoreError> {
+        self.read(move |tx| {
+            let manifests = tx.open_table(MANIFESTS)?;
+            manifests
+                .get(id.as_bytes())?
+                .map(|v| {
+                    Manifest::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                        key: id.to_hex(),
+                        reason: e.to_string(),
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn set_enabled(&self, key: &str, enabled: bool) -> Result<pb::PluginVersion, StoreError> {
+        let key = key.to_owned();
+        self.write("set_enabled", move |tx| {
+            let mut plugins = tx.open_table(PLUGINS)?;
+            let mut p: pb::PluginVersion = match plugins.get(key.as_str())? {
+                Some(v) => decode(&key, v.value())?,
+                None => return Err(StoreError::PluginNotFound(key)),
+            };
+            p.enabled = enabled;
+            plugins.insert(key.as_str(), p.encode_to_vec().as_slice())?;
+            Ok(p)
+        })
+        .await
+    }
+
+    async fn delete_plugin(&self, key: &str) -> Result<Option<ContentId>, StoreError> {
+        let key = key.to_owned();
+        self.write("delete_plugin", move |tx| {
+            let mut plugins = tx.open_table(PLUGINS)?;
+            let p: pb::PluginVersion = match plugins.get(key.as_str())? {
+                Some(v) => decode(&key, v.value())?,
+                None => return Err(StoreError::PluginNotFound(key)),
+            };
+            let mut active_ids: Vec<String> = Vec::new();
+            for e in tx.open_table(QUEUED)?.iter()? {
+                active_ids.push(e?.0.value().to_owned());
+            }
+            for e in tx.open_table(LEASES)?.iter()? {
+                active_ids.push(e?.0.value().to_owned());
+            }
+            let jobs = tx.open_table(JOBS)?;
+            let mut active: Vec<String> = Vec::new();
+            for job_id in active_ids {
+                if let Some(v) = jobs.get(job_id.as_str())? {
+                    let job: pb::JobDetail = decode(&job_id, v.value())?;
+                    if job
+                        .required_plugins
+                        .iter()
+                        .any(|r| plugin_key(&r.plugin_id, &r.version) == key)
+                    {
+                        active.push(job_id);
+                    }
+                }
+            }
+            if !active.is_empty() {
+                active.truncate(5);
+                return Err(StoreError::PluginInUse {
+                    key,
+                    jobs: active.join(", "),
+                });
+            }
+            let mut still_used = false;
+            for e in plugins.iter()? {
+                let (k, v) = e?;
+                if k.value() == key {
+                    continue;
+                }
+                let other: pb::PluginVersion = decode(k.value(), v.value())?;
+                if other.sha256 == p.sha256 {
+                    still_used = true;
+                    break;
+                }
+            }
+            let id: ContentId = p.sha256.parse().map_err(|_| StoreError::Corrupt {
+                key: key.clone(),
+                reason: "bad sha256".into(),
+            })?;
+            plugins.remove(key.as_str())?;
+            if still_used {
+                Ok(None)
+            } else {
+                tx.open_table(MANIFESTS)?.remove(id.as_bytes())?;
+                Ok(Some(id))
+            }
+        })
+        .await
+    }
+
+    async fn referenced_contents(&self) -> Result<HashSet<ContentId>, StoreError> {
+        self.read(|tx| {
+            Ok(list_plugins(tx, "")?
+                .into_iter()
+                .filter_map(|p| p.sha256.parse().ok())
+                .collect())
+        })
+        .await
+    }
+
+    async fn put_agent(&self, agent: AgentRecord) -> Result<(), StoreError> {
+        self.write("put_agent", move |tx| {
+            let mut agents = tx.open_table(AGENTS)?;
+            let mut tokens = tx.open_table(TOKENS)?;
+            let old = agents
+                .get(agent.agent_id.as_str())?
+                .map(|v| decode_agent(&agent.agent_id, v.value()))
+                .transpose()?;
+            if let Some(old) = old {
+                tokens.remove(&old.token_hash)?;
+            }
+            agents.insert(agent.agent_id.as_str(), encode_agent(&agent).as_slice())?;
+            tokens.insert(&agent.token_hash, agent.agent_id.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_installed(
+        &self,
+        agent_id: &str,
+        installed: Vec<Installed>,
+    ) -> Result<(), StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.write("set_installed", move |tx| {
+            let mut agents = tx.open_table(AGENTS)?;
+            let mut a = match agents.get(agent_id.as_str())? {
+                Some(v) => decode_agent(&agent_id, v.value())?,
+                None => return Ok(()),
+            };
+            a.installed = installed;
+            agents.insert(agent_id.as_str(), encode_agent(&a).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_agent(
+        &self,
+        agent_id: &str,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Result<RemovedAgent, StoreError> {
+        let agent_id = agent_id.to_owned();
+        self.write("remove_agent", move |tx| {
+            let record = {
+                let agents = tx.open_table(AGENTS)?;
+                agents
+                    .get(agent_id.as_str())?
+                    .map(|v| decode_agent(&agent_id, v.value()))
+                    .transpose()?
+            };
+            let Some(record) = record else {
+                return Err(StoreError::AgentNotFound(agent_id));
+            };
+            tx.open_table(AGENTS)?.remove(agent_id.as_str())?;
+            tx.open_table(TOKENS)?.remove(&record.token_hash)?;
+            let held: Vec<String> = {
+                let leases = tx.open_table(LEASES)?;
+                let mut held = Vec::new();
+                for e in leases.iter()? {
+                    let (job, holder) = e?;
+                    if holder.value() == agent_id {
+                        held.push(job.value().to_owned());
+                    }
+                }
+                held
+            };
+            let mut out = RemovedAgent::default();
+            for job in held {
+                tx.open_table(LEASES)?.remove(job.as_str())?;
+                if let Some(change) =
+                    end_lease(tx, &job, &agent_id, "agent removed", max_attempts, now_ms)?
+                {
+                    out.changes.push(change);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.read(|tx| {
+            let agents = tx.open_table(AGENTS)?;
+            let mut out = Vec::new();
+            for e in agents.iter()? {
+                let (k, v) = e?;
+                out.push(decode_agent(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create_job(&self, job: pb::JobDetail) -> Result<(), StoreError> {
+        self.write("create_job", move |tx| {
+            save_job(tx, &job)?;
+            tx.open_table(QUEUED)?.insert(job.job_id.as_str(), ())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<pb::JobDetail>, StoreError> {
+        let job_id = job_id.to_owned();
+        self.read(move |tx| {
+            let jobs = tx.open_table(JOBS)?;
+            jobs.get(job_id.as_str())?
+                .map(|v| decode(&job_id, v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_jobs(
+        &self,
+        status: pb::JobStatus,
+        limit: usize,
+    ) -> Result<Vec<pb::JobDetail>, StoreError> {
+        self.read(move |tx| {
+            let jobs = tx.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for e in jobs.iter()?.rev() {
+                let (k, v) = e?;
+                let job: pb::JobDetail = decode(k.value(), v.value())?;
+                if status == pb::JobStatus::Unspecified || job.status() == status {
+                    out.push(job);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn queued_jobs(&self) -> Result<Vec<pb::JobDetail>, StoreError> {
+        self.read(|tx| {
+            let queued = tx.open_table(QUEUED)?;
+            let jobs = tx.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for e in queued.iter()? {
+                let (k, _) = e?;
+                if let Some(v) = jobs.get(k.value())? {
+                    out.push(decode(k.value(), v.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn leases(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.read(|tx| {
+            let leases = tx.open_table(LEASES)?;
+            let mut out = BTreeMap::new();
+            for e in leases.iter()? {
+                let (k, v) = e?;
+                out.insert(k.value().to_owned(), v.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn claim_job(
+        &self,
+        job_id: &str,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<pb::JobDetail>, StoreError> {
+        let (job_id, agent_id) = (job_id.to_owned(), agent_id.to_owned());
+        self.write("claim_job", move |tx| {
+            if tx.open_table(QUEUED)?.get(job_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            let Some(mut job) = load_job(tx, &job_id)? else {
+                return Ok(None);
+            };
+            tx.open_table(QUEUED)?.remove(job_id.as_str())?;
+            if job.status() != pb::JobStatus::Queued {
+                return Ok(None);
+            }
+            job.set_status(pb::JobStatus::Running);
+            job.agent_id = agent_id.clone();
+            job.attempts += 1;
+            job.started_at = now_ms;
+            save_job(tx, &job)?;
+            tx.open_table(LEASES)?
+                .insert(job_id.as_str(), agent_id.as_str())?;
+            Ok(Some(job))
+        })
+        .await
+    }
+
+    async fn complete_job(
+        &self,
+        agent_id: &str,
+        job_id: &str,
+        outcome: JobOutcome,
+    ) -> Result<pb::JobDetail, StoreError> {
+        let (job_id, agent_id) = (job_id.to_owned(), agent_id.to_owned());
+        self.write("complete_job", move |tx| {
+            let holder = tx
+                .open_table(LEASES)?
+                .get(job_id.as_str())?
+                .map(|v| v.value().to_owned());
+            if holder.as_deref() != Some(agent_id.as_str()) {
+                return Err(StoreError::NotLeased {
+                    job: job_id,
+                    agent: agent_id,
+                });
+            }
+            let Some(mut job) = load_job(tx, &job_id)? else {
+                return Err(StoreError::JobNotFound(job_id));
+            };
+            tx.open_table(LEASES)?.remove(job_id.as_str())?;
+            let status = if job.cancel_requested {
+                pb::JobStatus::Cancelled
+            } else {
+                outcome.status
+            };
+            job.exit_code = outcome.exit_code;
+            job.output_tail = outcome.output_tail;
+            job.error_message = if status == pb::JobStatus::Cancelled {
+                format!("cancelled by an admin; {}", outcome.error_message)
+            } else {
+                outcome.error_message
+            };
+            job.plugin_results = outcome.plugin_results;
+            if outcome.started_at > 0 {
+                job.started_at = outcome.started_at;
+            }
+            job.finished_at = outcome.finished_at;
+            finish_job(tx, &mut job, status, outcome.finished_at)?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn expire_leases(
+        &self,
+        expired: Vec<(String, String)>,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Result<Vec<LeaseChange>, StoreError> {
+        self.write("expire_leases", move |tx| {
+            let mut changes = Vec::new();
+            for (job_id, agent_id) in &expired {
+                let holder = tx
+                    .open_table(LEASES)?
+                    .get(job_id.as_str())?
+                    .map(|v| v.value().to_owned());
+                if holder.as_deref() != Some(agent_id.as_str()) {
+                    continue;
+                }
+                tx.open_table(LEASES)?.remove(job_id.as_str())?;
+                let why = "lease expired: the agent stopped heart-beating";
+                if let Some(change) = end_lease(tx, job_id, agent_id, why, max_attempts, now_ms)? {
+                    changes.push(change);
+                }
+            }
+            Ok(changes)
+        })
+        .await
+    }
+
+    async fn cancel_job(&self, job_id: &str, now_ms: i64) -> Result<CancelOutcome, StoreError> {
+        let job_id = job_id.to_owned();
+        self.write("cancel_job", move |tx| {
+            let Some(mut job) = load_job(tx, &job_id)? else {
+                return Err(StoreError::JobNotFound(job_id));
+            };
+            match job.status() {
+                pb::JobStatus::Queued => {
+                    tx.open_table(QUEUED)?.remove(job_id.as_str())?;
+                    job.error_message = "cancelled by an admin before any agent took it".into();
+                    finish_job(tx, &mut job, pb::JobStatus::Cancelled, now_ms)?;
+                    Ok(CancelOutcome::Cancelled(job))
+                }
+                pb::JobStatus::Running => {
+                    if !job.cancel_requested {
+                        job.cancel_requested = true;
+                        save_job(tx, &job)?;
+                    }
+                    Ok(CancelOutcome::Requested(job))
+                }
+                _ => Ok(CancelOutcome::Finished(job)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_finished(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        self.write("delete_finished", move |tx| {
+            let doomed: Vec<(i64, String)> = {
+                let finished = tx.open_table(FINISHED)?;
+                let mut out = Vec::new();
+                for e in finished.range(..(before_ms, ""))? {
+                    let (k, _) = e?;
+                    let (at, id) = k.value();
+                    out.push((at, id.to_owned()));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                out
+            };
+            let mut finished = tx.open_table(FINISHED)?;
+            let mut jobs = tx.open_table(JOBS)?;
+            for (at, id) in &doomed {
+                finished.remove((*at, id.as_str()))?;
+                jobs.remove(id.as_str())?;
+            }
+            Ok(doomed.len())
+        })
+        .await
+    }
+}
+
+fn list_plugins(
+    tx: &ReadTransaction,
+    plugin_type: &str,
+) -> Result<Vec<pb::PluginVersion>, StoreError> {
+    let plugins = tx.open_table(PLUGINS)?;
+    let mut out = Vec::new();
+    for entry in plugins.iter()? {
+        let (k, v) = entry?;
+        let p: pb::PluginVersion = decode(k.value(), v.value())?;
+        if plugin_type.is_empty() || p.plugin_type == plugin_type {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
