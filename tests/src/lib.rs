@@ -131,7 +131,8 @@ pub async fn create_job(
         .job_id
 }
 
-/// Waits (at most `limit`) until job `id` succeeded or failed; an error names the job.
+/// Waits (at most `limit`) until job `id` succeeded, failed or was cancelled; an error
+/// names the job.
 pub async fn finished_job(
     c: &Conn,
     id: &str,
@@ -147,7 +148,11 @@ pub async fn finished_job(
             .ok()?
             .into_inner()
             .job?;
-        matches!(j.status(), JobStatus::Succeeded | JobStatus::Failed).then_some(j)
+        matches!(
+            j.status(),
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+        .then_some(j)
     })
     .await
     .ok_or_else(|| anyhow::anyhow!("job {id} did not finish within {limit:?}"))

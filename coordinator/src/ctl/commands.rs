@@ -364,12 +364,13 @@ async fn job_wait(ctx: &Ctx, id: String, timeout: Option<Duration>) -> Result<()
 
 async fn job_cancel(ctx: &Ctx, id: String, json: bool) -> Result<(), CtlError> {
     let conn = ctx.connect().await?;
-    let job = conn
+    let answer = conn
         .jobs()
         .cancel_job(pb::CancelJobRequest { job_id: id })
         .await
         .map_err(|s| conn.error(s))?
-        .into_inner()
+        .into_inner();
+    let job = answer
         .job
         .ok_or_else(|| CtlError::BadAnswer("CancelJob returned no job".into()))?;
     let job = JobJson::from(job);
@@ -377,12 +378,15 @@ async fn job_cancel(ctx: &Ctx, id: String, json: bool) -> Result<(), CtlError> {
         return emit_json(&job);
     }
     emit(&match job.status {
+        _ if answer.already_finished => {
+            format!("job {} had already finished: {}", job.id, job.status)
+        }
         "cancelled" => format!("job {} cancelled", job.id),
         "running" => format!(
             "job {} is running on agent {}: cancel requested, the agent stops it at its next heartbeat",
             job.id, job.agent_id
         ),
-        other => format!("job {} had already finished: {other}", job.id),
+        other => format!("job {} is {other}", job.id),
     })
 }
 

@@ -222,6 +222,7 @@ impl Jobs for JobsService {
                 return Err(e.into());
             }
         };
+        let already_finished = matches!(outcome, CancelOutcome::Finished(_));
         let job = match outcome {
             CancelOutcome::Cancelled(job) => {
                 s.count_finished("cancelled");
@@ -235,7 +236,10 @@ impl Jobs for JobsService {
             }
             CancelOutcome::Finished(job) => job,
         };
-        Ok(Response::new(pb::CancelJobResponse { job: Some(job) }))
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(job),
+            already_finished,
+        }))
     }
 }
 
