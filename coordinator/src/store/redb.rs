@@ -854,3 +854,203 @@ fn list_plugins(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> (RedbStore, StoreMetrics) {
+        let m = StoreMetrics::default();
+        (
+            RedbStore::open(&dir.join("c.redb"), 1 << 20, m.clone()).unwrap(),
+            m,
+        )
+    }
+
+    fn job(id: &str) -> pb::JobDetail {
+        pb::JobDetail {
+            job_id: id.into(),
+            status: pb::JobStatus::Queued as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_skip_jobs_that_are_no_longer_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path());
+        s.create_job(job("j1")).await.unwrap();
+        let got = s.claim_job("j1", "a", 5).await.unwrap().unwrap();
+        assert_eq!((got.attempts, got.agent_id.as_str()), (1, "a"));
+        assert_eq!(got.status(), pb::JobStatus::Running);
+        assert!(s.claim_job("j1", "b", 6).await.unwrap().is_none());
+        assert!(s.claim_job("nope", "b", 6).await.unwrap().is_none());
+        assert!(s.queued_jobs().await.unwrap().is_empty());
+        let err = s
+            .complete_job("b", "j1", JobOutcome::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotLeased { .. }), "{err}");
+        let done = s
+            .complete_job(
+                "a",
+                "j1",
+                JobOutcome {
+                    status: pb::JobStatus::Succeeded,
+                    finished_at: 9,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.status(), pb::JobStatus::Succeeded);
+        assert!(s.leases().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_decides_queued_running_and_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path());
+        s.create_job(job("q")).await.unwrap();
+        s.create_job(job("r")).await.unwrap();
+        assert!(matches!(
+            s.cancel_job("q", 1).await.unwrap(),
+            CancelOutcome::Cancelled(j) if j.status() == pb::JobStatus::Cancelled
+        ));
+        assert!(
+            s.claim_job("q", "a", 2).await.unwrap().is_none(),
+            "never leased"
+        );
+        s.claim_job("r", "a", 2).await.unwrap().unwrap();
+        assert!(matches!(
+            s.cancel_job("r", 3).await.unwrap(),
+            CancelOutcome::Requested(j) if j.cancel_requested
+        ));
+        let ended = s
+            .complete_job(
+                "a",
+                "r",
+                JobOutcome {
+                    status: pb::JobStatus::Failed,
+                    finished_at: 4,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(ended.status(), pb::JobStatus::Cancelled);
+        assert!(matches!(
+            s.cancel_job("r", 5).await.unwrap(),
+            CancelOutcome::Finished(_)
+        ));
+        assert!(matches!(
+            s.cancel_job("x", 5).await.unwrap_err(),
+            StoreError::JobNotFound(_)
+        ));
+        // Retention: both finished jobs go, in bounded batches.
+        assert_eq!(
+            s.delete_finished(4, 10).await.unwrap(),
+            1,
+            "only q finished before 4"
+        );
+        assert_eq!(s.delete_finished(100, 10).await.unwrap(), 1);
+        assert!(s.get_job("r").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn expiry_requeues_then_fails_after_max_attempts_and_removal_requeues() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path());
+        s.create_job(job("j")).await.unwrap();
+        s.claim_job("j", "a", 1).await.unwrap().unwrap();
+        // A stale pair (another agent) is skipped.
+        assert!(
+            s.expire_leases(vec![("j".into(), "b".into())], 2, 2)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let c = s
+            .expire_leases(vec![("j".into(), "a".into())], 2, 2)
+            .await
+            .unwrap();
+        assert!(matches!(&c[..], [LeaseChange::Requeued(_)]), "{c:?}");
+        s.claim_job("j", "a", 3).await.unwrap().unwrap();
+        let c = s
+            .expire_leases(vec![("j".into(), "a".into())], 2, 4)
+            .await
+            .unwrap();
+        assert!(matches!(&c[..], [LeaseChange::Failed(_)]), "{c:?}");
+        // Removing an agent re-queues what it holds and forgets its token.
+        let agent = AgentRecord {
+            agent_id: "a".into(),
+            hostname: String::new(),
+            labels: Default::default(),
+            peer_id: String::new(),
+            addrs: vec![],
+            agent_version: String::new(),
+            installed: vec![],
+            registered_at: 0,
+            token_hash: [7; 32],
+        };
+        s.put_agent(agent).await.unwrap();
+        s.create_job(job("k")).await.unwrap();
+        s.claim_job("k", "a", 5).await.unwrap().unwrap();
+        let removed = s.remove_agent("a", 3, 6).await.unwrap();
+        assert!(matches!(&removed.changes[..], [LeaseChange::Requeued(j)] if j.job_id == "k"));
+        assert!(s.list_agents().await.unwrap().is_empty());
+        assert_eq!(s.queued_jobs().await.unwrap().len(), 1);
+        assert!(matches!(
+            s.remove_agent("a", 3, 7).await.unwrap_err(),
+            StoreError::AgentNotFound(_)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, m) = open(dir.path());
+        let before = m.commit_count();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..400 {
+            let s = s.clone();
+            set.spawn(async move { s.create_job(job(&format!("j{i:03}"))).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let commits = m.commit_count() - before;
+        assert_eq!(m.write_count("create_job"), 400);
+        assert!(commits < 400, "400 writes took {commits} commits");
+        assert_eq!(s.queued_jobs().await.unwrap().len(), 400);
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut jobs = tx.open_table(JOBS).unwrap();
+                let mut queue = tx.open_table(LEGACY_QUEUE).unwrap();
+                jobs.insert("old-queued", job("old-queued").encode_to_vec().as_slice())
+                    .unwrap();
+                queue.insert(1, "old-queued").unwrap();
+                let mut done = job("old-done");
+                done.set_status(pb::JobStatus::Succeeded);
+                done.finished_at = 10;
+                jobs.insert("old-done", done.encode_to_vec().as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(&path, 1 << 20, StoreMetrics::default()).unwrap();
+        let queued = s.queued_jobs().await.unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].job_id, "old-queued");
+        assert_eq!(s.delete_finished(11, 10).await.unwrap(), 1);
+        assert!(s.get_job("old-done").await.unwrap().is_none());
+    }
+}
