@@ -9,8 +9,8 @@
 //! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |
 //! | `arcade_coordinator_pushed_bytes_total` | counter | — |
 //! | `arcade_coordinator_jobs_created_total` | counter | — |
-//! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`) |
-//! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`) |
+//! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`, `cancelled`) |
+//! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`, `cancelled`) |
 //! | `arcade_coordinator_agent_registrations_total` | counter | — |
 //! | `arcade_coordinator_chunk_redirects_total` | counter | — |
 //! | `arcade_coordinator_store_writes_total` | counter | `op` (`create_job`, `claim_job`, `complete_job`, …) |
