@@ -47,7 +47,7 @@ enum Needs {
 }
 
 /// Every RPC of the coordinator's services (`proto/proto/arcade/v1/*.proto`).
-const RPCS: [(&str, Needs); 16] = [
+const RPCS: [(&str, Needs); 18] = [
     ("PluginAdmin/PushPlugin", Needs::Admin),
     ("PluginAdmin/ListPlugins", Needs::Admin),
     ("PluginAdmin/GetPlugin", Needs::Admin),
@@ -64,6 +64,9 @@ const RPCS: [(&str, Needs); 16] = [
     ("Agent/GetManifest", Needs::Agent),
     ("Agent/ListAvailablePlugins", Needs::Agent),
     ("Agent/DownloadPlugin", Needs::Agent),
+    // Last: they change what the calls above name.
+    ("Jobs/CancelJob", Needs::Admin),
+    ("Fleet/RemoveAgent", Needs::Admin),
 ];
 
 /// Adds `authorization: Bearer <token>` when there is a token (none = no metadata).
@@ -178,6 +181,18 @@ async fn call(ch: &Channel, rpc: &str, cred: Cred, ctx: &Ctx) -> Result<(), Stat
             .map(drop),
         "Jobs/ListJobs" => jobs()
             .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .map(drop),
+        "Jobs/CancelJob" => jobs()
+            .cancel_job(pb::CancelJobRequest {
+                job_id: ctx.job.clone(),
+            })
+            .await
+            .map(drop),
+        "Fleet/RemoveAgent" => FleetClient::new(svc())
+            .remove_agent(pb::RemoveAgentRequest {
+                agent_id: "removable".into(),
+            })
             .await
             .map(drop),
         "Fleet/ListAgents" => FleetClient::new(svc())
@@ -485,6 +500,8 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
     let (revoked, _, _) = register(&c, "gone", &[], None).await?;
     let (current, _, _) = register(&c, "gone", &[], None).await?;
     ensure!(revoked != current, "re-registering must issue a new token");
+    // The agent the right-token RemoveAgent call removes.
+    register(&c, "removable", &[], None).await?;
 
     // Jobs the calls name: one to read, one leased to blue to report on.
     let readable = job_with(&c, None, ("nobody", "matches")).await?;
@@ -885,7 +902,8 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
     let total: u32 = m.groups.values().map(|g| g.1).sum();
     Ok(Outcome {
         outcome: format!(
-            "{total} cells held — coordinator, 16 RPCs: {} UNAUTHENTICATED for no/wrong/revoked token (agent tokens do not expire: a re-registration revokes the old one), {} PERMISSION_DENIED for agent/enrollment tokens on admin calls, {} UNAUTHENTICATED for tokens of another kind on agent calls, {} PERMISSION_DENIED for another agent's id, {} right-token calls (and the public health check) ok; wrong-label agent: {} refused by the coordinator, {} FORBIDDEN by the peer; {} NOT_VOUCHED peer requests (outsider, forged, replayed, expired ticket); {} vouched peer fetches ok",
+            "{total} cells held — coordinator, {} RPCs: {} UNAUTHENTICATED for no/wrong/revoked token (agent tokens do not expire: a re-registration revokes the old one), {} PERMISSION_DENIED for agent/enrollment tokens on admin calls, {} UNAUTHENTICATED for tokens of another kind on agent calls, {} PERMISSION_DENIED for another agent's id, {} right-token calls (and the public health check) ok; wrong-label agent: {} refused by the coordinator, {} FORBIDDEN by the peer; {} NOT_VOUCHED peer requests (outsider, forged, replayed, expired ticket); {} vouched peer fetches ok",
+            RPCS.len(),
             m.count(BAD),
             m.count(OTHER_KIND),
             m.count(OTHER_ON_AGENT),
