@@ -47,6 +47,10 @@ pub struct FleetBenchOptions {
     pub heartbeat_s: u64,
     /// TCP connections the agents share (agents / connections per connection).
     pub connections: usize,
+    /// Another coordinator binary to measure (an `arcade-coordinator` of an earlier
+    /// build, say); `None` = this build. Its config gets only the keys every version
+    /// knows (`[agents]` limits stay at that binary's defaults).
+    pub coordinator_bin: Option<std::path::PathBuf>,
 }
 
 /// p50 / p99 / max of one latency, ms.
@@ -313,18 +317,27 @@ pub async fn run(opts: &FleetBenchOptions) -> anyhow::Result<FleetFigures> {
     let connections = opts.connections.clamp(1, opts.agents);
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "admin_token = \"{ADMIN}\"\nenroll_token = \"{ENROLL}\"\nmetrics_listen = \"127.0.0.1:0\"\n[jobs]\nheartbeat_interval = {hb}\nlease_ttl = {ttl}\nlong_poll_max = \"30s\"\n[agents]\nmax_agents = {max}\nregister_rate = 0\n",
-            hb = opts.heartbeat_s,
-            ttl = opts.heartbeat_s * 3,
-            max = opts.agents.max(1)
-        ),
-    )?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("coordinator")
-        .arg("--config")
+    let mut text = format!(
+        "admin_token = \"{ADMIN}\"\nenroll_token = \"{ENROLL}\"\nmetrics_listen = \"127.0.0.1:0\"\n[jobs]\nheartbeat_interval = {hb}\nlease_ttl = {ttl}\nlong_poll_max = \"30s\"\n",
+        hb = opts.heartbeat_s,
+        ttl = opts.heartbeat_s * 3,
+    );
+    if opts.coordinator_bin.is_none() {
+        text.push_str(&format!(
+            "[agents]\nmax_agents = {}\nregister_rate = 0\n",
+            opts.agents.max(1)
+        ));
+    }
+    std::fs::write(&config, text)?;
+    let mut cmd = match &opts.coordinator_bin {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("coordinator");
+            c
+        }
+    };
+    cmd.arg("--config")
         .arg(&config)
         .arg("--data-dir")
         .arg(dir.path().join("data"))

@@ -71,6 +71,10 @@ enum Cmd {
         /// TCP connections the agents share (default: one per agent).
         #[arg(long)]
         connections: Option<usize>,
+        /// Measure this `arcade-coordinator` binary instead of this build's (e.g. one
+        /// built from an earlier commit, for a before/after in the same run).
+        #[arg(long, value_name = "PATH")]
+        coordinator_bin: Option<PathBuf>,
         /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
@@ -337,6 +341,7 @@ fn main() -> ExitCode {
                 in_flight,
                 heartbeat_s,
                 connections,
+                coordinator_bin,
                 json,
             } => {
                 let opts = arcade_simulations::bench::control::FleetBenchOptions {
@@ -346,6 +351,7 @@ fn main() -> ExitCode {
                     in_flight,
                     heartbeat_s,
                     connections: connections.unwrap_or(agents),
+                    coordinator_bin,
                 };
                 let f = arcade_simulations::bench::control::run(&opts).await?;
                 if json {
