@@ -1,9 +1,9 @@
 //! Starting and stopping a coordinator: opens the data directory (redb + blob store),
 //! resolves tokens, binds the gRPC and metrics listeners, and runs the servers and the
-//! lease sweeper until shut down.
+//! lease and retention sweepers until shut down.
 //!
 //! Ownership: [`RunningCoordinator`] owns every task it starts (gRPC server, metrics
-//! server, lease sweeper) through one `CancellationToken`; [`RunningCoordinator::shutdown`]
+//! server, lease and retention sweepers) through one `CancellationToken`; [`RunningCoordinator::shutdown`]
 //! cancels it and waits (bounded) for them to drain.
 
 use std::net::SocketAddr;
@@ -155,6 +155,34 @@ fn resolve_token(configured: &str, data_dir: &Path, file: &str) -> Result<String
     Ok(token)
 }
 
+/// Runs `work` every `period` until shutdown; failures are logged, not fatal.
+fn spawn_periodic<F, Fut>(
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+    what: &'static str,
+    period: Duration,
+    mut work: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), crate::store::StoreError>> + Send,
+{
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = work().await {
+                        tracing::error!(error = %e, "{what} failed");
+                    }
+                }
+            }
+        }
+    });
+}
+
 impl RunningCoordinator {
     /// Opens storage, binds listeners and starts serving.
     pub async fn start(config: ValidConfig) -> Result<Self, StartError> {
@@ -291,42 +319,32 @@ impl RunningCoordinator {
                 token,
             ));
         }
-        let token = shutdown.clone();
+        let jobs = &shared.config.raw.jobs;
+        let lease_period =
+            (jobs.lease_ttl.get() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let retention_period = crate::service::leases::retention_period(jobs.retention.get());
         let sweeper = shared.clone();
-        let period = (sweeper.config.raw.jobs.lease_ttl.get() / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = sweeper.sweep_leases().await {
-                            tracing::error!(error = %e, "lease sweep failed");
-                        }
-                    }
-                }
-            }
-        });
-        let token = shutdown.clone();
+        spawn_periodic(
+            &mut tasks,
+            &shutdown,
+            "lease sweep",
+            lease_period,
+            move || {
+                let s = sweeper.clone();
+                async move { s.sweep_leases().await.map(drop) }
+            },
+        );
         let sweeper = shared.clone();
-        let period =
-            crate::service::leases::retention_period(sweeper.config.raw.jobs.retention.get());
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = sweeper.sweep_retention().await {
-                            tracing::error!(error = %e, "retention sweep failed");
-                        }
-                    }
-                }
-            }
-        });
+        spawn_periodic(
+            &mut tasks,
+            &shutdown,
+            "retention sweep",
+            retention_period,
+            move || {
+                let s = sweeper.clone();
+                async move { s.sweep_retention().await.map(drop) }
+            },
+        );
         tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, "coordinator started");
         Ok(Self {
             grpc_addr,

@@ -107,6 +107,36 @@ pub async fn create_job(
     command: &str,
     selector: &[(&str, &str)],
 ) -> String {
+    submit(
+        c,
+        command,
+        selector,
+        vec![arcade_proto::v1::RequiredPlugin {
+            plugin_id: plugin.into(),
+            version: version.into(),
+            stages: vec![],
+        }],
+    )
+    .await
+}
+
+/// Queues a job running one shell command (no plugin); returns its id.
+pub async fn command_job(c: &Conn, command: &str) -> String {
+    submit(c, command, &[], vec![]).await
+}
+
+/// Queues a job running one shell command (no plugin) for agents carrying every
+/// `selector` label; returns its id.
+pub async fn create_job_with(c: &Conn, command: &str, selector: &[(&str, &str)]) -> String {
+    submit(c, command, selector, vec![]).await
+}
+
+async fn submit(
+    c: &Conn,
+    command: &str,
+    selector: &[(&str, &str)],
+    required_plugins: Vec<arcade_proto::v1::RequiredPlugin>,
+) -> String {
     c.jobs(&c.admin_token)
         .await
         .create_job(arcade_proto::v1::CreateJobRequest {
@@ -118,17 +148,33 @@ pub async fn create_job(
                     value: (*v).into(),
                 })
                 .collect(),
-            required_plugins: vec![arcade_proto::v1::RequiredPlugin {
-                plugin_id: plugin.into(),
-                version: version.into(),
-                stages: vec![],
-            }],
+            required_plugins,
             ..Default::default()
         })
         .await
         .expect("create job")
         .into_inner()
         .job_id
+}
+
+/// One `FetchJob` long-poll (at most one job) as agent `agent_id` with `token`.
+pub async fn fetch_one(
+    c: &Conn,
+    token: &str,
+    agent_id: &str,
+    wait_seconds: u32,
+) -> Vec<arcade_proto::v1::Job> {
+    c.agent(token)
+        .await
+        .fetch_job(arcade_proto::v1::FetchJobRequest {
+            agent_id: agent_id.into(),
+            max_jobs: 1,
+            wait_seconds,
+        })
+        .await
+        .expect("fetch job")
+        .into_inner()
+        .jobs
 }
 
 /// Waits (at most `limit`) until job `id` succeeded, failed or was cancelled; an error

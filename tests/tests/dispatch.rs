@@ -8,7 +8,7 @@ use std::time::Duration;
 use arcade_p2p::ContentId;
 use arcade_p2p::mesh::ticket::PeerId;
 use arcade_proto::v1 as pb;
-use arcade_tests::{ADMIN, Conn, TestCoordinator, eventually};
+use arcade_tests::{ADMIN, Conn, TestCoordinator, command_job, eventually};
 use tokio::task::JoinSet;
 use tonic::Code;
 
@@ -100,17 +100,7 @@ async fn one_job_with_1000_agents_waiting_is_leased_once_with_one_store_write() 
     // 1,000 open polls that found nothing wrote nothing.
     assert_eq!(metrics.store.commit_count(), commits_before);
 
-    let id = c
-        .jobs(ADMIN)
-        .await
-        .create_job(pb::CreateJobRequest {
-            commands: vec!["true".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = command_job(&c, "true").await;
     let (winner, jobs) = tokio::time::timeout(Duration::from_secs(10), got.recv())
         .await
         .expect("a waiting agent gets the job")
@@ -352,4 +342,51 @@ async fn peer_hints_come_from_the_holder_index_and_drop_removed_agents() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn heartbeats_write_nothing_unless_the_installed_list_changed() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let metrics = c.running.as_ref().unwrap().metrics().clone();
+    let plugin = |v: &str| pb::InstalledPlugin {
+        plugin_id: "p/x".into(),
+        version: v.into(),
+        sha256: ContentId::of_bytes(v.as_bytes()).to_hex(),
+    };
+    let token = c.register("hb", &[], vec![plugin("1.0.0")]).await;
+    let mut agent = c.agent(&token).await;
+    let commits = metrics.store.commit_count();
+    for _ in 0..5 {
+        agent
+            .heartbeat(pb::HeartbeatRequest::default())
+            .await
+            .unwrap();
+        agent
+            .heartbeat(pb::HeartbeatRequest {
+                installed_plugins: vec![plugin("1.0.0")],
+                installed_set: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(metrics.store.commit_count(), commits, "10 heartbeats wrote");
+    agent
+        .heartbeat(pb::HeartbeatRequest {
+            installed_plugins: vec![plugin("1.0.0"), plugin("2.0.0")],
+            installed_set: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(metrics.store.write_count("set_installed"), 1);
+    let listed = c
+        .fleet(ADMIN)
+        .await
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(listed[0].installed_plugins.len(), 2);
 }

@@ -11,7 +11,9 @@ use arcade_p2p::settings::Seconds;
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::process::workspace_bin;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, eventually, finished_job};
+use arcade_tests::{
+    ADMIN, ENROLL, TestCoordinator, command_job, eventually, fetch_one, finished_job,
+};
 use tonic::Code;
 
 fn ctl(c: &TestCoordinator, args: &[&str]) -> Output {
@@ -134,25 +136,11 @@ async fn exact_commands_cancel_and_unrunnable_jobs_through_arcadectl_and_a_real_
 async fn finished_jobs_are_swept_after_the_retention() {
     let c = TestCoordinator::start(|c| c.jobs.retention = Seconds::secs(1)).await;
     let token = c.register("r1", &[], vec![]).await;
-    let mut agent = c.agent(&token).await;
-    let mut jobs = c.jobs(ADMIN).await;
-    let create = || pb::CreateJobRequest {
-        commands: vec!["true".into()],
-        ..Default::default()
-    };
-    let done = jobs.create_job(create()).await.unwrap().into_inner().job_id;
-    let leased = agent
-        .fetch_job(pb::FetchJobRequest {
-            agent_id: "r1".into(),
-            max_jobs: 1,
-            wait_seconds: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let done = command_job(&c, "true").await;
+    let leased = fetch_one(&c, &token, "r1", 5).await;
     assert_eq!(leased[0].job_id, done);
-    agent
+    c.agent(&token)
+        .await
         .report_job_result(pb::ReportJobResultRequest {
             agent_id: "r1".into(),
             job_id: done.clone(),
@@ -161,18 +149,7 @@ async fn finished_jobs_are_swept_after_the_retention() {
         })
         .await
         .unwrap();
-    let queued = jobs
-        .create_job(pb::CreateJobRequest {
-            label_selector: vec![pb::Label {
-                key: "nobody".into(),
-                value: "x".into(),
-            }],
-            ..create()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let queued = arcade_tests::create_job_with(&c, "true", &[("nobody", "x")]).await;
     let swept = eventually(Duration::from_secs(15), || async {
         let r = c
             .jobs(ADMIN)
@@ -194,28 +171,8 @@ async fn a_removed_agent_loses_its_token_and_its_jobs_are_requeued() {
     let c = TestCoordinator::start(|_| {}).await;
     let token = c.register("doomed", &[], vec![]).await;
     let mut agent = c.agent(&token).await;
-    let id = c
-        .jobs(ADMIN)
-        .await
-        .create_job(pb::CreateJobRequest {
-            commands: vec!["true".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let leased = agent
-        .fetch_job(pb::FetchJobRequest {
-            agent_id: "doomed".into(),
-            max_jobs: 1,
-            wait_seconds: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    assert_eq!(leased.len(), 1);
+    let id = command_job(&c, "true").await;
+    assert_eq!(fetch_one(&c, &token, "doomed", 5).await.len(), 1);
     assert_eq!(status(&c, &id).await.status(), pb::JobStatus::Running);
 
     let said = ok(ctl(&c, &["agent", "remove", "doomed"]));
@@ -247,18 +204,7 @@ async fn a_removed_agent_loses_its_token_and_its_jobs_are_requeued() {
     assert_eq!(job.status(), pb::JobStatus::Queued);
     // Another agent gets it.
     let other = c.register("other", &[], vec![]).await;
-    let got = c
-        .agent(&other)
-        .await
-        .fetch_job(pb::FetchJobRequest {
-            agent_id: "other".into(),
-            max_jobs: 1,
-            wait_seconds: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let got = fetch_one(&c, &other, "other", 5).await;
     assert_eq!(got[0].job_id, id);
     assert_eq!(got[0].attempt, 2);
     let missing = ctl(&c, &["agent", "remove", "doomed"]);
