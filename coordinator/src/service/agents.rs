@@ -416,14 +416,23 @@ impl Agent for AgentService {
                 &req.installed_plugins,
                 s.config.raw.agents.max_installed as usize,
             )?;
-            // Written only when it changed; liveness itself is never written.
+            // Written only when it changed (liveness itself is never written), and to the
+            // store before memory, so a failed write is retried by the next heartbeat.
             let changed = s
                 .fleet
                 .lock()
                 .expect("fleet lock")
-                .set_installed(&agent.agent_id, installed.clone());
+                .agents
+                .get(&agent.agent_id)
+                .is_some_and(|l| l.record.installed != installed);
             if changed {
-                s.store.set_installed(&agent.agent_id, installed).await?;
+                s.store
+                    .set_installed(&agent.agent_id, installed.clone())
+                    .await?;
+                s.fleet
+                    .lock()
+                    .expect("fleet lock")
+                    .set_installed(&agent.agent_id, installed);
             }
         }
         let extended = s.extend_leases(&agent.agent_id, &req.running_jobs);
