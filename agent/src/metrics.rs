@@ -11,7 +11,7 @@
 //! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
 //! | `arcade_agent_cache_evictions_total` | counter | `reason` (`size`, `ttl`) |
 //! | `arcade_agent_cache_bytes` | gauge | — |
-//! | `arcade_agent_jobs_total` | counter | `status` (`succeeded`, `failed`) |
+//! | `arcade_agent_jobs_total` | counter | `status` (`succeeded`, `failed`, `cancelled`) |
 //! | `arcade_agent_running_jobs` | gauge | — |
 //! | `arcade_agent_uploaded_bytes_total` | counter | — |
 //! | `arcade_agent_mesh_refused_requests_total` | counter | — |

@@ -87,6 +87,8 @@ struct Core {
     metrics: Metrics,
     /// Running job id → its stop token.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Running jobs an admin cancelled (reported as CANCELLED once stopped).
+    cancelled: Mutex<std::collections::HashSet<String>>,
     /// The installed list the coordinator last accepted (heartbeats send it only when
     /// it changed).
     reported: Mutex<Option<Vec<pb::InstalledPlugin>>>,
@@ -249,6 +251,10 @@ impl Core {
                     for job in resp.cancelled_jobs {
                         if let Some(token) = self.running.lock().expect("running lock").get(&job) {
                             tracing::warn!(job = %job, "job cancelled by an admin: killing its processes");
+                            self.cancelled
+                                .lock()
+                                .expect("cancelled lock")
+                                .insert(job.clone());
                             token.cancel();
                         }
                     }
@@ -324,11 +330,14 @@ impl Core {
         };
         let id = job.job_id.clone();
         tracing::info!(job = %id, plugins = job.plugins.len(), "job started");
-        let report = run_job(&ctx, job, &token).await;
-        let status = if report.status == pb::JobStatus::Succeeded as i32 {
-            "succeeded"
-        } else {
-            "failed"
+        let mut report = run_job(&ctx, job, &token).await;
+        if self.cancelled.lock().expect("cancelled lock").remove(&id) {
+            report.status = pb::JobStatus::Cancelled as i32;
+        }
+        let status = match pb::JobStatus::try_from(report.status) {
+            Ok(pb::JobStatus::Succeeded) => "succeeded",
+            Ok(pb::JobStatus::Cancelled) => "cancelled",
+            _ => "failed",
         };
         tracing::info!(job = %id, status, error = %report.error_message, "job finished");
         self.report(report).await;
@@ -522,6 +531,7 @@ impl RunningAgent {
             fetcher,
             metrics,
             running: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(Default::default()),
             reported: Mutex::new(None),
             shutdown,
             stop_jobs,
