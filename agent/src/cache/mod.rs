@@ -358,6 +358,62 @@ fn set_executable(_path: &Path) -> Result<(), CacheError> {
     Ok(())
 }
 
+/// What a file looked like when its SHA-256 last matched: any write, truncation,
+/// replacement (another inode) or `chmod` changes it — `ctime` cannot be set back by a
+/// process, unlike `mtime`. A cached plugin whose stamp changed is hashed again before
+/// it may run (`PluginCache::get`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    mode: u32,
+}
+
+#[cfg(unix)]
+fn stamp_of(meta: &fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    FileStamp {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        mode: meta.mode(),
+    }
+}
+
+#[cfg(not(unix))]
+fn stamp_of(meta: &fs::Metadata) -> FileStamp {
+    FileStamp {
+        dev: 0,
+        ino: 0,
+        size: meta.len(),
+        mtime_ns: meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128),
+        ctime_ns: 0,
+        mode: 0,
+    }
+}
+
+/// Downloaded content is read-only and executable (0555): a job running as the agent's
+/// user could still `chmod` it, which changes its stamp.
+#[cfg(unix)]
+fn set_read_only_executable(path: &Path) -> Result<(), CacheError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o555)).at(path)
+}
+
+#[cfg(not(unix))]
+fn set_read_only_executable(_path: &Path) -> Result<(), CacheError> {
+    Ok(())
+}
+
 fn mtime_ms(meta: &fs::Metadata) -> Option<u64> {
     let t = meta.modified().ok()?;
     Some(t.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
@@ -412,6 +468,9 @@ struct Inner {
     pins: Mutex<HashMap<String, usize>>,
     /// Builtin entries checked by `register_builtin` since open; others are not served.
     verified_builtins: Mutex<HashSet<String>>,
+    /// Path → its stamp when its SHA-256 last matched (in memory: `open` re-hashes every
+    /// downloaded file, `register_builtin` every builtin).
+    stamps: Mutex<HashMap<PathBuf, FileStamp>>,
     /// Entries evicted since open, by reason.
     evicted_by_size: std::sync::atomic::AtomicU64,
     evicted_by_ttl: std::sync::atomic::AtomicU64,
@@ -468,6 +527,7 @@ impl PluginCache {
             writer: Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
             verified_builtins: Mutex::new(HashSet::new()),
+            stamps: Mutex::new(HashMap::new()),
             evicted_by_size: Default::default(),
             evicted_by_ttl: Default::default(),
         };
@@ -505,6 +565,7 @@ impl PluginCache {
         if mode_of(&meta) & 0o100 == 0 {
             set_executable(&real)?;
         }
+        let before = fs::metadata(&real).at(&real)?;
         let reader = File::open(&real).at(&real)?;
         // The one streaming hasher of the content model (its BLAKE3 side is cheap).
         let manifest = Manifest::from_reader(reader, MAX_CHUNK_SIZE).map_err(|e| match e {
@@ -532,6 +593,12 @@ impl PluginCache {
         };
         inner.index.put(&entry, None)?;
         lock(&inner.verified_builtins).insert(key);
+        // Known good only if it did not change while it was hashed.
+        if let Ok(after) = fs::metadata(&path) {
+            if stamp_of(&before) == stamp_of(&after) {
+                inner.remember_verified(&path, &after);
+            }
+        }
         tracing::info!(plugin = %plugin, sha256 = %entry.sha256, size = entry.size, file = %path.display(), "builtin plugin registered");
         Ok(CachedPlugin {
             plugin: plugin.clone(),
@@ -558,10 +625,14 @@ impl PluginCache {
         let known = inner.index.entry(&key)?;
         if let Some(e) = known.as_ref().filter(|e| e.sha256 == *sha256) {
             if e.builtin && inner.is_verified_builtin(&key) {
-                return if inner.cached(e).is_some() {
+                let verified = match inner.cached(e) {
+                    Some(c) => inner.still_verified(&c.path, sha256, e.size)?,
+                    None => false,
+                };
+                return if verified {
                     inner.touch_hit(&key, now)
                 } else {
-                    tracing::warn!(plugin = %plugin, "builtin plugin file is gone; dropping its entry");
+                    tracing::warn!(plugin = %plugin, "builtin plugin file is gone or changed since it was verified; dropping its entry");
                     inner.index.remove(std::slice::from_ref(&key))?;
                     lock(&inner.verified_builtins).remove(&key);
                     Ok(None)
@@ -569,25 +640,20 @@ impl PluginCache {
             }
             if !e.builtin {
                 let path = inner.content_path(sha256);
-                return match fs::metadata(&path) {
-                    Ok(m) if m.is_file() && m.len() == e.size => inner.touch_hit(&key, now),
-                    Ok(_) => {
-                        // Wrong size: not what was verified. Drop file and entry.
-                        tracing::warn!(plugin = %plugin, file = %path.display(), "cached content has the wrong size; removing it");
-                        remove_file_if_exists(&path)?;
-                        inner.index.remove(std::slice::from_ref(&key))?;
-                        Ok(None)
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                        tracing::info!(plugin = %plugin, sha256 = %sha256, "cached content is gone; dropping the stale entry");
-                        inner.index.remove(std::slice::from_ref(&key))?;
-                        Ok(None)
-                    }
-                    Err(err) => Err(CacheError::from_io(&path, None, err)),
-                };
+                if inner.still_verified(&path, sha256, e.size)? {
+                    return inner.touch_hit(&key, now);
+                }
+                // Gone, or not what was verified (rewritten, replaced, truncated): drop
+                // file and entry; the caller fetches and verifies it again.
+                tracing::warn!(plugin = %plugin, file = %path.display(), "cached content is gone or changed since it was verified; removing it");
+                remove_file_if_exists(&path)?;
+                inner.index.remove(std::slice::from_ref(&key))?;
+                return Ok(None);
             }
         }
-        // Not indexed under this digest: the content may still be on disk.
+        // Not indexed under this digest: the content may still be on disk — verified
+        // (it has a stamp, or its SHA-256 matches now) before it is indexed, so a file
+        // planted under a digest's name is never taken for that content.
         let path = inner.content_path(sha256);
         let size = match fs::metadata(&path) {
             Ok(m) if m.is_file() => m.len(),
@@ -595,6 +661,11 @@ impl PluginCache {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(CacheError::from_io(&path, None, err)),
         };
+        if !inner.still_verified(&path, sha256, size)? {
+            tracing::warn!(plugin = %plugin, file = %path.display(), "a file under a content's name does not hold that content; removing it");
+            remove_file_if_exists(&path)?;
+            return Ok(None);
+        }
         let entry = Entry {
             plugin: plugin.clone(),
             sha256: *sha256,
@@ -624,6 +695,12 @@ impl PluginCache {
             .iter()
             .filter(|e| e.plugin.id == *id && e.plugin.version != *not)
             .filter_map(|e| inner.cached(e))
+            .filter(|c| {
+                // A fallback runs too: only content still verified.
+                inner
+                    .still_verified(&c.path, &c.sha256, c.size)
+                    .unwrap_or(false)
+            })
             .max_by(|a, b| a.plugin.version.cmp(&b.plugin.version)))
     }
 
@@ -724,8 +801,18 @@ impl PluginCache {
             // Same content already stored (another version, or a racing publish).
             remove_file_if_exists(&partial)?;
         } else {
+            let verified = fs::metadata(&partial).at(&partial)?;
             fs::rename(&partial, &target).at(&partial)?;
             sync_dir(&inner.downloaded_dir)?;
+            // The file verified a moment ago, unless it changed in between (a rename
+            // moves the inode and updates only its ctime).
+            let now_meta = fs::metadata(&target).at(&target)?;
+            let (a, b) = (stamp_of(&verified), stamp_of(&now_meta));
+            if (a.dev, a.ino, a.size, a.mtime_ns, a.mode)
+                == (b.dev, b.ino, b.size, b.mtime_ns, b.mode)
+            {
+                inner.remember_verified(&target, &now_meta);
+            }
         }
         let now = inner.now();
         let previous = inner.index.entry(&key)?;
@@ -847,6 +934,55 @@ impl Inner {
         Ok(parts.join("/"))
     }
 
+    /// Records `path`'s stamp after its SHA-256 matched.
+    fn remember_verified(&self, path: &Path, meta: &fs::Metadata) {
+        lock(&self.stamps).insert(path.to_owned(), stamp_of(meta));
+    }
+
+    /// Whether the file at `path` still holds the verified `sha256` of `size` bytes: its
+    /// stamp is unchanged since it last matched, or its SHA-256 is computed again and
+    /// matches (then the new stamp is kept). `Ok(false)`: it is not that content (any
+    /// more); the caller must not run it.
+    fn still_verified(
+        &self,
+        path: &Path,
+        sha256: &ContentId,
+        size: u64,
+    ) -> Result<bool, CacheError> {
+        let meta = match fs::metadata(path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(CacheError::from_io(path, None, e)),
+        };
+        if lock(&self.stamps).get(path) == Some(&stamp_of(&meta)) {
+            return Ok(true);
+        }
+        lock(&self.stamps).remove(path);
+        if meta.len() != size {
+            return Ok(false);
+        }
+        let file = File::open(path).at(path)?;
+        let before = file.metadata().at(path)?;
+        match verify_sha256(&file, *sha256, size) {
+            Ok(()) => {
+                // Changed while we hashed? Then it is not known good.
+                let after = file.metadata().at(path)?;
+                if stamp_of(&before) == stamp_of(&after) {
+                    self.remember_verified(path, &after);
+                    Ok(true)
+                } else {
+                    Ok(false)
+                }
+            }
+            Err(VerifyError::Io(e)) => Err(CacheError::from_io(path, None, e)),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cached plugin changed on disk since it was verified; it will not run");
+                Ok(false)
+            }
+        }
+    }
+
     /// The entry as a runnable plugin, if its file is there (no hashing).
     fn cached(&self, e: &Entry) -> Option<CachedPlugin> {
         if e.builtin {
@@ -908,8 +1044,9 @@ impl Inner {
         };
         match verdict {
             Ok(()) => {
-                // Executable and durable before it becomes visible under its name.
-                set_executable(partial)?;
+                // Read-only, executable and durable before it becomes visible under
+                // its name.
+                set_read_only_executable(partial)?;
                 file.sync_all().at(partial)?;
                 Ok(())
             }
@@ -1087,6 +1224,7 @@ impl Inner {
                 Ok(()) => {
                     present.insert(sha, len);
                     rehashed += 1;
+                    self.remember_verified(&path, &file.metadata().at(&path)?);
                 }
                 Err(VerifyError::Io(e)) => return Err(CacheError::from_io(&path, None, e)),
                 Err(e) => {

@@ -150,7 +150,7 @@ fn publish_boundary_sizes() {
         assert_eq!(got.path, tmp.path().join("downloaded").join(sha.to_hex()));
         assert_eq!(fs::read(&got.path).unwrap(), data);
         #[cfg(unix)]
-        assert_eq!(mode(&got.path), 0o755);
+        assert_eq!(mode(&got.path), 0o555, "read-only and executable");
         assert!(!cache.partial_path(&sha).exists(), "partial left behind");
         assert!(
             cache.load_progress(&sha).unwrap().is_empty(),
@@ -913,4 +913,90 @@ fn index_damaged_anywhere_still_opens() {
             }
         }
     }
+}
+
+/// What a job running as the agent's user can do to the cache: make the file writable
+/// again and rewrite it in place, same size, with its mtime set back.
+#[cfg(unix)]
+fn rewrite_in_place(path: &Path, data: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let before = fs::metadata(path).unwrap().modified().unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(path, data).unwrap();
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o555)).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_cached_plugin_rewritten_on_disk_is_never_returned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(1_000);
+    let cache = open_at(tmp.path(), roomy(), &clock);
+    let good = content(10_000, 1);
+    let got = download(&cache, "team/a@1.0.0", &good);
+    let sha = got.sha256;
+    let p = pref("team/a@1.0.0");
+    // Unchanged: a hit.
+    assert!(cache.get(&p, &sha).unwrap().is_some());
+    // Rewritten with other bytes of the same size, mtime restored: not a hit, and the
+    // file is gone so the caller fetches and verifies it again.
+    let mut evil = good.clone();
+    evil[0] ^= 0xff;
+    rewrite_in_place(&got.path, &evil);
+    assert!(cache.get(&p, &sha).unwrap().is_none());
+    assert!(!got.path.exists(), "tampered content left in the cache");
+    assert!(entry(&cache, "team/a@1.0.0").is_none());
+    // Replaced by another file (a new inode) holding the *right* bytes: hashed again,
+    // found good, served.
+    let again = download(&cache, "team/a@1.0.0", &good);
+    let staged = tmp.path().join("copy");
+    fs::write(&staged, &good).unwrap();
+    fs::rename(&staged, &again.path).unwrap();
+    assert!(cache.get(&p, &sha).unwrap().is_some());
+    // A fallback to another version is checked the same way.
+    rewrite_in_place(&again.path, &evil);
+    let newest = cache
+        .newest_other_version(&p.id, &"2.0.0".parse().unwrap())
+        .unwrap();
+    assert!(newest.is_none(), "a tampered fallback was offered");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_planted_under_a_content_name_is_not_indexed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(1_000);
+    let cache = open_at(tmp.path(), roomy(), &clock);
+    let good = content(5_000, 2);
+    let m = Manifest::from_reader(&good[..], CS).unwrap();
+    // A job writes bytes of its own under the name of content not yet cached.
+    let planted = tmp.path().join("downloaded").join(m.content_id().to_hex());
+    fs::write(&planted, content(5_000, 3)).unwrap();
+    let p = pref("team/b@1.0.0");
+    assert!(cache.get(&p, &m.content_id()).unwrap().is_none());
+    assert!(!planted.exists(), "the planted file was kept");
+    // The same bytes as the content (a copy made by hand) are fine: verified, indexed.
+    fs::write(&planted, &good).unwrap();
+    assert!(cache.get(&p, &m.content_id()).unwrap().is_some());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_rewritten_builtin_is_not_returned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(1_000);
+    let cache = open_at(tmp.path(), roomy(), &clock);
+    let file = tmp.path().join("builtin").join("tool.sh");
+    fs::write(&file, b"#!/bin/sh\necho good\n").unwrap();
+    let p = pref("tool/x@1.0.0");
+    let b = cache.register_builtin(&p, "tool.sh").unwrap();
+    assert!(cache.get(&p, &b.sha256).unwrap().is_some());
+    rewrite_in_place(&file, b"#!/bin/sh\necho evil\n");
+    assert!(cache.get(&p, &b.sha256).unwrap().is_none());
 }
