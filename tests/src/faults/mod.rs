@@ -10,6 +10,7 @@
 pub mod agent_crash;
 pub mod auth;
 pub mod bad_input;
+pub mod cache_tamper;
 pub mod churn;
 pub mod coordinator_crash;
 pub mod disk_full;
@@ -53,6 +54,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         storage_full::SCENARIOS,
         bad_input::SCENARIOS,
         auth::SCENARIOS,
+        cache_tamper::SCENARIOS,
     ]
     .concat()
 }

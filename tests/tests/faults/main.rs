@@ -5,6 +5,7 @@
 mod agent_crash;
 mod auth;
 mod bad_input;
+mod cache_tamper;
 mod churn;
 mod coordinator_crash;
 mod disk_full;
