@@ -32,9 +32,13 @@ struct Args {
     /// Metrics listen address or `off` (overrides `metrics_listen`; port 0 allowed).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// Enrollment token (overrides `enroll_token`; env ARCADE_ENROLL_TOKEN).
+    /// Enrollment token (overrides `enroll_token`). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --enroll-token-file or env ARCADE_ENROLL_TOKEN.
     #[arg(long, value_name = "T")]
     enroll_token: Option<String>,
+    /// A file holding the enrollment token (overrides `enroll_token_file`).
+    #[arg(long, value_name = "FILE")]
+    enroll_token_file: Option<std::path::PathBuf>,
     /// Log format: human or json (overrides `log_format`).
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -97,8 +101,14 @@ where
     if let Some(v) = args.metrics_listen {
         config.metrics_listen = v;
     }
+    let token_on_command_line = args.enroll_token.is_some();
     if let Some(v) = args.enroll_token {
         config.enroll_token = v;
+        config.enroll_token_file = Default::default();
+    }
+    if let Some(v) = args.enroll_token_file {
+        config.enroll_token_file = v;
+        config.enroll_token = String::new();
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
@@ -108,6 +118,12 @@ where
         Err(e) => return config_error(&e),
     };
     arcade_p2p::logging::init(config.raw.log_format == "json");
+    if token_on_command_line {
+        tracing::warn!(
+            "the enrollment token was given with --enroll-token, where every local user can read it (/proc/PID/cmdline); use --enroll-token-file or ARCADE_ENROLL_TOKEN"
+        );
+    }
+    crate::runtime::protect_secrets();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

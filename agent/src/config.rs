@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub coordinator: String,
     /// Enrollment token for `Register`.
     pub enroll_token: String,
+    /// A file holding the enrollment token (instead of `enroll_token`).
+    pub enroll_token_file: PathBuf,
     /// Base directory for plugins and job work directories; empty = `~/.arcade`.
     pub data_dir: PathBuf,
     /// Prometheus `/metrics` listen address, or `off`.
@@ -192,6 +194,7 @@ impl Default for AgentConfig {
             id: String::new(),
             coordinator: "http://127.0.0.1:50051".into(),
             enroll_token: String::new(),
+            enroll_token_file: PathBuf::new(),
             data_dir: PathBuf::new(),
             metrics_listen: "127.0.0.1:9465".into(),
             max_concurrent_jobs: 2,
@@ -252,8 +255,12 @@ pub const DEFAULT_CONFIG_TOML: &str = r##"# Arcade Mesh agent configuration. Eve
 id = ""
 # Coordinator gRPC URL. Flag: --coordinator.
 coordinator = "http://127.0.0.1:50051"
-# Enrollment token for Register. Flag/env: --enroll-token, ARCADE_ENROLL_TOKEN.
+# Enrollment token for Register. Env: ARCADE_ENROLL_TOKEN. Prefer enroll_token_file (or
+# the env variable): a token given as --enroll-token is visible to every local user.
 enroll_token = ""
+# A file holding the enrollment token (mode 0600), instead of enroll_token.
+# Flag: --enroll-token-file.
+enroll_token_file = ""
 # Base directory: plugins under <data_dir>/plugins, job work dirs under <data_dir>/jobs.
 # Empty: ~/.arcade. Flag: --data-dir.
 data_dir = ""
@@ -346,6 +353,8 @@ pub struct ValidConfig {
     pub plugin_dir: PathBuf,
     /// Resolved job work directory root.
     pub jobs_dir: PathBuf,
+    /// The base data directory (`data_dir`, or `~/.arcade`); made private (0700) at start.
+    pub base_dir: PathBuf,
     /// Parsed metrics address (None = off).
     pub metrics_listen: Option<SocketAddr>,
     /// Parsed builtin plugins.
@@ -378,7 +387,7 @@ impl AgentConfig {
     }
 
     /// Checks every key; errors name the key.
-    pub fn validate(self) -> Result<ValidConfig, SettingsError> {
+    pub fn validate(mut self) -> Result<ValidConfig, SettingsError> {
         fn bad(key: &str, message: impl Into<String>) -> SettingsError {
             SettingsError::invalid(key, message)
         }
@@ -414,6 +423,16 @@ impl AgentConfig {
                 "coordinator",
                 "https is not supported by this build; use http:// (e.g. through a TLS-terminating tunnel)",
             ));
+        }
+        if !self.enroll_token_file.as_os_str().is_empty() {
+            if !self.enroll_token.is_empty() {
+                return Err(bad(
+                    "enroll_token_file",
+                    "give enroll_token or enroll_token_file, not both",
+                ));
+            }
+            self.enroll_token =
+                arcade_p2p::settings::read_secret("enroll_token_file", &self.enroll_token_file)?;
         }
         if self
             .enroll_token
@@ -556,6 +575,7 @@ impl AgentConfig {
             labels,
             plugin_dir,
             jobs_dir: base.join("jobs"),
+            base_dir: base.clone(),
             mesh_identity: base.join("mesh-identity.key"),
             metrics_listen,
             builtin,
@@ -597,6 +617,28 @@ mod tests {
         assert_eq!(v.raw.cache.eviction, EvictionPolicy::Lfu);
         assert_eq!(v.plugin_dir, PathBuf::from("/srv/arcade/plugins"));
         assert_eq!(v.builtin[0].0.to_string(), "notify/stdout@1.0.0");
+    }
+
+    #[test]
+    fn the_enroll_token_can_come_from_a_file_but_not_from_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("enroll.token");
+        std::fs::write(&file, "tok-from-file\n").unwrap();
+        let c = AgentConfig {
+            enroll_token_file: file.clone(),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap().raw.enroll_token, "tok-from-file");
+        let both = AgentConfig {
+            enroll_token: "inline".into(),
+            enroll_token_file: file,
+            ..Default::default()
+        };
+        let err = both.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("enroll_token_file") && err.contains("not both"),
+            "{err}"
+        );
     }
 
     #[test]

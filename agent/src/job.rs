@@ -349,7 +349,12 @@ fn sanitize(id: &str) -> String {
 
 async fn fresh_dir(dir: &PathBuf) -> std::io::Result<()> {
     let _ = tokio::fs::remove_dir_all(dir).await;
-    tokio::fs::create_dir_all(dir).await
+    tokio::fs::create_dir_all(dir).await?;
+    // Job directories (and the jobs dir above them) are the agent user's alone.
+    if let Some(parent) = dir.parent() {
+        arcade_p2p::settings::restrict(parent, 0o700)?;
+    }
+    arcade_p2p::settings::restrict(dir, 0o700)
 }
 
 /// The last `max` bytes of `s` on a char boundary.

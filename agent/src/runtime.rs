@@ -113,6 +113,18 @@ impl std::fmt::Debug for RunningAgent {
     }
 }
 
+/// Makes this process non-dumpable (Linux `PR_SET_DUMPABLE` = 0): its `/proc/PID/environ`,
+/// `mem` and the like become readable by root only, and other processes of the same user
+/// — the jobs and plugins it runs — cannot ptrace it, so they cannot read its tokens.
+/// (`/proc/PID/cmdline` stays readable by everyone: tokens do not belong there.) Called
+/// by the `arcade-agent` binary; an embedding process decides for itself.
+pub fn protect_secrets() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make the agent non-dumpable; jobs may read its tokens from /proc");
+    }
+}
+
 fn backoff_step(current: Duration) -> Duration {
     (current * 2).min(Duration::from_secs(10))
 }
@@ -446,6 +458,11 @@ impl RunningAgent {
     /// Opens the cache, registers builtins, binds metrics and starts the loops.
     pub async fn start(config: ValidConfig) -> Result<Self, StartError> {
         let dir = config.plugin_dir.clone();
+        // The data directory holds the peer key and the cache index: the agent's alone.
+        arcade_p2p::settings::private_dir(&config.base_dir).map_err(|e| StartError::Cache {
+            dir: config.base_dir.clone(),
+            source: e.into(),
+        })?;
         let opts = CacheOptions {
             max_size: config.raw.cache.max_size.bytes(),
             eviction: config.raw.cache.eviction,

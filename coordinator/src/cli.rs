@@ -24,12 +24,20 @@ struct Args {
     /// Data directory (overrides `data_dir`).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Admin token (overrides `admin_token`; env ARCADE_ADMIN_TOKEN).
+    /// Admin token (overrides `admin_token`). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --admin-token-file or env ARCADE_ADMIN_TOKEN.
     #[arg(long, value_name = "T")]
     admin_token: Option<String>,
-    /// Enrollment token (overrides `enroll_token`; env ARCADE_ENROLL_TOKEN).
+    /// A file holding the admin token (overrides `admin_token_file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Enrollment token (overrides `enroll_token`). Visible to every local user: prefer
+    /// --enroll-token-file or env ARCADE_ENROLL_TOKEN.
     #[arg(long, value_name = "T")]
     enroll_token: Option<String>,
+    /// A file holding the enrollment token (overrides `enroll_token_file`).
+    #[arg(long, value_name = "FILE")]
+    enroll_token_file: Option<PathBuf>,
     /// Log format: human or json (overrides `log_format`).
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormatArg>,
@@ -95,11 +103,24 @@ where
     if let Some(v) = args.data_dir {
         config.data_dir = v;
     }
+    let mut on_command_line = Vec::new();
     if let Some(v) = args.admin_token {
         config.admin_token = v;
+        config.admin_token_file = PathBuf::new();
+        on_command_line.push("--admin-token");
+    }
+    if let Some(v) = args.admin_token_file {
+        config.admin_token_file = v;
+        config.admin_token = String::new();
     }
     if let Some(v) = args.enroll_token {
         config.enroll_token = v;
+        config.enroll_token_file = PathBuf::new();
+        on_command_line.push("--enroll-token");
+    }
+    if let Some(v) = args.enroll_token_file {
+        config.enroll_token_file = v;
+        config.enroll_token = String::new();
     }
     if let Some(v) = args.log_format {
         config.log_format = v.0;
@@ -112,6 +133,11 @@ where
         }
     };
     init_logging(config.raw.log_format);
+    for flag in on_command_line {
+        tracing::warn!(
+            "a token was given with {flag}, where every local user can read it (/proc/PID/cmdline); use {flag}-file or the ARCADE_ environment variable"
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

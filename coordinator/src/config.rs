@@ -31,6 +31,10 @@ pub struct CoordinatorConfig {
     /// Enrollment token agents present to `Register`; empty = generate one into
     /// `<data_dir>/enroll.token` on first start.
     pub enroll_token: String,
+    /// A file holding the admin token (instead of `admin_token`).
+    pub admin_token_file: PathBuf,
+    /// A file holding the enrollment token (instead of `enroll_token`).
+    pub enroll_token_file: PathBuf,
     /// Log format: `human` or `json`.
     pub log_format: LogFormat,
     /// Plugin storage (the original design's `[plugin]`).
@@ -196,6 +200,8 @@ impl Default for CoordinatorConfig {
             data_dir: PathBuf::from("./arcade-data"),
             admin_token: String::new(),
             enroll_token: String::new(),
+            admin_token_file: PathBuf::new(),
+            enroll_token_file: PathBuf::new(),
             log_format: LogFormat::Human,
             plugin: PluginConfig::default(),
             jobs: JobsConfig::default(),
@@ -263,6 +269,11 @@ admin_token = ""
 # Enrollment token agents present to Register. Empty: generated into
 # <data_dir>/enroll.token. Flag/env: --enroll-token, ARCADE_ENROLL_TOKEN.
 enroll_token = ""
+# Files holding the tokens (mode 0600), instead of admin_token / enroll_token: a token
+# given as a flag is visible to every local user. Flags: --admin-token-file,
+# --enroll-token-file.
+admin_token_file = ""
+enroll_token_file = ""
 # Log format: "human" or "json". Flag: --log-format.
 log_format = "human"
 
@@ -364,9 +375,34 @@ impl CoordinatorConfig {
     }
 
     /// Checks every key; errors name the key.
-    pub fn validate(self) -> Result<ValidConfig, SettingsError> {
+    pub fn validate(mut self) -> Result<ValidConfig, SettingsError> {
         fn bad(key: &str, message: impl Into<String>) -> SettingsError {
             SettingsError::invalid(key, message)
+        }
+        for (file_key, file, token) in [
+            (
+                "admin_token_file",
+                &self.admin_token_file,
+                &mut self.admin_token,
+            ),
+            (
+                "enroll_token_file",
+                &self.enroll_token_file,
+                &mut self.enroll_token,
+            ),
+        ] {
+            if !file.as_os_str().is_empty() {
+                if !token.is_empty() {
+                    return Err(bad(
+                        file_key,
+                        format!(
+                            "give {} or {file_key}, not both",
+                            &file_key[..file_key.len() - 5]
+                        ),
+                    ));
+                }
+                *token = arcade_p2p::settings::read_secret(file_key, file)?;
+            }
         }
         let listen: SocketAddr = self.listen.parse().map_err(|_| {
             bad(
@@ -554,6 +590,46 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{err}");
         }
+    }
+
+    #[test]
+    fn tokens_can_come_from_files_but_not_from_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.token");
+        std::fs::write(&file, "  from-a-file-123\n").unwrap();
+        let c = CoordinatorConfig {
+            admin_token_file: file.clone(),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap().raw.admin_token, "from-a-file-123");
+        let both = CoordinatorConfig {
+            admin_token: "inline-token-1".into(),
+            admin_token_file: file,
+            ..Default::default()
+        };
+        let err = both.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("admin_token_file") && err.contains("not both"),
+            "{err}"
+        );
+        let missing = CoordinatorConfig {
+            enroll_token_file: dir.path().join("nope"),
+            ..Default::default()
+        };
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(err.contains("enroll_token_file"), "{err}");
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty = CoordinatorConfig {
+            enroll_token_file: dir.path().join("empty"),
+            ..Default::default()
+        };
+        assert!(
+            empty
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("is empty")
+        );
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl RunningCoordinator {
     /// Opens storage, binds listeners and starts serving.
     pub async fn start(config: ValidConfig) -> Result<Self, StartError> {
         let data_dir = config.raw.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
+        arcade_p2p::settings::private_dir(&data_dir)
             .map_err(path_err("cannot create data_dir", &data_dir))?;
         let admin_token = resolve_token(&config.raw.admin_token, &data_dir, "admin.token")?;
         let enroll_token = resolve_token(&config.raw.enroll_token, &data_dir, "enroll.token")?;

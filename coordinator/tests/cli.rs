@@ -94,9 +94,19 @@ impl Coordinator {
         std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
     }
 
-    /// Runs `arcadectl` against this coordinator with the admin token.
+    /// A file holding the admin token, as `--token-file` takes it.
+    fn token_file(&self) -> String {
+        let file = self.path("admin-token-file");
+        if !file.exists() {
+            std::fs::write(&file, format!("{ADMIN}\n")).expect("write token file");
+        }
+        file.to_str().expect("utf-8").to_owned()
+    }
+
+    /// Runs `arcadectl` against this coordinator with the admin token (from a file).
     fn ctl(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--coordinator", &self.url, "--token", ADMIN];
+        let tf = self.token_file();
+        let mut all = vec!["--coordinator", &self.url, "--token-file", &tf];
         all.extend_from_slice(args);
         arcadectl(&all)
     }
@@ -160,6 +170,7 @@ fn run(program: &str, args: &[&str]) -> Output {
         .args(args)
         .env_remove("ARCADE_COORDINATOR")
         .env_remove("ARCADE_TOKEN")
+        .env_remove("ARCADE_TOKEN_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -480,15 +491,35 @@ fn job_create_get_list_wait_and_agents() {
 fn failures_are_one_line_reasons() {
     let c = Coordinator::start();
 
+    let wrong_file = c.path("wrong-token-file");
+    std::fs::write(&wrong_file, "wrong-token-1").unwrap();
     let wrong = arcadectl(&[
         "--coordinator",
         &c.url,
-        "--token",
-        "wrong-token-1",
+        "--token-file",
+        wrong_file.to_str().unwrap(),
         "plugin",
         "list",
     ]);
     wrong.assert_failed_with("unauthenticated");
+    // A token on the command line still works, with a warning about who can see it.
+    let flagged = arcadectl(&["--coordinator", &c.url, "--token", ADMIN, "plugin", "list"]);
+    assert_eq!(flagged.code, Some(0), "{flagged:?}");
+    assert!(
+        flagged
+            .stderr
+            .contains("warning: --token on the command line is visible"),
+        "{flagged:?}"
+    );
+    let missing = arcadectl(&[
+        "--coordinator",
+        &c.url,
+        "--token-file",
+        "/nonexistent/token",
+        "plugin",
+        "list",
+    ]);
+    missing.assert_failed_with("--token-file");
 
     c.ctl(&[
         "job",
@@ -526,7 +557,8 @@ fn failures_are_one_line_reasons() {
         .expect("free port")
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    arcadectl(&["--coordinator", &url, "--token", ADMIN, "agent", "list"])
+    let tf = c.token_file();
+    arcadectl(&["--coordinator", &url, "--token-file", &tf, "agent", "list"])
         .assert_failed_with(&format!("cannot reach coordinator at {url}"));
 
     // No token at all, and usage errors, are one line too.

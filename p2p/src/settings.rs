@@ -60,6 +60,52 @@ impl SettingsError {
     }
 }
 
+/// Creates the directory `path` (and its parents) and makes it private to its owner
+/// (mode 0700), whatever mode it had: data directories hold tokens, keys and the
+/// metadata of what may run.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    restrict(path, 0o700)
+}
+
+/// Sets `path`'s permission bits to `mode` (no-op off Unix).
+pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// Reads a secret (a token) from the file `path` named by config key `key`: its text
+/// without surrounding whitespace. A missing, unreadable or empty file is an error naming
+/// the key; a file other users may read is accepted with a warning. Files keep secrets
+/// out of command lines (`/proc/PID/cmdline` is readable by every local user).
+pub fn read_secret(key: &str, path: &Path) -> Result<String, SettingsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SettingsError::invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.trim().to_owned();
+    if secret.is_empty() {
+        return Err(SettingsError::invalid(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), key, "secret file is readable by other users; chmod 600 it");
+            }
+        }
+    }
+    Ok(secret)
+}
+
 /// Loads `T` from an optional TOML file, then applies environment overrides read
 /// through `env` (pass `|k| std::env::var(k).ok()` in binaries).
 pub fn load<T>(

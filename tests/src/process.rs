@@ -104,10 +104,19 @@ pub struct AgentProcess(Child);
 impl AgentProcess {
     /// Starts the agent binary with `--config config` (stdout discarded, `RUST_LOG=warn`).
     pub fn start(config: &Path) -> anyhow::Result<Self> {
-        let child = Command::new(workspace_bin("arcade-agent"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
+        Self::spawn(Self::command(config))
+    }
+
+    /// The command line [`AgentProcess::start`] runs, to adjust (environment, a wrapper).
+    pub fn command(config: &Path) -> Command {
+        let mut cmd = Command::new(workspace_bin("arcade-agent"));
+        cmd.arg("--config").arg(config).env("RUST_LOG", "warn");
+        cmd
+    }
+
+    /// Spawns a prepared agent command line (stdin and stdout discarded).
+    pub fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -510,11 +510,14 @@ impl PluginCache {
         let builtin_dir = dir.join(BUILTIN_DIR);
         let downloaded_dir = dir.join(DOWNLOADED_DIR);
         let temp_dir = dir.join(TEMP_DIR);
+        arcade_p2p::settings::private_dir(&dir).at(&dir)?;
         for d in [&builtin_dir, &downloaded_dir, &temp_dir] {
             fs::create_dir_all(d).at(d)?;
         }
         let builtin_root = fs::canonicalize(&builtin_dir).at(&builtin_dir)?;
         let (index, moved) = CacheIndex::open(&dir.join(INDEX_FILE), clock())?;
+        let index_file = dir.join(INDEX_FILE);
+        arcade_p2p::settings::restrict(&index_file, 0o600).at(&index_file)?;
         let inner = Inner {
             dir,
             builtin_dir,

@@ -19,6 +19,7 @@ impl FsBlobStore {
     /// Opens (creating) the store under `root` and removes leftover staging files.
     pub fn open(root: &Path) -> Result<Self, BlobError> {
         let staging = root.join("staging");
+        arcade_p2p::settings::private_dir(root).map_err(BlobError::from_io)?;
         std::fs::create_dir_all(root.join("blobs")).map_err(BlobError::from_io)?;
         if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(BlobError::from_io)?;

@@ -45,7 +45,8 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub coordinator: String,
-    /// Admin token, sent as `authorization: Bearer <token>`.
+    /// Admin token, sent as `authorization: Bearer <token>`. On the command line it is
+    /// visible to every local user: prefer env ARCADE_TOKEN or --token-file.
     #[arg(
         long,
         global = true,
@@ -54,6 +55,15 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// A file holding the admin token (e.g. `<data_dir>/admin.token`).
+    #[arg(
+        long,
+        global = true,
+        env = "ARCADE_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -346,9 +356,28 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let token = match (&cli.token, &cli.token_file) {
+        (_, Some(file)) => match arcade_p2p::settings::read_secret("--token-file", file) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "arcadectl: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (Some(t), None) => {
+            if std::env::var("ARCADE_TOKEN").ok().as_deref() != Some(t.as_str()) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "arcadectl: warning: --token on the command line is visible to every local user; use ARCADE_TOKEN or --token-file"
+                );
+            }
+            Some(t.clone())
+        }
+        (None, None) => None,
+    };
     let ctx = Ctx {
         url: cli.coordinator,
-        token: cli.token,
+        token,
     };
     match runtime.block_on(commands::dispatch(&ctx, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,7 @@ pub mod churn;
 pub mod coordinator_crash;
 pub mod disk_full;
 pub mod hostile;
+pub mod secrets;
 pub mod storage_full;
 
 use std::future::Future;
@@ -55,6 +56,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         bad_input::SCENARIOS,
         auth::SCENARIOS,
         cache_tamper::SCENARIOS,
+        secrets::SCENARIOS,
     ]
     .concat()
 }

@@ -10,6 +10,7 @@ mod churn;
 mod coordinator_crash;
 mod disk_full;
 mod hostile;
+mod secrets;
 mod storage_full;
 
 use std::time::Duration;
