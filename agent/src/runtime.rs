@@ -89,6 +89,8 @@ struct Core {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Running jobs an admin cancelled (reported as CANCELLED once stopped).
     cancelled: Mutex<std::collections::HashSet<String>>,
+    /// What a job report may hold (stated by the coordinator at registration).
+    limits: Mutex<crate::session::ReportLimits>,
     /// The installed list the coordinator last accepted (heartbeats send it only when
     /// it changed).
     reported: Mutex<Option<Vec<pb::InstalledPlugin>>>,
@@ -165,6 +167,7 @@ impl Core {
         let sent = req.installed_plugins.clone();
         let reg = self.session.register(req).await?;
         *self.reported.lock().expect("reported lock") = Some(sent);
+        *self.limits.lock().expect("limits lock") = reg.limits;
         tracing::info!(agent = %self.config.id, "registered with the coordinator");
         if let Some(mesh) = &self.mesh {
             mesh.set_credentials(reg.mesh_ticket, &reg.mesh_public_key)
@@ -300,9 +303,18 @@ impl Core {
         }
     }
 
-    async fn report(&self, report: pb::ReportJobResultRequest) {
+    /// Reports a result until it is accepted, refused for good or 30 attempts failed.
+    /// The report is cut to the coordinator's limits first. A refusal of its content
+    /// (`INVALID_ARGUMENT`, `OUT_OF_RANGE`, …) is not retried: a minimal report saying
+    /// why replaces it once, so the job ends instead of being re-run after its lease.
+    async fn report(&self, mut report: pb::ReportJobResultRequest) {
         let job = report.job_id.clone();
+        let limits = *self.limits.lock().expect("limits lock");
+        if limits.fit(&mut report) {
+            tracing::warn!(job = %job, "job result cut to the coordinator's limits");
+        }
         let mut delay = Duration::from_millis(200);
+        let mut fallback_sent = false;
         for attempt in 0..30 {
             match self
                 .session
@@ -317,6 +329,38 @@ impl Core {
                 }
                 Err(s) if s.code() == Code::Unauthenticated => {
                     let _ = self.register().await;
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument
+                            | Code::OutOfRange
+                            | Code::PermissionDenied
+                            | Code::NotFound
+                    ) =>
+                {
+                    if fallback_sent {
+                        tracing::error!(job = %job, error = %s.message(), "the coordinator refused even the minimal result; giving up");
+                        return;
+                    }
+                    tracing::error!(job = %job, code = ?s.code(), error = %s.message(), "the coordinator refused the result; sending a minimal one");
+                    report = pb::ReportJobResultRequest {
+                        agent_id: report.agent_id.clone(),
+                        job_id: report.job_id.clone(),
+                        status: pb::JobStatus::Failed as i32,
+                        exit_code: report.exit_code,
+                        output_tail: String::new(),
+                        error_message: format!(
+                            "the coordinator refused this job's result ({:?}: {}); its output and plugin results were dropped",
+                            s.code(),
+                            s.message().chars().take(512).collect::<String>()
+                        ),
+                        plugin_results: Vec::new(),
+                        started_at: report.started_at,
+                        finished_at: report.finished_at,
+                    };
+                    fallback_sent = true;
+                    continue;
                 }
                 Err(s) => {
                     tracing::warn!(job = %job, attempt, error = %s.message(), "cannot report the result yet; retrying");
@@ -550,6 +594,7 @@ impl RunningAgent {
             running: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(Default::default()),
             reported: Mutex::new(None),
+            limits: Mutex::new(Default::default()),
             shutdown,
             stop_jobs,
         });

@@ -201,7 +201,12 @@ impl RunningCoordinator {
                 .await
                 .map_err(|e| StartError::Cleanup(e.to_string()))??,
         );
-        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.storage_path)?);
+        let storage = config.storage_path.clone();
+        let blobs: Arc<dyn BlobStore> = Arc::new(
+            tokio::task::spawn_blocking(move || FsBlobStore::open(&storage))
+                .await
+                .map_err(|e| StartError::Cleanup(e.to_string()))??,
+        );
 
         let grpc_listener =
             tokio::net::TcpListener::bind(config.listen)

@@ -1,5 +1,8 @@
 //! The local filesystem blob store: `<root>/blobs/<2 hex>/<64 hex>` for committed
-//! content, `<root>/staging/<uuid>.part` for writes in progress (emptied at open).
+//! content, `<root>/staging/<uuid>.part` for writes in progress (emptied at open),
+//! `<root>/.lock` held (exclusive `flock`) while a coordinator uses the store: two
+//! coordinators on one storage path would empty each other's staging and delete each
+//! other's blobs as unreferenced at start.
 
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
@@ -13,13 +16,46 @@ use super::{BlobError, BlobReader, BlobStore, StagedBlob};
 #[derive(Debug, Clone)]
 pub struct FsBlobStore {
     root: PathBuf,
+    /// The locked lock file; the lock lasts as long as the store.
+    _lock: std::sync::Arc<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// How long `open` waits for a lock held by a coordinator that is stopping (a restart in
+/// the same process) before it reports the storage as in use.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn take_lock(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, BlobError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = root.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(BlobError::from_io)?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(BlobError::InUse(root.to_owned()));
+                }
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err((_, e)) => return Err(BlobError::from_io(e.into())),
+        }
+    }
 }
 
 impl FsBlobStore {
-    /// Opens (creating) the store under `root` and removes leftover staging files.
+    /// Opens (creating) the store under `root`, locks it and removes leftover staging
+    /// files. Blocking (it may wait up to 5 s for the lock).
     pub fn open(root: &Path) -> Result<Self, BlobError> {
         let staging = root.join("staging");
         arcade_p2p::settings::private_dir(root).map_err(BlobError::from_io)?;
+        let lock = take_lock(root)?;
         std::fs::create_dir_all(root.join("blobs")).map_err(BlobError::from_io)?;
         if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(BlobError::from_io)?;
@@ -27,6 +63,7 @@ impl FsBlobStore {
         std::fs::create_dir_all(&staging).map_err(BlobError::from_io)?;
         Ok(Self {
             root: root.to_owned(),
+            _lock: std::sync::Arc::new(lock),
         })
     }
 
@@ -77,9 +114,19 @@ impl StagedBlob for FsStaged {
         let hex = id.to_hex();
         let target = self.target.join(&hex[..2]).join(&hex);
         let path = self.path.clone();
+        let id = *id;
         let done = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
             if target.exists() {
-                return Ok(false);
+                // Already stored — unless it was damaged or truncated on disk: then the
+                // push repairs it with the bytes it just verified.
+                let size = std::fs::metadata(&path)?.len();
+                let intact = std::fs::File::open(&target)
+                    .map(|f| arcade_p2p::manifest::verify_sha256(f, id, size).is_ok())
+                    .unwrap_or(false);
+                if intact {
+                    return Ok(false);
+                }
+                tracing::warn!(content = %id, "stored content was damaged; replaced by the pushed bytes");
             }
             let parent = target.parent().expect("blob path has a parent");
             std::fs::create_dir_all(parent)?;

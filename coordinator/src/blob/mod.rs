@@ -28,6 +28,11 @@ pub enum BlobError {
         /// Where reading stopped.
         offset: u64,
     },
+    /// Another running coordinator holds this storage (its lock file).
+    #[error(
+        "plugin.storage_path {0} is in use by another running coordinator (it holds the lock on .lock there); give each coordinator its own storage_path"
+    )]
+    InUse(std::path::PathBuf),
     /// Any other I/O failure.
     #[error("blob storage I/O failed: {0}")]
     Io(#[from] std::io::Error),

@@ -21,7 +21,8 @@ use super::{Shared, SharedRef, keep_tail, now_ms, shown, token_hash};
 use crate::dispatch::{QueuedJob, WaiterId};
 use crate::store::{AgentRecord, Installed, JobOutcome};
 
-/// Most plugin results in one job report, and the largest `result` of one.
+/// Most plugin results in one job report, and the largest `result` of one (agents learn
+/// both at registration).
 const MAX_PLUGIN_RESULTS: usize = 1024;
 const MAX_RESULT_BYTES: usize = 64 * 1024;
 /// Longest agent id.
@@ -182,6 +183,12 @@ impl Shared {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let p = self.plugin(&r.key()).await?;
             Self::check_acl(agent, &p)?;
+            if !p.enabled {
+                return Err(Status::failed_precondition(format!(
+                    "plugin {} is disabled: it is no longer served; enable it or use another version",
+                    r.key()
+                )));
+            }
             p
         } else if !sha256.is_empty() {
             let id: ContentId = sha256
@@ -193,7 +200,12 @@ impl Shared {
             }
             let mut last = None;
             let mut found = None;
-            for p in candidates {
+            if candidates.iter().all(|p| !p.enabled) {
+                return Err(Status::failed_precondition(format!(
+                    "every plugin version with content {id} is disabled: it is no longer served"
+                )));
+            }
+            for p in candidates.into_iter().filter(|p| p.enabled) {
                 match Self::check_acl(agent, &p) {
                     Ok(()) => {
                         found = Some(p);
@@ -401,6 +413,9 @@ impl Agent for AgentService {
             lease_ttl_seconds: jobs.lease_ttl.get().as_secs().max(1) as u32,
             mesh_ticket,
             mesh_public_key: s.tickets.public_key(),
+            max_plugin_results: MAX_PLUGIN_RESULTS as u32,
+            max_result_bytes: MAX_RESULT_BYTES as u32,
+            max_output_tail_bytes: s.config.raw.jobs.max_output_tail.bytes() as u32,
         }))
     }
 

@@ -14,10 +14,13 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::herd::Admission;
-use super::{SharedRef, allowed_labels, now_ms, shown};
+use super::{SharedRef, allowed_labels, now_ms};
 use crate::blob::BlobReader;
 use crate::metrics::{DownloadLabels, PluginIdLabel, PluginVersionLabels};
 use crate::store::plugin_key;
+
+/// The `plugin_id` and `version` label of downloads refused before a plugin was found.
+pub(crate) const UNKNOWN_LABEL: &str = "unknown";
 
 /// Most chunk ranges in one download request.
 const MAX_RANGES: usize = 1024;
@@ -149,12 +152,14 @@ pub(crate) async fn download_plugin(
     {
         Ok(found) => found,
         Err(e) => {
-            let status = if e.code() == tonic::Code::PermissionDenied {
-                "denied"
+            // Label values are bounded to plugins that exist: a refusal names the
+            // plugin (it was found), anything else — unknown ids, bad input — counts
+            // under `unknown`, so requests cannot mint new metric series.
+            if e.code() == tonic::Code::PermissionDenied {
+                denied(&req.plugin_id, &req.version, "denied");
             } else {
-                "error"
-            };
-            denied(&shown(&req.plugin_id), &shown(&req.version), status);
+                denied(UNKNOWN_LABEL, UNKNOWN_LABEL, "error");
+            }
             return Err(e);
         }
     };

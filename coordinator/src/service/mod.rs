@@ -88,7 +88,7 @@ impl From<BlobError> for Status {
                 tracing::error!(error = %e, "stored content missing or damaged");
                 Status::data_loss(format!("{e}; re-push the plugin"))
             }
-            BlobError::Io(_) => {
+            BlobError::Io(_) | BlobError::InUse(_) => {
                 tracing::error!(error = %e, "blob storage failure");
                 Status::internal(e.to_string())
             }

@@ -156,6 +156,10 @@ impl PluginAdminService {
         }
         if let Some(old) = existing {
             return if old.sha256 == id.to_hex() {
+                // The same version again: its stored content is checked and, if it was
+                // damaged or lost on disk, replaced by these verified bytes.
+                let _guard = s.content_lock.lock().await;
+                staged.commit(&id).await.map_err(|e| not_stored(&key, e))?;
                 Ok(pb::PushPluginResponse {
                     plugin: Some(old),
                     created: false,
@@ -278,9 +282,27 @@ impl PluginAdmin for PluginAdminService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .key();
         let k = key.clone();
-        let plugin = self.0.store.set_enabled(&k, req.enabled).await?;
-        self.0.invalidate_plugin(&key);
+        let s = &self.0;
+        let plugin = s.store.set_enabled(&k, req.enabled).await?;
+        s.invalidate_plugin(&key);
         tracing::info!(plugin = %key, enabled = plugin.enabled, "plugin enabled state changed");
+        if !req.enabled {
+            // Queued jobs that need it can never run now: they fail, saying why.
+            let reason = format!(
+                "plugin {key} was disabled while the job was queued; enable it or create the job with another version"
+            );
+            let failed = s.store.fail_queued_needing(&key, &reason, now_ms()).await?;
+            let mut d = s.dispatch.lock().expect("dispatch lock");
+            for id in &failed {
+                d.remove(id);
+            }
+            s.sync_dispatch_gauges(&d);
+            drop(d);
+            for id in &failed {
+                s.count_finished("failed");
+                tracing::warn!(job = %id, plugin = %key, "queued job failed: plugin disabled");
+            }
+        }
         Ok(Response::new(pb::SetPluginEnabledResponse {
             plugin: Some(plugin),
         }))

@@ -276,6 +276,14 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<LeaseChange>, StoreError>;
     /// Cancels a queued job, or records the cancel of a running one.
     async fn cancel_job(&self, job_id: &str, now_ms: i64) -> Result<CancelOutcome, StoreError>;
+    /// Fails every queued job that requires plugin `key` (it was disabled), with
+    /// `reason`; returns their ids.
+    async fn fail_queued_needing(
+        &self,
+        key: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before_ms`; returns how many.
     async fn delete_finished(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError>;
 }

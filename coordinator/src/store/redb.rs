@@ -812,6 +812,43 @@ impl MetaStore for RedbStore {
         .await
     }
 
+    async fn fail_queued_needing(
+        &self,
+        key: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (key, reason) = (key.to_owned(), reason.to_owned());
+        self.write("fail_queued_needing", move |tx| {
+            let queued: Vec<String> = {
+                let t = tx.open_table(QUEUED)?;
+                let mut ids = Vec::new();
+                for e in t.iter()? {
+                    ids.push(e?.0.value().to_owned());
+                }
+                ids
+            };
+            let mut failed = Vec::new();
+            for id in queued {
+                let Some(mut job) = load_job(tx, &id)? else {
+                    continue;
+                };
+                if job
+                    .required_plugins
+                    .iter()
+                    .any(|r| plugin_key(&r.plugin_id, &r.version) == key)
+                {
+                    tx.open_table(QUEUED)?.remove(id.as_str())?;
+                    job.error_message = reason.clone();
+                    finish_job(tx, &mut job, pb::JobStatus::Failed, now_ms)?;
+                    failed.push(id);
+                }
+            }
+            Ok(failed)
+        })
+        .await
+    }
+
     async fn delete_finished(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
         self.write("delete_finished", move |tx| {
             let doomed: Vec<(i64, String)> = {

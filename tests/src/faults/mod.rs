@@ -7,6 +7,7 @@
 //! error; `cargo run -p arcade-tests --bin fault-suite` runs them and prints the table
 //! (scenario, outcome, bytes by source, bans, time), or one JSON object with `--json`.
 
+pub mod admin;
 pub mod agent_crash;
 pub mod auth;
 pub mod bad_input;
@@ -57,6 +58,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         auth::SCENARIOS,
         cache_tamper::SCENARIOS,
         secrets::SCENARIOS,
+        admin::SCENARIOS,
     ]
     .concat()
 }

@@ -2,6 +2,7 @@
 //! components and fails the test when a property does not hold. `cargo run -p
 //! arcade-tests --bin fault-suite` runs the same scenarios and prints their table.
 
+mod admin;
 mod agent_crash;
 mod auth;
 mod bad_input;
