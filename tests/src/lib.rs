@@ -242,6 +242,15 @@ where
     }
 }
 
+/// Files a coordinator's plugin storage holds, recursively, without its lock file
+/// (`.lock`, there from the start).
+pub fn storage_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|f| f.file_name().is_none_or(|n| n != ".lock"))
+        .collect()
+}
+
 /// Files under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -3,7 +3,7 @@
 
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
-use arcade_tests::{ADMIN, TestCoordinator, content, files_under};
+use arcade_tests::{ADMIN, TestCoordinator, content, files_under, storage_files};
 use tonic::Code;
 
 const CS: usize = 64 * 1024;
@@ -161,9 +161,9 @@ async fn push_rejections_store_nothing() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(err.message().contains("max_plugin_size"));
     assert!(
-        files_under(&blobs).is_empty(),
+        storage_files(&blobs).is_empty(),
         "left on disk: {:?}",
-        files_under(&blobs)
+        storage_files(&blobs)
     );
 
     // Expected checksum differs.
@@ -182,7 +182,7 @@ async fn push_rejections_store_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("checksum mismatch"), "{err}");
-    assert!(files_under(&blobs).is_empty());
+    assert!(storage_files(&blobs).is_empty());
 
     // Malformed checksum.
     let err = c

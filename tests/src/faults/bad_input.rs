@@ -39,7 +39,7 @@ use tonic::transport::Channel;
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
 use crate::process::workspace_bin;
-use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, files_under, wait_job};
+use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, wait_job};
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("bad-input", || Box::pin(bad_input()))];
@@ -1091,11 +1091,7 @@ async fn hostile_ids(
     tally.check(jobs.is_empty(), || {
         format!("hostile ids created {} job(s)", jobs.len())
     });
-    // The storage lock file is the coordinator's own, there from the start.
-    let files: Vec<_> = files_under(storage)
-        .into_iter()
-        .filter(|f| f.file_name().is_none_or(|n| n != ".lock"))
-        .collect();
+    let files = crate::storage_files(storage);
     tally.check(files.is_empty(), || {
         format!("hostile input left files in plugin storage: {files:?}")
     });
