@@ -49,6 +49,27 @@ pub struct CoordinatorConfig {
     pub agents: AgentsConfig,
     /// `[store]`: the metadata database.
     pub store: StoreConfig,
+    /// `[grpc]`: limits of the gRPC listener.
+    pub grpc: GrpcConfig,
+}
+
+/// `[grpc]`: what one client connection may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_streams_per_connection: u32,
+    /// A connection that does not answer a keep-alive ping within this is closed.
+    pub keepalive_timeout: Seconds,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 256,
+            keepalive_timeout: Seconds::secs(20),
+        }
+    }
 }
 
 /// `[agents]`: bounds on what agents may make the coordinator remember.
@@ -209,6 +230,7 @@ impl Default for CoordinatorConfig {
             serve: ServeConfig::default(),
             agents: AgentsConfig::default(),
             store: StoreConfig::default(),
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -322,6 +344,13 @@ max_installed = 10000
 [store]
 # Page cache of the metadata database (<data_dir>/coordinator.redb).
 cache_size = "64MiB"
+
+[grpc]
+# Calls (HTTP/2 streams) one client connection may have open at once. Calls without a
+# token the coordinator knows are refused before their body is read.
+max_streams_per_connection = 256
+# A connection that does not answer a keep-alive ping within this is closed.
+keepalive_timeout = "20s"
 
 [mesh]
 # Lifetime of the coordinator-signed tickets that admit an agent's libp2p peer to the
@@ -505,6 +534,17 @@ impl CoordinatorConfig {
         }
         if self.store.cache_size < ByteSize::mib(1) || self.store.cache_size > ByteSize(1 << 40) {
             return Err(bad("store.cache_size", "must be between 1MiB and 1TiB"));
+        }
+        if self.grpc.max_streams_per_connection == 0
+            || self.grpc.max_streams_per_connection > 100_000
+        {
+            return Err(bad(
+                "grpc.max_streams_per_connection",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.grpc.keepalive_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(bad("grpc.keepalive_timeout", "must be at least 1s"));
         }
         if self.serve.max_streams == 0 || self.serve.max_streams > 100_000 {
             return Err(bad("serve.max_streams", "must be between 1 and 100000"));

@@ -277,9 +277,15 @@ impl RunningCoordinator {
             .set_serving::<FleetServer<FleetService>>()
             .await;
 
+        let grpc = &shared.config.raw.grpc;
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // A peer that does not answer a keep-alive ping in time is dropped.
+            .http2_keepalive_timeout(Some(grpc.keepalive_timeout.get()))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(Some(grpc.max_streams_per_connection))
+            .layer(crate::service::gate::AuthGateLayer(shared.clone()))
             .initial_stream_window_size(Some(arcade_proto::STREAM_WINDOW))
             .initial_connection_window_size(Some(arcade_proto::CONNECTION_WINDOW))
             .add_service(health)

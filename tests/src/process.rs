@@ -80,6 +80,11 @@ impl CoordinatorProcess {
     pub fn kill9(self) {
         self.inner.kill9();
     }
+
+    /// Its current resident set size, bytes.
+    pub fn rss(&self) -> Option<u64> {
+        self.inner.rss()
+    }
 }
 
 impl std::ops::Deref for CoordinatorProcess {

@@ -14,11 +14,13 @@
 //! - `fleet.rs` — the fleet in memory and its indexes; `fleet_api.rs` — `Fleet`.
 //! - `jobs.rs` — `Jobs` (create, get, list, cancel).
 //! - `leases.rs` — lease deadlines, their sweep, and the retention sweep.
+//! - `gate.rs` — the tower layer that refuses unknown tokens before a body is read.
 
 pub(crate) mod agents;
 pub(crate) mod downloads;
 pub(crate) mod fleet;
 pub(crate) mod fleet_api;
+pub(crate) mod gate;
 pub mod herd;
 pub(crate) mod hints;
 pub(crate) mod jobs;

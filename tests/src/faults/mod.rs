@@ -17,6 +17,7 @@ pub mod coordinator_crash;
 pub mod disk_full;
 pub mod hostile;
 pub mod secrets;
+pub mod stalled;
 pub mod storage_full;
 
 use std::future::Future;
@@ -59,6 +60,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         cache_tamper::SCENARIOS,
         secrets::SCENARIOS,
         admin::SCENARIOS,
+        stalled::SCENARIOS,
     ]
     .concat()
 }

@@ -1,0 +1,6 @@
+//! Tests of the `stalled` fault scenario (`arcade_tests::faults::stalled`).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_requests() {
+    crate::check("stalled-requests").await
+}
