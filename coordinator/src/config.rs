@@ -118,6 +118,9 @@ impl Default for StoreConfig {
 pub struct ServeConfig {
     /// Concurrent `DownloadPlugin` streams; more are answered RESOURCE_EXHAUSTED.
     pub max_streams: u32,
+    /// Concurrent `DownloadPlugin` streams of one agent, so that one agent cannot hold
+    /// every stream; more are answered RESOURCE_EXHAUSTED.
+    pub max_streams_per_agent: u32,
     /// Total egress rate for plugin content, bytes per second (`0B` = unlimited).
     pub egress_rate: ByteSize,
     /// A chunk served to an agent within this window is not served again to another
@@ -132,6 +135,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             max_streams: 64,
+            max_streams_per_agent: 16,
             egress_rate: ByteSize(0),
             herd_window: Seconds::secs(120),
             max_redirects: 8,
@@ -360,6 +364,9 @@ ticket_ttl = "1h"
 [serve]
 # Concurrent DownloadPlugin streams; more are answered RESOURCE_EXHAUSTED (agents retry).
 max_streams = 64
+# Concurrent DownloadPlugin streams of one agent (its token), so that one agent cannot
+# hold every stream; more are answered RESOURCE_EXHAUSTED.
+max_streams_per_agent = 16
 # Total egress for plugin content per second ("0B" = unlimited).
 egress_rate = "0B"
 # Herd protection: a chunk served to an agent within this window is not served to
@@ -548,6 +555,14 @@ impl CoordinatorConfig {
         }
         if self.serve.max_streams == 0 || self.serve.max_streams > 100_000 {
             return Err(bad("serve.max_streams", "must be between 1 and 100000"));
+        }
+        if self.serve.max_streams_per_agent == 0
+            || self.serve.max_streams_per_agent > self.serve.max_streams
+        {
+            return Err(bad(
+                "serve.max_streams_per_agent",
+                "must be between 1 and serve.max_streams",
+            ));
         }
         if self.serve.max_redirects > 100 {
             return Err(bad("serve.max_redirects", "must be at most 100"));

@@ -58,7 +58,53 @@ impl Drop for DownloadRecord {
     }
 }
 
+/// One of an agent's `serve.max_streams_per_agent` download streams; released on drop.
+struct AgentStreamSlot {
+    shared: SharedRef,
+    agent_id: String,
+}
+
+impl AgentStreamSlot {
+    fn take(shared: &SharedRef, agent_id: &str) -> Result<Self, Status> {
+        let max = shared.config.raw.serve.max_streams_per_agent as usize;
+        let mut open = shared.agent_streams.lock().expect("agent streams lock");
+        let n = open.entry(agent_id.to_owned()).or_default();
+        if *n >= max {
+            let mut status = Status::resource_exhausted(format!(
+                "agent {agent_id} already has {max} DownloadPlugin streams open (serve.max_streams_per_agent); finish or cancel one and retry"
+            ));
+            status.metadata_mut().insert(
+                "arcade-retry-after-ms",
+                tonic::metadata::MetadataValue::from(200u32),
+            );
+            return Err(status);
+        }
+        *n += 1;
+        Ok(Self {
+            shared: shared.clone(),
+            agent_id: agent_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for AgentStreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .agent_streams
+            .lock()
+            .expect("agent streams lock");
+        if let Some(n) = open.get_mut(&self.agent_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.agent_id);
+            }
+        }
+    }
+}
+
 struct DownloadState {
+    _agent_slot: AgentStreamSlot,
     shared: SharedRef,
     agent_id: String,
     _stream_slot: tokio::sync::OwnedSemaphorePermit,
@@ -237,6 +283,7 @@ pub(crate) async fn download_plugin(
             }
         }
     }
+    let agent_slot = AgentStreamSlot::take(s, &agent.agent_id)?;
     let stream_slot = s.streams.clone().try_acquire_owned().map_err(|_| {
         let mut status = Status::resource_exhausted(format!(
             "coordinator is serving its maximum of {} streams (serve.max_streams); retry shortly",
@@ -251,6 +298,7 @@ pub(crate) async fn download_plugin(
     let reader = s.blobs.open(&manifest.content_id()).await?;
     tracing::info!(agent = %agent.agent_id, plugin = %plugin_key(&plugin.plugin_id, &plugin.version), sha256 = %&plugin.sha256[..12], size = plugin.size, "download started");
     let state = DownloadState {
+        _agent_slot: agent_slot,
         shared: s.clone(),
         agent_id: agent.agent_id.clone(),
         _stream_slot: stream_slot,

@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     pub(crate) herd: Mutex<herd::Herd>,
     /// Bounds concurrent `DownloadPlugin` streams (`serve.max_streams`).
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
+    /// Open `DownloadPlugin` streams per agent (`serve.max_streams_per_agent`).
+    pub(crate) agent_streams: Mutex<HashMap<String, usize>>,
     /// Coordinator egress limit (`serve.egress_rate`).
     pub(crate) egress: arcade_p2p::mesh::limiter::RateLimiter,
     /// `agents.register_rate`.
@@ -284,6 +286,7 @@ impl Shared {
             streams: Arc::new(tokio::sync::Semaphore::new(
                 config.raw.serve.max_streams as usize,
             )),
+            agent_streams: Mutex::new(HashMap::new()),
             egress: arcade_p2p::mesh::limiter::RateLimiter::new(
                 config.raw.serve.egress_rate.bytes(),
                 // One chunk of burst: the cap holds from the first second.

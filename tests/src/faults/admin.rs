@@ -10,6 +10,8 @@
 //!   `plugin.storage_path` refuses to start (before, it deleted the first one's blobs as
 //!   unreferenced); a blob damaged on disk is repaired by pushing the plugin again.
 //! - `metric-labels`: downloads of made-up plugin ids do not create metric series.
+//! - `download-slots`: one agent opening every `DownloadPlugin` stream and never reading
+//!   them gets at most `serve.max_streams_per_agent`; another agent still downloads.
 
 use std::time::Duration;
 
@@ -29,7 +31,66 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("disabled-plugin", || Box::pin(disabled_plugin())),
     ("shared-storage", || Box::pin(shared_storage())),
     ("metric-labels", || Box::pin(metric_labels())),
+    ("download-slots", || Box::pin(download_slots())),
 ];
+
+async fn download_slots() -> anyhow::Result<Outcome> {
+    let c = TestCoordinator::start(|c| {
+        c.serve.max_streams = 8;
+        c.serve.max_streams_per_agent = 4;
+    })
+    .await;
+    // Larger than a stream's flow-control window (4 MiB), so an unread stream stays open.
+    let data = crate::content(16 << 20, 4);
+    c.push("big/slots", "1.0.0", &data, Default::default())
+        .await?;
+    let req = || pb::DownloadPluginRequest {
+        plugin_id: "big/slots".into(),
+        version: "1.0.0".into(),
+        ..Default::default()
+    };
+    // The hog opens every stream it can and reads one message of each.
+    let hog = c.register("hog", &[], vec![]).await;
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..8 {
+        // Each on its own connection, so the unread streams' flow-control windows do
+        // not hold up the next request.
+        let mut client = c.agent(&hog).await;
+        match client.download_plugin(req()).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                match stream.message().await {
+                    Ok(_) => held.push(stream),
+                    Err(s) => refused.push(s),
+                }
+            }
+            Err(s) => refused.push(s),
+        }
+    }
+    ensure!(
+        held.len() == 4,
+        "one agent holds {} download streams (serve.max_streams_per_agent = 4)",
+        held.len()
+    );
+    ensure!(
+        refused.iter().all(|s| s.code() == Code::ResourceExhausted
+            && s.message().contains("serve.max_streams_per_agent")),
+        "{refused:?}"
+    );
+    // Another agent still gets the whole plugin, verified.
+    let other = c.register("victim", &[], vec![]).await;
+    let (_, got) = c
+        .download(&other, req())
+        .await
+        .context("the other agent's download")?;
+    ensure!(got == data, "the other agent's download differs");
+    drop(held);
+    Ok(Outcome {
+        outcome: "an agent opening 8 streams and reading none got 4 (serve.max_streams_per_agent), the rest RESOURCE_EXHAUSTED naming the key; another agent downloaded 16 MiB verified meanwhile".into(),
+        ..Default::default()
+    })
+}
 
 async fn oversized_result() -> anyhow::Result<Outcome> {
     let c = TestCoordinator::start(|c| {

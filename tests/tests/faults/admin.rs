@@ -19,3 +19,8 @@ async fn shared_storage() {
 async fn metric_labels() {
     crate::check("metric-labels").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_slots() {
+    crate::check("download-slots").await
+}
