@@ -60,9 +60,13 @@ async fn token_leak() -> anyhow::Result<Outcome> {
     cmd.env("ARCADE_ENROLL_TOKEN", &c.enroll_token);
     if root {
         std::fs::create_dir_all(&data)?;
+        // A copy of the binary `nobody` can reach, wherever the checkout lives (a
+        // clone under /root is not traversable by other users).
+        let bin = dir.path().join("arcade-agent");
+        std::fs::copy(cmd.get_program(), &bin).context("copy the agent binary")?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
         chown_tree(dir.path(), NOBODY)?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let bin = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
         let mut wrapped = std::process::Command::new("setpriv");
         wrapped
