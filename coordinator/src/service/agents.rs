@@ -434,12 +434,8 @@ impl Agent for AgentService {
             // Written only when it changed (liveness itself is never written), and to the
             // store before memory, so a failed write is retried by the next heartbeat.
             let changed = s
-                .fleet
-                .lock()
-                .expect("fleet lock")
-                .agents
-                .get(&agent.agent_id)
-                .is_some_and(|l| l.record.installed != installed);
+                .with_live(&agent.agent_id, |l| l.record.installed != installed)
+                .unwrap_or(false);
             if changed {
                 s.store
                     .set_installed(&agent.agent_id, installed.clone())
@@ -454,24 +450,12 @@ impl Agent for AgentService {
         // Renew the mesh ticket once half of its lifetime has passed.
         let half = s.config.raw.mesh.ticket_ttl.get().as_millis() as i64 / 2;
         let due = s
-            .fleet
-            .lock()
-            .expect("fleet lock")
-            .agents
-            .get(&agent.agent_id)
-            .is_some_and(|a| a.ticket_expires_at - now_ms() < half);
+            .with_live(&agent.agent_id, |a| a.ticket_expires_at - now_ms() < half)
+            .unwrap_or(false);
         let mut mesh_ticket = Vec::new();
         if due {
             let (ticket, expires) = s.issue_ticket(&agent)?;
-            if let Some(live) = s
-                .fleet
-                .lock()
-                .expect("fleet lock")
-                .agents
-                .get_mut(&agent.agent_id)
-            {
-                live.ticket_expires_at = expires;
-            }
+            s.with_live(&agent.agent_id, |l| l.ticket_expires_at = expires);
             mesh_ticket = ticket;
         }
         Ok(Response::new(pb::HeartbeatResponse {
@@ -488,12 +472,7 @@ impl Agent for AgentService {
         let s = &self.0;
         let agent = s.require_agent(&request, &request.get_ref().agent_id)?;
         let labels = s
-            .fleet
-            .lock()
-            .expect("fleet lock")
-            .agents
-            .get(&agent.agent_id)
-            .map(|l| l.labels.clone())
+            .with_live(&agent.agent_id, |l| l.labels.clone())
             .ok_or_else(|| Status::unauthenticated("unknown agent: Register again"))?;
         let req = request.into_inner();
         let max = req.max_jobs.clamp(1, 64) as usize;

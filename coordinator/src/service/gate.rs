@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tonic::codegen::http;
 
-use super::{SharedRef, token_hash};
+use super::{CallerToken, SharedRef, bearer, token_hash};
 
 /// Paths anyone may call.
 const PUBLIC: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
@@ -58,11 +58,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Err(status) = self.shared.admit(req.uri().path(), req.headers()) {
-            // Answered from the headers alone; the body is dropped unread.
-            drop(req);
-            return Box::pin(async move { Ok(status.into_http()) });
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match self.shared.admit(req.uri().path(), req.headers()) {
+            Ok(Some(hash)) => {
+                req.extensions_mut().insert(CallerToken(hash));
+            }
+            Ok(None) => {}
+            Err(status) => {
+                // Answered from the headers alone; the body is dropped unread.
+                drop(req);
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
         }
         Box::pin(self.inner.call(req))
     }
@@ -71,23 +77,16 @@ where
 impl super::Shared {
     /// Whether a call to `path` with these headers may reach its handler: public, or
     /// carrying a token the coordinator knows.
-    pub(crate) fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<(), Status> {
+    /// The hash is returned for the handlers (`CallerToken`); public calls have none.
+    pub(crate) fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<[u8; 32]>, Status> {
         if PUBLIC.iter().any(|p| path.starts_with(p)) {
-            return Ok(());
+            return Ok(None);
         }
-        let value = headers
-            .get(arcade_proto::AUTHORIZATION)
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
-            })?
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization metadata must be `Bearer <token>`")
-            })?;
+        let token = bearer(headers)?;
         let hash = token_hash(token);
         if hash == self.admin_hash
             || hash == self.enroll_hash
@@ -98,7 +97,7 @@ impl super::Shared {
                 .tokens
                 .contains_key(&hash)
         {
-            return Ok(());
+            return Ok(Some(hash));
         }
         Err(Status::unauthenticated(
             if path == "/arcade.v1.Agent/Register" {

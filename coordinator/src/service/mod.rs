@@ -221,13 +221,11 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
 }
 
-fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
-    let value = req
-        .metadata()
-        .get(arcade_proto::AUTHORIZATION)
-        .ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
-        })?;
+/// The token of `authorization: Bearer <token>`, the one parser of that header.
+pub(crate) fn bearer(headers: &tonic::codegen::http::HeaderMap) -> Result<&str, Status> {
+    let value = headers.get(arcade_proto::AUTHORIZATION).ok_or_else(|| {
+        Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+    })?;
     let value = value
         .to_str()
         .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
@@ -235,6 +233,20 @@ fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
         .strip_prefix("Bearer ")
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <token>`"))
+}
+
+/// The SHA-256 of a call's bearer token, as the admission gate (`gate.rs`) computed it
+/// and left in the request's extensions, so it is hashed once per call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallerToken(pub(crate) [u8; 32]);
+
+/// The caller's token hash: from the gate, or (a service used without it, as in unit
+/// tests) parsed and hashed here.
+fn caller_hash<T>(req: &Request<T>) -> Result<[u8; 32], Status> {
+    if let Some(CallerToken(hash)) = req.extensions().get::<CallerToken>() {
+        return Ok(*hash);
+    }
+    Ok(token_hash(bearer(req.metadata().as_ref())?))
 }
 
 impl Shared {
@@ -362,7 +374,7 @@ impl Shared {
     /// agent's, the enrollment token) identifies a caller without the right:
     /// `PERMISSION_DENIED`; any other token is `UNAUTHENTICATED`.
     pub(crate) fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let hash = token_hash(bearer(req)?);
+        let hash = caller_hash(req)?;
         if hash == self.admin_hash {
             return Ok(());
         }
@@ -381,7 +393,7 @@ impl Shared {
 
     /// Checks the enrollment token.
     pub(crate) fn require_enrollment<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if token_hash(bearer(req)?) == self.enroll_hash {
+        if caller_hash(req)? == self.enroll_hash {
             Ok(())
         } else {
             Err(Status::unauthenticated("invalid enrollment token"))
@@ -394,7 +406,7 @@ impl Shared {
         req: &Request<T>,
         claimed_id: &str,
     ) -> Result<Arc<AgentRecord>, Status> {
-        let hash = token_hash(bearer(req)?);
+        let hash = caller_hash(req)?;
         let mut fleet = self.fleet.lock().expect("fleet lock");
         let id = fleet
             .tokens
@@ -417,12 +429,23 @@ impl Shared {
     /// Whether `agent` is still registered under the same token (not removed or
     /// re-registered since it was authenticated).
     pub(crate) fn is_current(&self, agent: &AgentRecord) -> bool {
+        self.with_live(&agent.agent_id, |l| l.record.token_hash == agent.token_hash)
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on the live view of agent `id` under the fleet lock (`None`: not
+    /// registered). The one way the services read or update a single agent.
+    pub(crate) fn with_live<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut fleet::LiveAgent) -> T,
+    ) -> Option<T> {
         self.fleet
             .lock()
             .expect("fleet lock")
             .agents
-            .get(&agent.agent_id)
-            .is_some_and(|l| l.record.token_hash == agent.token_hash)
+            .get_mut(id)
+            .map(f)
     }
 
     /// A plugin version, through the cache.
