@@ -359,7 +359,8 @@ pub struct ValidConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Parsed builtin plugins.
     pub builtin: Vec<(PluginRef, String)>,
-    /// Where the libp2p identity (peer id) is kept.
+    /// Where the agent's key is kept: its identity at the coordinator and its libp2p
+    /// peer id (`crate::identity`).
     pub mesh_identity: PathBuf,
 }
 

@@ -8,6 +8,7 @@
 //! - [`exec`] — running plugin stages and job commands as bounded child processes.
 //! - [`fetch`] — the fetch path (cache hit, or verified chunks from a source into a
 //!   resumable partial file); [`fetch::source`] is where chunks come from.
+//! - [`identity`] — the agent's long-lived key (its id at the coordinator, its peer id).
 //! - [`job`] — one job: plugins, stages, commands, the report.
 //! - [`mesh`] — the agent's libp2p host and what it serves from the cache.
 //! - [`session`] — the connection and token to the coordinator.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod fetch;
+pub mod identity;
 pub mod job;
 pub mod mesh;
 pub mod metrics;

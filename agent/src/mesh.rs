@@ -9,7 +9,6 @@
 //! served: refusing is the safe default.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arcade_p2p::labels::Labels;
@@ -122,36 +121,6 @@ impl std::fmt::Debug for MeshNode {
     }
 }
 
-/// The libp2p identity in `path`, created (mode 0600) on first start so the peer id
-/// survives restarts.
-fn identity(path: &Path) -> std::io::Result<libp2p_identity::Keypair> {
-    match std::fs::read(path) {
-        Ok(bytes) => libp2p_identity::Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let key = libp2p_identity::Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(std::io::Error::other)?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            Ok(key)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Whether `addr` may be advertised by default.
 fn advertisable(addr: &Multiaddr, allow_loopback: bool) -> bool {
     use libp2p::multiaddr::Protocol;
@@ -168,10 +137,13 @@ fn advertisable(addr: &Multiaddr, allow_loopback: bool) -> bool {
 
 impl MeshNode {
     /// Starts the host for `config` over `cache`.
-    pub async fn start(config: &ValidConfig, cache: PluginCache) -> Result<Self, MeshError> {
+    /// `keypair` is the agent's identity (`crate::identity`).
+    pub async fn start(
+        config: &ValidConfig,
+        cache: PluginCache,
+        keypair: libp2p_identity::Keypair,
+    ) -> Result<Self, MeshError> {
         let m = &config.raw.mesh;
-        let keypair = identity(&config.mesh_identity)
-            .map_err(|e| MeshError::Start(format!("mesh identity: {e}")))?;
         let parse = |list: &[String]| -> Result<Vec<Multiaddr>, MeshError> {
             list.iter()
                 .map(|a| a.parse().map_err(|e| MeshError::Start(format!("{a}: {e}"))))
@@ -310,14 +282,5 @@ mod tests {
         assert!(!advertisable(&a("/ip4/172.17.0.2/tcp/1"), false));
         assert!(advertisable(&a("/ip4/10.1.2.3/tcp/1"), false));
         assert!(!advertisable(&a("/ip6/::1/tcp/1"), false));
-    }
-
-    #[test]
-    fn identity_is_created_once_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("id.key");
-        let first = identity(&path).unwrap().public().to_peer_id();
-        let again = identity(&path).unwrap().public().to_peer_id();
-        assert_eq!(first, again);
     }
 }

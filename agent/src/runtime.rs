@@ -69,6 +69,15 @@ pub enum StartError {
     /// The mesh host cannot start.
     #[error("mesh: {0}")]
     Mesh(#[source] arcade_p2p::mesh::host::MeshError),
+    /// The agent's key cannot be read or created.
+    #[error("agent key {path}: {source}")]
+    Identity {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The coordinator refused to register us (bad enrollment token, bad id).
     #[error("the coordinator refused registration: {0}")]
     Refused(String),
@@ -77,6 +86,10 @@ pub enum StartError {
 /// State shared by the agent's tasks.
 struct Core {
     config: ValidConfig,
+    /// The agent's long-lived key (`crate::identity`): signs every Register.
+    key: libp2p_identity::Keypair,
+    /// `revocations_upto` of the last heartbeat answer.
+    revocations_seen: std::sync::atomic::AtomicU64,
     /// The libp2p host, when `mesh.enabled`.
     mesh: Option<MeshNode>,
     /// The coordinator's ticket key (from registration), for ticket renewals.
@@ -127,6 +140,13 @@ pub fn protect_secrets() {
     }
 }
 
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn backoff_step(current: Duration) -> Duration {
     (current * 2).min(Duration::from_secs(10))
 }
@@ -144,7 +164,7 @@ impl Core {
     }
 
     async fn register(&self) -> Result<Duration, tonic::Status> {
-        let req = pb::RegisterRequest {
+        let mut req = pb::RegisterRequest {
             agent_id: self.config.id.clone(),
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -163,7 +183,9 @@ impl Core {
                 .unwrap_or_default(),
             max_concurrent_jobs: self.config.raw.max_concurrent_jobs,
             installed_plugins: self.installed().await,
+            ..Default::default()
         };
+        arcade_p2p::identity::sign_register(&mut req, &self.key, unix_ms());
         let sent = req.installed_plugins.clone();
         let reg = self.session.register(req).await?;
         *self.reported.lock().expect("reported lock") = Some(sent);
@@ -239,6 +261,9 @@ impl Core {
                     Vec::new()
                 },
                 installed_set: changed,
+                revocations_seen: self
+                    .revocations_seen
+                    .load(std::sync::atomic::Ordering::Relaxed),
             };
             match self.session.client().heartbeat(req).await {
                 Ok(resp) => {
@@ -246,6 +271,22 @@ impl Core {
                         *self.reported.lock().expect("reported lock") = Some(installed);
                     }
                     let resp = resp.into_inner();
+                    self.revocations_seen
+                        .store(resp.revocations_upto, std::sync::atomic::Ordering::Relaxed);
+                    if let (Some(mesh), false) = (&self.mesh, resp.revoked_peers.is_empty()) {
+                        let peers: Vec<_> = resp
+                            .revoked_peers
+                            .iter()
+                            .filter_map(|p| p.parse().ok())
+                            .collect();
+                        tracing::info!(
+                            peers = peers.len(),
+                            "mesh peers revoked by the coordinator"
+                        );
+                        if let Err(e) = mesh.handle().revoke(peers).await {
+                            tracing::warn!(error = %e, "cannot pass revocations to the mesh host");
+                        }
+                    }
                     if let (Some(mesh), false) = (&self.mesh, resp.mesh_ticket.is_empty()) {
                         let key = self.mesh_key.lock().expect("mesh key lock").clone();
                         mesh.set_credentials(resp.mesh_ticket.clone(), &key).await;
@@ -545,9 +586,15 @@ impl RunningAgent {
             &config.id,
             &config.raw.enroll_token,
         )?;
+        let key = crate::identity::load_or_create(&config.mesh_identity).map_err(|source| {
+            StartError::Identity {
+                path: config.mesh_identity.clone(),
+                source,
+            }
+        })?;
         let mesh = if config.raw.mesh.enabled {
             Some(
-                MeshNode::start(&config, cache.clone())
+                MeshNode::start(&config, cache.clone(), key.clone())
                     .await
                     .map_err(StartError::Mesh)?,
             )
@@ -585,6 +632,8 @@ impl RunningAgent {
         };
         let core = Arc::new(Core {
             config,
+            key,
+            revocations_seen: std::sync::atomic::AtomicU64::new(0),
             mesh,
             mesh_key: Mutex::new(Vec::new()),
             session,

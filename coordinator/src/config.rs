@@ -84,6 +84,9 @@ pub struct AgentsConfig {
     pub register_rate: u32,
     /// Most installed plugins one agent may declare.
     pub max_installed: u32,
+    /// Label keys an agent may carry only with a value its enrolment token grants
+    /// (besides these, every key a plugin's `allowed_labels` uses is restricted).
+    pub restricted_label_keys: Vec<String>,
 }
 
 impl Default for AgentsConfig {
@@ -92,6 +95,7 @@ impl Default for AgentsConfig {
             max_agents: 20_000,
             register_rate: 500,
             max_installed: 10_000,
+            restricted_label_keys: Vec::new(),
         }
     }
 }
@@ -344,6 +348,10 @@ max_agents = 20000
 register_rate = 500
 # Most installed plugins one agent may declare (Register, Heartbeat).
 max_installed = 10000
+# Label keys an agent may carry only with a value its enrolment token grants
+# (`arcadectl enroll create --label KEY=VALUE`). Every key some plugin's
+# allowed_labels uses is restricted as well; other labels are the agent's own.
+restricted_label_keys = []
 
 [store]
 # Page cache of the metadata database (<data_dir>/coordinator.redb).
@@ -538,6 +546,16 @@ impl CoordinatorConfig {
         }
         if a.max_installed > 100_000 {
             return Err(bad("agents.max_installed", "must be at most 100000"));
+        }
+        if a.restricted_label_keys.len() > arcade_p2p::labels::MAX_LABELS {
+            return Err(bad(
+                "agents.restricted_label_keys",
+                "must list at most 64 keys",
+            ));
+        }
+        for key in &a.restricted_label_keys {
+            arcade_p2p::labels::parse_label(&format!("{key}=x"))
+                .map_err(|e| bad("agents.restricted_label_keys", e.to_string()))?;
         }
         if self.store.cache_size < ByteSize::mib(1) || self.store.cache_size > ByteSize(1 << 40) {
             return Err(bad("store.cache_size", "must be between 1MiB and 1TiB"));

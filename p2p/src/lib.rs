@@ -4,6 +4,7 @@
 //!   identity (SHA-256), per-chunk BLAKE3 verification, whole-content verification and
 //!   the deterministic protobuf encoding.
 //! - [`plugin_ref`] — plugin ids (`notify/slack`), semver versions, `id@version`.
+//! - [`identity`] — an agent's proof, at registration, that it holds its long-lived key.
 //! - [`labels`] — agent labels and label requirements (access control, job selectors).
 //! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
 //!   durations.
@@ -16,6 +17,7 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod identity;
 pub mod labels;
 pub mod logging;
 pub mod manifest;

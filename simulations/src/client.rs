@@ -15,6 +15,30 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+/// The key of a simulated agent: derived from its id, so registering the same id again
+/// proves the same identity (as a real agent's key file does).
+pub fn agent_key(agent_id: &str) -> libp2p_identity::Keypair {
+    let seed: [u8; 32] = Sha256::digest(format!("arcade-sim-agent/{agent_id}")).into();
+    // A 32-byte seed is always a valid ed25519 secret key.
+    libp2p_identity::Keypair::ed25519_from_bytes(seed).expect("ed25519 seed")
+}
+
+/// The peer id of [`agent_key`]`(agent_id)`.
+pub fn agent_peer_id(agent_id: &str) -> String {
+    agent_key(agent_id).public().to_peer_id().to_string()
+}
+
+/// `req` signed with [`agent_key`] of its agent id, now.
+pub fn signed(mut req: pb::RegisterRequest) -> pb::RegisterRequest {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let key = agent_key(&req.agent_id);
+    arcade_p2p::identity::sign_register(&mut req, &key, now);
+    req
+}
+
 /// How to reach a coordinator: its gRPC URL and metrics address.
 #[derive(Debug, Clone)]
 pub struct Conn {
@@ -81,22 +105,53 @@ impl Conn {
         labels: &[(&str, &str)],
         installed: Vec<pb::InstalledPlugin>,
     ) -> String {
-        self.register_with(agent_id, labels, installed, "")
+        self.register_with(agent_id, labels, installed, false)
             .await
             .expect("register")
     }
 
-    /// Registers an agent with a peer id.
+    /// A new enrolment token (made with the admin token) that grants `labels`.
+    pub async fn grant(&self, labels: &[(&str, &str)]) -> Result<String, Status> {
+        let resp = self
+            .fleet(&self.admin_token)
+            .await
+            .create_enroll_token(pb::CreateEnrollTokenRequest {
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| pb::Label {
+                        key: (*k).into(),
+                        value: (*v).into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(resp.into_inner().token)
+    }
+
+    /// Registers an agent, signed with [`agent_key`] (with a token granting its labels); with `mesh`, as a mesh peer (its
+    /// peer id is [`agent_peer_id`], with one advertised address).
     pub async fn register_with(
         &self,
         agent_id: &str,
         labels: &[(&str, &str)],
         installed: Vec<pb::InstalledPlugin>,
-        peer_id: &str,
+        mesh: bool,
     ) -> Result<String, Status> {
-        let mut c = self.agent(&self.enroll_token).await;
+        // Restricted labels need a token that grants them: the admin makes one.
+        let token = if labels.is_empty() {
+            self.enroll_token.clone()
+        } else {
+            self.grant(labels).await?
+        };
+        let mut c = self.agent(&token).await;
+        let peer_id = if mesh {
+            agent_peer_id(agent_id)
+        } else {
+            String::new()
+        };
         let resp = c
-            .register(pb::RegisterRequest {
+            .register(signed(pb::RegisterRequest {
                 agent_id: agent_id.into(),
                 hostname: "test-host".into(),
                 labels: labels
@@ -106,15 +161,15 @@ impl Conn {
                         value: (*v).into(),
                     })
                     .collect(),
-                peer_id: peer_id.into(),
-                addrs: if peer_id.is_empty() {
-                    vec![]
-                } else {
+                addrs: if mesh {
                     vec!["/ip4/127.0.0.1/tcp/4001".into()]
+                } else {
+                    vec![]
                 },
+                peer_id,
                 installed_plugins: installed,
                 ..Default::default()
-            })
+            }))
             .await?;
         Ok(resp.into_inner().agent_token)
     }

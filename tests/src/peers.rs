@@ -26,11 +26,17 @@ impl ChunkStore for Nothing {
 
 /// Starts a mesh host on loopback with a fresh identity that serves nothing.
 pub async fn bare_peer() -> anyhow::Result<MeshHandle> {
-    MeshHost::start(
-        libp2p_identity::Keypair::generate_ed25519(),
-        HostConfig::default(),
-        Arc::new(Nothing),
-    )
-    .await
-    .context("start a bare libp2p peer")
+    start(libp2p_identity::Keypair::generate_ed25519()).await
+}
+
+/// A bare peer whose identity is the simulated agent key of `agent_id`
+/// (`arcade_simulations::client::agent_key`), so it can enrol as that agent.
+pub async fn bare_peer_as(agent_id: &str) -> anyhow::Result<MeshHandle> {
+    start(arcade_simulations::client::agent_key(agent_id)).await
+}
+
+async fn start(key: libp2p_identity::Keypair) -> anyhow::Result<MeshHandle> {
+    MeshHost::start(key, HostConfig::default(), Arc::new(Nothing))
+        .await
+        .context("start a bare libp2p peer")
 }

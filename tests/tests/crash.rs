@@ -33,7 +33,7 @@ async fn kill_9_during_pushes_loses_no_acknowledged_push() {
         let proc = CoordinatorProcess::start(&config, &data_dir, false);
         // Everything acknowledged in earlier rounds is intact.
         let agent = proc
-            .register_with(&format!("a{round}"), &[], vec![], "")
+            .register_with(&format!("a{round}"), &[], vec![], false)
             .await
             .unwrap();
         for (version, data) in &acknowledged {

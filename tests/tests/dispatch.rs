@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use arcade_p2p::ContentId;
-use arcade_p2p::mesh::ticket::PeerId;
 use arcade_proto::v1 as pb;
+use arcade_simulations::client::signed;
 use arcade_tests::{ADMIN, Conn, TestCoordinator, command_job, eventually};
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -40,10 +40,10 @@ async fn register_many(
         );
         let id = format!("waiter-{i:04}");
         let token = client
-            .register(pb::RegisterRequest {
+            .register(signed(pb::RegisterRequest {
                 agent_id: id.clone(),
                 ..Default::default()
-            })
+            }))
             .await
             .unwrap()
             .into_inner()
@@ -144,8 +144,8 @@ async fn per_agent_state_and_registration_floods_are_bounded() {
     })
     .await;
     let mut enroll = c.agent(&c.enroll_token).await;
-    let register =
-        |id: String, labels: Vec<pb::Label>, hostname: String, n: usize| pb::RegisterRequest {
+    let register = |id: String, labels: Vec<pb::Label>, hostname: String, n: usize| {
+        signed(pb::RegisterRequest {
             agent_id: id,
             hostname,
             labels,
@@ -157,7 +157,8 @@ async fn per_agent_state_and_registration_floods_are_bounded() {
                 })
                 .collect(),
             ..Default::default()
-        };
+        })
+    };
     // Bad input: clear InvalidArgument naming the limit.
     let cases: Vec<(pb::RegisterRequest, &str)> = vec![
         (
@@ -254,10 +255,10 @@ async fn registrations_beyond_the_rate_are_refused_with_a_retry_hint() {
     let mut limited = 0;
     for i in 0..30 {
         match enroll
-            .register(pb::RegisterRequest {
+            .register(signed(pb::RegisterRequest {
                 agent_id: format!("r{i}"),
                 ..Default::default()
-            })
+            }))
             .await
         {
             Ok(_) => ok += 1,
@@ -289,7 +290,7 @@ async fn peer_hints_come_from_the_holder_index_and_drop_removed_agents() {
     for i in 0..40 {
         let id = format!("holder-{i:02}");
         let t = c
-            .register_with(&id, &[], vec![held.clone()], &PeerId::random().to_string())
+            .register_with(&id, &[], vec![held.clone()], true)
             .await
             .unwrap();
         c.agent(&t)

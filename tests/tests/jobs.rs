@@ -7,6 +7,7 @@ use arcade_p2p::ContentId;
 use arcade_p2p::mesh::ticket::{PeerId, TicketVerifier};
 use arcade_p2p::settings::Seconds;
 use arcade_proto::v1 as pb;
+use arcade_simulations::client::{agent_peer_id, signed};
 use arcade_tests::{ADMIN, TestCoordinator, content, eventually};
 use tonic::Code;
 
@@ -64,19 +65,13 @@ async fn job_carries_plugins_manifests_and_peer_hints_and_records_results() {
         sha256: sha.clone(),
     };
     // Two holders: one in the requester's zone, one elsewhere.
-    let far_peer = PeerId::random().to_string();
-    let near_peer = PeerId::random().to_string();
+    let near_peer = agent_peer_id("holder-near");
     let far = c
-        .register_with(
-            "holder-far",
-            &[("zone", "us")],
-            vec![holder.clone()],
-            &far_peer,
-        )
+        .register_with("holder-far", &[("zone", "us")], vec![holder.clone()], true)
         .await
         .unwrap();
     let near = c
-        .register_with("holder-near", &[("zone", "eu")], vec![holder], &near_peer)
+        .register_with("holder-near", &[("zone", "eu")], vec![holder], true)
         .await
         .unwrap();
     for t in [&far, &near] {
@@ -146,12 +141,7 @@ async fn job_carries_plugins_manifests_and_peer_hints_and_records_results() {
     // pointed at them too (after the complete holders, `complete = false`).
     let hints_for = async |agent: &str| {
         let token = c
-            .register_with(
-                agent,
-                &[("zone", "eu")],
-                vec![],
-                &PeerId::random().to_string(),
-            )
+            .register_with(agent, &[("zone", "eu")], vec![], true)
             .await
             .unwrap();
         let mut client = c.agent(&token).await;
@@ -579,15 +569,15 @@ async fn bad_job_requests_are_invalid_arguments() {
 #[tokio::test]
 async fn register_issues_a_mesh_ticket_bound_to_the_peer_and_renews_it() {
     let mut c = TestCoordinator::start(|_| {}).await;
-    let peer = PeerId::random();
+    let peer: PeerId = agent_peer_id("meshy").parse().unwrap();
     let mut client = c.agent(&c.enroll_token).await;
     let resp = client
-        .register(pb::RegisterRequest {
+        .register(signed(pb::RegisterRequest {
             agent_id: "meshy".into(),
             peer_id: peer.to_string(),
             labels: vec![label("team", "red")],
             ..Default::default()
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -618,11 +608,11 @@ async fn register_issues_a_mesh_ticket_bound_to_the_peer_and_renews_it() {
     assert!(hb.mesh_ticket.is_empty());
     // A bad peer id is refused.
     let err = client
-        .register(pb::RegisterRequest {
+        .register(signed(pb::RegisterRequest {
             agent_id: "bad-peer".into(),
             peer_id: "not-a-peer-id".into(),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -7,9 +7,10 @@ use std::time::Duration;
 use arcade_p2p::mesh::host::{MeshError, Multiaddr};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
+use arcade_simulations::client::signed;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::peers::bare_peer;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
+use arcade_tests::peers::{bare_peer, bare_peer_as};
+use arcade_tests::{ADMIN, TestCoordinator, content, create_job, eventually, wait_job};
 
 fn plugin(bytes: usize, seed: u8) -> Vec<u8> {
     let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
@@ -39,7 +40,8 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
     )
     .await
     .unwrap();
-    let _a = TestAgent::start(&c.url, ENROLL, "holder", |cfg, _| {
+    let red = c.grant(&[("team", "red")]).await.unwrap();
+    let _a = TestAgent::start(&c.url, &red, "holder", |cfg, _| {
         cfg.labels.insert("team".into(), "red".into());
     })
     .await;
@@ -73,11 +75,12 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
     assert!(!holder_addrs.is_empty(), "agent advertised its addresses");
 
     // A vouched peer (team=blue) registers and gets the open plugin from the holder.
-    let blue = bare_peer().await.unwrap();
+    let blue = bare_peer_as("blue").await.unwrap();
+    let blue_token = c.grant(&[("team", "blue")]).await.unwrap();
     let reg = c
-        .agent(ENROLL)
+        .agent(&blue_token)
         .await
-        .register(pb::RegisterRequest {
+        .register(signed(pb::RegisterRequest {
             agent_id: "blue".into(),
             peer_id: blue.peer_id().to_string(),
             labels: vec![pb::Label {
@@ -85,7 +88,7 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
                 value: "blue".into(),
             }],
             ..Default::default()
-        })
+        }))
         .await
         .unwrap()
         .into_inner();

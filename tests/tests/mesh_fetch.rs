@@ -186,7 +186,7 @@ async fn hostile_peer_is_banned(garbage: bool) {
 
     // A hostile but enrolled peer that claims the plugin.
     let liar = MeshHost::start(
-        libp2p_identity::Keypair::generate_ed25519(),
+        arcade_simulations::client::agent_key("liar"),
         HostConfig::default(),
         Arc::new(Liar {
             chunks: manifest.chunk_count(),
@@ -204,7 +204,7 @@ async fn hostile_peer_is_banned(garbage: bool) {
     let reg = c
         .agent(ENROLL)
         .await
-        .register(pb::RegisterRequest {
+        .register(arcade_simulations::client::signed(pb::RegisterRequest {
             agent_id: "liar".into(),
             peer_id: liar.peer_id().to_string(),
             addrs,
@@ -214,7 +214,7 @@ async fn hostile_peer_is_banned(garbage: bool) {
                 sha256: sha.clone(),
             }],
             ..Default::default()
-        })
+        }))
         .await
         .unwrap()
         .into_inner();

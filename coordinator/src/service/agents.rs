@@ -342,7 +342,7 @@ impl Agent for AgentService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let s = &self.0;
-        s.require_enrollment(&request)?;
+        let enroller = s.require_enrollment(&request)?;
         if let Err(wait) = s.registrations.try_take() {
             let mut status = Status::resource_exhausted(format!(
                 "more than agents.register_rate = {} registrations per second; retry shortly",
@@ -356,7 +356,7 @@ impl Agent for AgentService {
         }
         let req = request.into_inner();
         check_agent_id(&req.agent_id)?;
-        let labels = labels::from_proto(&req.labels)
+        let declared = labels::from_proto(&req.labels)
             .map_err(|e| Status::invalid_argument(format!("labels: {e}")))?;
         let installed = installed_from_proto(
             &req.installed_plugins,
@@ -372,14 +372,21 @@ impl Agent for AgentService {
                 "at most 32 addrs of at most 256 bytes each",
             ));
         }
-        {
+        let existing = {
             let fleet = s.fleet.lock().expect("fleet lock");
             let max = s.config.raw.agents.max_agents as usize;
-            if !fleet.agents.contains_key(&req.agent_id) && fleet.len() >= max {
+            let existing = fleet.agents.get(&req.agent_id).map(|l| l.record.clone());
+            if existing.is_none() && fleet.len() >= max {
                 return Err(Status::resource_exhausted(format!(
                     "{max} agents are registered (agents.max_agents): remove departed agents with `arcadectl agent remove ID` or raise the limit"
                 )));
             }
+            existing
+        };
+        let admission = s.admit_registration(&enroller, &req, declared, existing.as_deref())?;
+        if let Some(grant) = &admission.count_use {
+            let updated = s.store.use_enroll_grant(grant, now_ms()).await?;
+            s.identity.put_grant(updated);
         }
         let mut raw = [0u8; 32];
         rand::rng().fill_bytes(&mut raw);
@@ -387,13 +394,16 @@ impl Agent for AgentService {
         let record = AgentRecord {
             agent_id: req.agent_id.clone(),
             hostname: req.hostname,
-            labels,
+            labels: admission.labels,
             peer_id: req.peer_id,
             addrs: req.addrs,
             agent_version: req.agent_version,
             installed,
             registered_at: now_ms(),
             token_hash: token_hash(&token),
+            key_id: admission.key_id,
+            proof_at: req.signed_at_ms,
+            granted: admission.granted,
         };
         let (mesh_ticket, ticket_expires_at) = s.issue_ticket(&record)?;
         s.store.put_agent(record.clone()).await?;
@@ -458,10 +468,14 @@ impl Agent for AgentService {
             s.with_live(&agent.agent_id, |l| l.ticket_expires_at = expires);
             mesh_ticket = ticket;
         }
+        let (revoked_peers, revocations_upto) =
+            s.identity.revocations_since(req.revocations_seen, now_ms());
         Ok(Response::new(pb::HeartbeatResponse {
             revoked_jobs: extended.revoked,
             mesh_ticket,
             cancelled_jobs: extended.cancelled,
+            revoked_peers,
+            revocations_upto,
         }))
     }
 

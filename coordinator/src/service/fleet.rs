@@ -234,6 +234,9 @@ mod tests {
                 .collect(),
             registered_at: 0,
             token_hash: [id.len() as u8; 32],
+            key_id: String::new(),
+            proof_at: 0,
+            granted: Default::default(),
         }
     }
 

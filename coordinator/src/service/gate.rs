@@ -3,8 +3,8 @@
 //!
 //! Without it, tonic buffered and decoded a message of up to 8 MiB before the handler
 //! checked the token, so a client with no token could pin memory with stalled requests.
-//! The gate only tells known tokens from unknown ones (admin, enrollment, a registered
-//! agent's); which token a call needs is still decided by the handlers, so a known token
+//! The gate only tells known tokens from unknown ones (admin, enrolment — fleet-wide or
+//! admin-created —, a registered agent's); which token a call needs is still decided by the handlers, so a known token
 //! of the wrong kind gets the handler's `PERMISSION_DENIED`. Health and reflection stay
 //! public. The check is a SHA-256 and a map lookup — no I/O, no body.
 
@@ -90,6 +90,7 @@ impl super::Shared {
         let hash = token_hash(token);
         if hash == self.admin_hash
             || hash == self.enroll_hash
+            || self.identity.knows_grant(&hash)
             || self
                 .fleet
                 .lock()

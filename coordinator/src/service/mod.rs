@@ -15,6 +15,7 @@
 //! - `jobs.rs` — `Jobs` (create, get, list, cancel).
 //! - `leases.rs` — lease deadlines, their sweep, and the retention sweep.
 //! - `gate.rs` — the tower layer that refuses unknown tokens before a body is read.
+//! - `identity.rs` — enrolment tokens and granted labels, id ↔ key binding, revoked peers.
 
 pub(crate) mod agents;
 pub(crate) mod downloads;
@@ -23,6 +24,7 @@ pub(crate) mod fleet_api;
 pub(crate) mod gate;
 pub mod herd;
 pub(crate) mod hints;
+pub(crate) mod identity;
 pub(crate) mod jobs;
 pub(crate) mod leases;
 pub(crate) mod plugins;
@@ -66,8 +68,13 @@ impl From<StoreError> for Status {
         match &e {
             StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
             StoreError::PluginNotFound(_)
+            | StoreError::EnrollTokenNotFound(_)
             | StoreError::JobNotFound(_)
             | StoreError::AgentNotFound(_) => Status::not_found(e.to_string()),
+            StoreError::EnrollTokenSpent { .. } | StoreError::Replayed { .. } => {
+                Status::permission_denied(e.to_string())
+            }
+            StoreError::BoundToOtherKey { agent, peer } => identity::bound_elsewhere(agent, peer),
             StoreError::PluginInUse { .. } | StoreError::NotLeased { .. } => {
                 Status::failed_precondition(e.to_string())
             }
@@ -199,6 +206,8 @@ pub(crate) struct Shared {
     /// Signs mesh tickets.
     pub(crate) tickets: arcade_p2p::mesh::ticket::TicketIssuer,
     pub(crate) enroll_hash: [u8; 32],
+    /// Enrolment tokens, restricted label keys, revoked peers.
+    pub(crate) identity: identity::Identity,
     pub(crate) fleet: Mutex<Fleet>,
     /// Running jobs: holder, deadline, cancel asked for.
     pub(crate) leases: Mutex<Leases>,
@@ -274,6 +283,11 @@ impl Shared {
         for (job, agent) in store.leases().await? {
             leases.start(job, agent, deadline);
         }
+        let mut acl_keys = std::collections::BTreeSet::new();
+        for p in store.list_plugins("").await? {
+            acl_keys.extend(p.allowed_labels.into_iter().map(|l| l.key));
+        }
+        let identity = identity::Identity::new(store.list_enroll_grants().await?, acl_keys);
         let ttl = config
             .raw
             .plugin
@@ -286,6 +300,7 @@ impl Shared {
             admin_hash: token_hash(admin_token),
             tickets,
             enroll_hash: token_hash(enroll_token),
+            identity,
             fleet: Mutex::new(fleet),
             leases: Mutex::new(leases),
             dispatch: Mutex::new(Dispatch::default()),
@@ -378,7 +393,7 @@ impl Shared {
         if hash == self.admin_hash {
             return Ok(());
         }
-        if hash == self.enroll_hash {
+        if hash == self.enroll_hash || self.identity.knows_grant(&hash) {
             return Err(Status::permission_denied(
                 "the enrollment token only allows Register: admin calls need the admin token",
             ));
@@ -389,15 +404,6 @@ impl Shared {
             )));
         }
         Err(Status::unauthenticated("invalid admin token"))
-    }
-
-    /// Checks the enrollment token.
-    pub(crate) fn require_enrollment<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if caller_hash(req)? == self.enroll_hash {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid enrollment token"))
-        }
     }
 
     /// Checks a per-agent token and that `claimed_id` (if given) is that agent.
@@ -566,6 +572,9 @@ mod tests {
             installed: Vec::new(),
             registered_at: 0,
             token_hash: token_hash("agent-token"),
+            key_id: String::new(),
+            proof_at: 0,
+            granted: Default::default(),
         };
         s.fleet.lock().unwrap().insert(record, 0);
         s

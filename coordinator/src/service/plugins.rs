@@ -63,6 +63,9 @@ impl PluginAdminService {
         let key = r.key();
         let allowed = labels::from_proto(&header.allowed_labels)
             .map_err(|e| Status::invalid_argument(format!("allowed_labels: {e}")))?;
+        // Keys that guard content are restricted from now on (before the plugin exists,
+        // so no agent can self-declare its way in meanwhile).
+        s.identity.note_acl(&allowed);
         let plugin_type = if header.plugin_type.is_empty() {
             r.id.first_segment().to_owned()
         } else {

@@ -74,6 +74,37 @@ pub enum StoreError {
         /// Some of the jobs.
         jobs: String,
     },
+    /// No such enrolment token.
+    #[error("enrolment token {0} does not exist (it was revoked)")]
+    EnrollTokenNotFound(String),
+    /// The enrolment token cannot enrol another agent.
+    #[error("enrolment token {id} {reason}")]
+    EnrollTokenSpent {
+        /// Its id.
+        id: String,
+        /// Why (expired, used up).
+        reason: String,
+    },
+    /// The agent id is bound to another key.
+    #[error("agent {agent} is bound to another key (peer {peer})")]
+    BoundToOtherKey {
+        /// The agent.
+        agent: String,
+        /// The peer id it is bound to.
+        peer: String,
+    },
+    /// A registration proof not later than the last one accepted.
+    #[error(
+        "registration of agent {agent} is signed at {signed_at_ms}, not after the last accepted one ({last_ms}): a replayed request, or the agent's clock went back"
+    )]
+    Replayed {
+        /// The agent.
+        agent: String,
+        /// This proof's time.
+        signed_at_ms: i64,
+        /// The last accepted proof's time.
+        last_ms: i64,
+    },
     /// The job is not leased to this agent.
     #[error("job {job} is not leased to agent {agent} (its lease expired or it already finished)")]
     NotLeased {
@@ -131,6 +162,81 @@ pub struct AgentRecord {
     pub registered_at: i64,
     /// SHA-256 of its current token.
     pub token_hash: [u8; 32],
+    /// The key the id is bound to, as a peer id (empty: enrolled before keys were
+    /// bound; bound at its next Register).
+    #[serde(default)]
+    pub key_id: String,
+    /// `signed_at_ms` of the last Register accepted: a later one must be signed later.
+    #[serde(default)]
+    pub proof_at: i64,
+    /// Labels its enrolment token(s) granted (kept across re-registrations).
+    #[serde(default)]
+    pub granted: Labels,
+}
+
+/// An enrolment token created by the admin: the labels it grants and its limits. The
+/// token itself is stored only as its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollGrant {
+    /// Short public id (for list and revoke).
+    pub id: String,
+    /// SHA-256 of the secret token.
+    pub token_hash: [u8; 32],
+    /// Labels an agent enrolled with it carries.
+    pub labels: Labels,
+    /// Agent ids it may enrol (`*` = any run of characters; empty = any).
+    pub id_pattern: String,
+    /// Unix ms (0 = never).
+    pub expires_at: i64,
+    /// New agent ids it may enrol (0 = unlimited).
+    pub max_uses: u32,
+    /// New agent ids it enrolled.
+    pub uses: u32,
+    /// The admin's note.
+    pub note: String,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+impl EnrollGrant {
+    /// Why it cannot enrol a new agent at `now_ms`, if it cannot.
+    pub fn spent(&self, now_ms: i64) -> Option<String> {
+        if self.expires_at != 0 && now_ms >= self.expires_at {
+            Some(format!("expired at {} (unix ms)", self.expires_at))
+        } else if self.max_uses != 0 && self.uses >= self.max_uses {
+            Some(format!(
+                "is used up ({} of {} uses)",
+                self.uses, self.max_uses
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Whether `agent_id` matches its id pattern.
+    pub fn admits_id(&self, agent_id: &str) -> bool {
+        self.id_pattern.is_empty() || glob_match(&self.id_pattern, agent_id)
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if text.len() < first.len() + last.len() || !text.starts_with(first) || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(at) => rest = &rest[at + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// One job the lease sweep, an agent removal or a cancel changed.
@@ -216,6 +322,9 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     // ---- agents ----
 
     /// Stores an agent and makes `token_hash` its only valid token.
+    /// Stores an agent record (replacing its old token). Refused when the id is bound
+    /// to another key (`BoundToOtherKey`: another non-empty `peer_id`) or the record's
+    /// `proof_at` is not later than the stored one (`Replayed`).
     async fn put_agent(&self, agent: AgentRecord) -> Result<(), StoreError>;
     /// Replaces an agent's installed-plugin list.
     async fn set_installed(
@@ -233,6 +342,18 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<RemovedAgent, StoreError>;
     /// Every agent.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    // ---- enrolment tokens ----
+
+    /// Stores a new enrolment token.
+    async fn put_enroll_grant(&self, grant: EnrollGrant) -> Result<(), StoreError>;
+    /// Every enrolment token.
+    async fn list_enroll_grants(&self) -> Result<Vec<EnrollGrant>, StoreError>;
+    /// Revokes one; `EnrollTokenNotFound` when there is none.
+    async fn remove_enroll_grant(&self, id: &str) -> Result<EnrollGrant, StoreError>;
+    /// Counts one enrolment of a new agent against token `id` if it is neither expired
+    /// nor used up at `now_ms` (`EnrollTokenSpent` otherwise); the updated token.
+    async fn use_enroll_grant(&self, id: &str, now_ms: i64) -> Result<EnrollGrant, StoreError>;
 
     // ---- jobs ----
 

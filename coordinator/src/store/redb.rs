@@ -23,6 +23,7 @@
 //! | `queued_jobs` | job id → () for every queued job |
 //! | `job_leases` | job id → agent id for every running job |
 //! | `finished_jobs` | (finished_at ms, job id) → () for retention |
+//! | `enroll_tokens` | token id → JSON `EnrollGrant` |
 //! | `meta` | `schema` → 2 |
 
 use std::collections::{BTreeMap, HashSet};
@@ -38,8 +39,8 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AgentRecord, CancelOutcome, Installed, JobOutcome, LeaseChange, MetaStore, PutOutcome,
-    RemovedAgent, StoreError, plugin_key,
+    AgentRecord, CancelOutcome, EnrollGrant, Installed, JobOutcome, LeaseChange, MetaStore,
+    PutOutcome, RemovedAgent, StoreError, plugin_key,
 };
 use crate::metrics::StoreMetrics;
 
@@ -51,6 +52,7 @@ const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 const QUEUED: TableDefinition<'_, &str, ()> = TableDefinition::new("queued_jobs");
 const LEASES: TableDefinition<'_, &str, &str> = TableDefinition::new("job_leases");
 const FINISHED: TableDefinition<'_, (i64, &str), ()> = TableDefinition::new("finished_jobs");
+const GRANTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("enroll_tokens");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// The queue of schema 1 (sequence → job id), migrated into `queued_jobs` at open.
 const LEGACY_QUEUE: TableDefinition<'_, u64, &str> = TableDefinition::new("job_queue");
@@ -92,6 +94,17 @@ fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
         key: key.to_owned(),
         reason: e.to_string(),
     })
+}
+
+fn decode_grant(key: &str, bytes: &[u8]) -> Result<EnrollGrant, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("enroll token {key}"),
+        reason: e.to_string(),
+    })
+}
+
+fn encode_grant(grant: &EnrollGrant) -> Vec<u8> {
+    serde_json::to_vec(grant).unwrap_or_default()
 }
 
 fn encode_agent(agent: &AgentRecord) -> Vec<u8> {
@@ -139,6 +152,7 @@ impl RedbStore {
         tx.open_table(QUEUED)?;
         tx.open_table(LEASES)?;
         tx.open_table(FINISHED)?;
+        tx.open_table(GRANTS)?;
         let schema = tx.open_table(META)?.get("schema")?.map(|v| v.value());
         if schema.is_none_or(|s| s < SCHEMA) {
             migrate_v1(&tx)?;
@@ -526,6 +540,19 @@ impl MetaStore for RedbStore {
                 .map(|v| decode_agent(&agent.agent_id, v.value()))
                 .transpose()?;
             if let Some(old) = old {
+                if !old.key_id.is_empty() && old.key_id != agent.key_id {
+                    return Err(StoreError::BoundToOtherKey {
+                        agent: agent.agent_id,
+                        peer: old.key_id,
+                    });
+                }
+                if agent.proof_at != 0 && agent.proof_at <= old.proof_at {
+                    return Err(StoreError::Replayed {
+                        agent: agent.agent_id,
+                        signed_at_ms: agent.proof_at,
+                        last_ms: old.proof_at,
+                    });
+                }
                 tokens.remove(&old.token_hash)?;
             }
             agents.insert(agent.agent_id.as_str(), encode_agent(&agent).as_slice())?;
@@ -608,6 +635,59 @@ impl MetaStore for RedbStore {
                 out.push(decode_agent(k.value(), v.value())?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn put_enroll_grant(&self, grant: EnrollGrant) -> Result<(), StoreError> {
+        self.write("put_enroll_grant", move |tx| {
+            tx.open_table(GRANTS)?
+                .insert(grant.id.as_str(), encode_grant(&grant).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_enroll_grants(&self) -> Result<Vec<EnrollGrant>, StoreError> {
+        self.read(|tx| {
+            let grants = tx.open_table(GRANTS)?;
+            let mut out = Vec::new();
+            for e in grants.iter()? {
+                let (k, v) = e?;
+                out.push(decode_grant(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_enroll_grant(&self, id: &str) -> Result<EnrollGrant, StoreError> {
+        let id = id.to_owned();
+        self.write("remove_enroll_grant", move |tx| {
+            let mut grants = tx.open_table(GRANTS)?;
+            let old = grants
+                .remove(id.as_str())?
+                .map(|v| decode_grant(&id, v.value()))
+                .transpose()?;
+            old.ok_or(StoreError::EnrollTokenNotFound(id))
+        })
+        .await
+    }
+
+    async fn use_enroll_grant(&self, id: &str, now_ms: i64) -> Result<EnrollGrant, StoreError> {
+        let id = id.to_owned();
+        self.write("use_enroll_grant", move |tx| {
+            let mut grants = tx.open_table(GRANTS)?;
+            let mut grant = match grants.get(id.as_str())? {
+                Some(v) => decode_grant(&id, v.value())?,
+                None => return Err(StoreError::EnrollTokenNotFound(id)),
+            };
+            if let Some(reason) = grant.spent(now_ms) {
+                return Err(StoreError::EnrollTokenSpent { id, reason });
+            }
+            grant.uses += 1;
+            grants.insert(id.as_str(), encode_grant(&grant).as_slice())?;
+            Ok(grant)
         })
         .await
     }
@@ -904,6 +984,65 @@ mod tests {
         )
     }
 
+    #[tokio::test]
+    async fn enrolment_tokens_count_uses_expire_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path());
+        let grant = EnrollGrant {
+            id: "g1".into(),
+            token_hash: [7; 32],
+            labels: [("team".to_owned(), "red".to_owned())].into(),
+            id_pattern: "red-*".into(),
+            expires_at: 1_000,
+            max_uses: 2,
+            uses: 0,
+            note: String::new(),
+            created_at: 0,
+        };
+        s.put_enroll_grant(grant.clone()).await.unwrap();
+        assert_eq!(s.use_enroll_grant("g1", 10).await.unwrap().uses, 1);
+        assert_eq!(s.use_enroll_grant("g1", 10).await.unwrap().uses, 2);
+        assert!(matches!(
+            s.use_enroll_grant("g1", 10).await,
+            Err(StoreError::EnrollTokenSpent { .. })
+        ));
+        s.put_enroll_grant(EnrollGrant {
+            id: "g2".into(),
+            max_uses: 0,
+            ..grant
+        })
+        .await
+        .unwrap();
+        s.use_enroll_grant("g2", 999).await.unwrap();
+        assert!(matches!(
+            s.use_enroll_grant("g2", 1_000).await,
+            Err(StoreError::EnrollTokenSpent { .. })
+        ));
+        assert_eq!(s.list_enroll_grants().await.unwrap().len(), 2);
+        assert_eq!(s.remove_enroll_grant("g1").await.unwrap().uses, 2);
+        assert!(matches!(
+            s.remove_enroll_grant("g1").await,
+            Err(StoreError::EnrollTokenNotFound(_))
+        ));
+        assert!(matches!(
+            s.use_enroll_grant("g1", 10).await,
+            Err(StoreError::EnrollTokenNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn id_patterns() {
+        use super::super::glob_match;
+        assert!(glob_match("red-*", "red-1"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("red-*", "blue-1"));
+        assert!(!glob_match("a*b", "a"));
+        assert!(!glob_match("a*bc", "abc-no"));
+        assert!(!glob_match("x*", "é"));
+    }
+
     fn job(id: &str) -> pb::JobDetail {
         pb::JobDetail {
             job_id: id.into(),
@@ -1029,6 +1168,9 @@ mod tests {
             installed: vec![],
             registered_at: 0,
             token_hash: [7; 32],
+            key_id: String::new(),
+            proof_at: 0,
+            granted: Default::default(),
         };
         s.put_agent(agent).await.unwrap();
         s.create_job(job("k")).await.unwrap();

@@ -11,7 +11,9 @@
 //! requesting connection's peer id ([`super::ticket`]); content restricted by
 //! `allowed_labels` is served only when the ticket's labels satisfy them; chunk reads
 //! take an upload slot (busy → `REFUSAL_BUSY`, never an unbounded queue) and pass the
-//! node-wide upload [`RateLimiter`]. The bytes come from a [`ChunkStore`] the agent
+//! node-wide upload [`RateLimiter`]. Peers the coordinator revoked (removed agents,
+//! learnt through heartbeat answers: [`MeshHandle::revoke`]) are refused and
+//! disconnected whatever their ticket says, and never asked. The bytes come from a [`ChunkStore`] the agent
 //! implements over its cache (complete plugins and partial downloads alike).
 
 use std::collections::HashMap;
@@ -139,7 +141,37 @@ enum Command {
     Askers(ContentId, oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Respond(ResponseChannel<pb::ChunkResponse>, pb::ChunkResponse),
+    Revoke(Vec<PeerId>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Most revoked peers remembered (the oldest are forgotten: their tickets expire).
+const MAX_REVOKED: usize = 65_536;
+
+/// Peers whose tickets the coordinator revoked, oldest first.
+#[derive(Debug, Default)]
+struct Revoked {
+    set: std::collections::HashSet<PeerId>,
+    order: std::collections::VecDeque<PeerId>,
+}
+
+impl Revoked {
+    fn add(&mut self, peer: PeerId) -> bool {
+        if !self.set.insert(peer) {
+            return false;
+        }
+        self.order.push_back(peer);
+        while self.order.len() > MAX_REVOKED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.set.contains(peer)
+    }
 }
 
 /// Live counters of a host.
@@ -193,6 +225,7 @@ struct Actor {
     /// [`MeshHandle::askers`]); at most [`MAX_ASKERS`] per content and
     /// [`MAX_ASKED_CONTENTS`] contents.
     askers: HashMap<ContentId, std::collections::VecDeque<PeerId>>,
+    revoked: Revoked,
 }
 
 /// Most askers remembered per content.
@@ -291,6 +324,7 @@ impl MeshHost {
             outbound: HashMap::new(),
             queries: HashMap::new(),
             askers: HashMap::new(),
+            revoked: Revoked::default(),
         };
         tokio::spawn(actor.run());
         Ok(MeshHandle { tx, peer_id, stats })
@@ -332,6 +366,11 @@ impl Actor {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Request { peer, reply, .. } if self.revoked.contains(&peer) => {
+                let _ = reply.send(Err(MeshError::Failed(format!(
+                    "peer {peer} was revoked by the coordinator"
+                ))));
+            }
             Command::Request {
                 peer,
                 addrs,
@@ -384,6 +423,14 @@ impl Actor {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Respond(channel, response) => self.reply_to(channel, response),
+            Command::Revoke(peers) => {
+                for peer in peers {
+                    if self.revoked.add(peer) && self.swarm.is_connected(&peer) {
+                        tracing::info!(peer = %peer, "revoked by the coordinator: disconnecting");
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
+            }
             Command::Shutdown(_) => {}
         }
     }
@@ -396,7 +443,10 @@ impl Actor {
         } = &event
         {
             let connected = self.swarm.connected_peers().count();
-            if num_established.get() == 1 && connected > self.max_connections {
+            if self.revoked.contains(peer_id) {
+                tracing::debug!(peer = %peer_id, "revoked peer connected: closing");
+                let _ = self.swarm.disconnect_peer_id(*peer_id);
+            } else if num_established.get() == 1 && connected > self.max_connections {
                 tracing::debug!(peer = %peer_id, connected, "connection limit reached: closing");
                 let _ = self.swarm.disconnect_peer_id(*peer_id);
             }
@@ -482,6 +532,12 @@ impl Actor {
                 "this peer has not joined the mesh yet",
             )
         })?;
+        if self.revoked.contains(peer) {
+            return Err(refused(
+                pb::Refusal::NotVouched,
+                "this peer's ticket was revoked by the coordinator",
+            ));
+        }
         let ticket = verifier
             .verify(&request.ticket, peer, now_ms())
             .map_err(|e: TicketError| refused(pb::Refusal::NotVouched, e.to_string()))?;
@@ -670,6 +726,15 @@ impl MeshHandle {
             TicketVerifier::new(coordinator_key).map_err(|e| MeshError::Start(e.to_string()))?;
         self.tx
             .send(Command::Credentials { ticket, verifier })
+            .await
+            .map_err(|_| MeshError::Closed)
+    }
+
+    /// Revokes `peers` (the coordinator removed their agents): their requests are
+    /// refused, their connections closed, and they are not asked for chunks.
+    pub async fn revoke(&self, peers: Vec<PeerId>) -> Result<(), MeshError> {
+        self.tx
+            .send(Command::Revoke(peers))
             .await
             .map_err(|_| MeshError::Closed)
     }

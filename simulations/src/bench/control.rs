@@ -375,7 +375,7 @@ pub async fn run(opts: &FleetBenchOptions) -> anyhow::Result<FleetFigures> {
             let mut delay = Duration::from_millis(50);
             let token = loop {
                 match enroll
-                    .register(pb::RegisterRequest {
+                    .register(crate::client::signed(pb::RegisterRequest {
                         agent_id: id.clone(),
                         hostname: "bench".into(),
                         labels: vec![pb::Label {
@@ -384,7 +384,7 @@ pub async fn run(opts: &FleetBenchOptions) -> anyhow::Result<FleetFigures> {
                         }],
                         max_concurrent_jobs: 1,
                         ..Default::default()
-                    })
+                    }))
                     .await
                 {
                     Ok(r) => break r.into_inner().agent_token,

@@ -97,7 +97,9 @@ async fn one(size: u64) -> anyhow::Result<SizeFigures> {
     let push_secs = started.elapsed().as_secs_f64();
     let rss_push = proc.peak_rss().unwrap_or(0);
 
-    let token = conn.register_with("bench-agent", &[], vec![], "").await?;
+    let token = conn
+        .register_with("bench-agent", &[], vec![], false)
+        .await?;
     let started = Instant::now();
     // Verified as it streams: every chunk against the manifest, the whole against the
     // manifest's SHA-256 — which the push already checked against `expected`.

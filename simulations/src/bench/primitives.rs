@@ -356,7 +356,8 @@ async fn node(dir: &Path, id: &str, max_uploads: u32) -> anyhow::Result<(MeshNod
     };
     let plugin_dir = config.plugin_dir.clone();
     let cache = tokio::task::spawn_blocking(move || PluginCache::open(&plugin_dir, opts)).await??;
-    let node = MeshNode::start(&config, cache.clone())
+    let key = arcade_agent::identity::load_or_create(&config.mesh_identity)?;
+    let node = MeshNode::start(&config, cache.clone(), key)
         .await
         .with_context(|| format!("starting mesh host {id}"))?;
     Ok((node, cache))

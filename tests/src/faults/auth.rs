@@ -32,8 +32,9 @@ use tonic::{Code, Status};
 
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
-use crate::peers::bare_peer;
+use crate::peers::{bare_peer, bare_peer_as};
 use crate::{ADMIN, ENROLL, TestCoordinator, content, eventually, wait_job};
+use arcade_simulations::client::signed;
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("auth-matrix", || Box::pin(auth_matrix()))];
@@ -47,7 +48,7 @@ enum Needs {
 }
 
 /// Every RPC of the coordinator's services (`proto/proto/arcade/v1/*.proto`).
-const RPCS: [(&str, Needs); 18] = [
+const RPCS: [(&str, Needs); 21] = [
     ("PluginAdmin/PushPlugin", Needs::Admin),
     ("PluginAdmin/ListPlugins", Needs::Admin),
     ("PluginAdmin/GetPlugin", Needs::Admin),
@@ -57,6 +58,8 @@ const RPCS: [(&str, Needs); 18] = [
     ("Jobs/GetJob", Needs::Admin),
     ("Jobs/ListJobs", Needs::Admin),
     ("Fleet/ListAgents", Needs::Admin),
+    ("Fleet/CreateEnrollToken", Needs::Admin),
+    ("Fleet/ListEnrollTokens", Needs::Admin),
     ("Agent/Register", Needs::Enrollment),
     ("Agent/Heartbeat", Needs::Agent),
     ("Agent/FetchJob", Needs::Agent),
@@ -67,6 +70,7 @@ const RPCS: [(&str, Needs); 18] = [
     // Last: they change what the calls above name.
     ("Jobs/CancelJob", Needs::Admin),
     ("Fleet/RemoveAgent", Needs::Admin),
+    ("Fleet/RevokeEnrollToken", Needs::Admin),
 ];
 
 /// Adds `authorization: Bearer <token>` when there is a token (none = no metadata).
@@ -106,6 +110,8 @@ struct Ctx {
     leased: String,
     /// The agent id requests claim ("" = none).
     agent_id: String,
+    /// An enrolment token id for RevokeEnrollToken.
+    grant: String,
 }
 
 /// Calls `rpc` with `cred`, with a request that succeeds when the credentials are right.
@@ -199,11 +205,25 @@ async fn call(ch: &Channel, rpc: &str, cred: Cred, ctx: &Ctx) -> Result<(), Stat
             .list_agents(pb::ListAgentsRequest {})
             .await
             .map(drop),
+        "Fleet/CreateEnrollToken" => FleetClient::new(svc())
+            .create_enroll_token(pb::CreateEnrollTokenRequest::default())
+            .await
+            .map(drop),
+        "Fleet/ListEnrollTokens" => FleetClient::new(svc())
+            .list_enroll_tokens(pb::ListEnrollTokensRequest {})
+            .await
+            .map(drop),
+        "Fleet/RevokeEnrollToken" => FleetClient::new(svc())
+            .revoke_enroll_token(pb::RevokeEnrollTokenRequest {
+                id: ctx.grant.clone(),
+            })
+            .await
+            .map(drop),
         "Agent/Register" => agent()
-            .register(pb::RegisterRequest {
+            .register(signed(pb::RegisterRequest {
                 agent_id: "auth-probe".into(),
                 ..Default::default()
-            })
+            }))
             .await
             .map(drop),
         "Agent/Heartbeat" => agent()
@@ -370,18 +390,24 @@ impl Matrix {
     }
 }
 
-/// Registers `id` with `labels` (and `peer`'s id when given); returns its token and,
-/// with a peer, its mesh ticket and the coordinator key.
+/// Registers `id` with `labels` (granted by an admin-made enrolment token when there
+/// are any) and `peer`'s id when given (a peer started with `bare_peer_as(id)`);
+/// returns its token and, with a peer, its mesh ticket and the coordinator key.
 async fn register(
     c: &TestCoordinator,
     id: &str,
     labels: &[(&str, &str)],
     peer: Option<&MeshHandle>,
 ) -> anyhow::Result<(String, Vec<u8>, Vec<u8>)> {
+    let token = if labels.is_empty() {
+        ENROLL.to_owned()
+    } else {
+        c.grant(labels).await?
+    };
     let r = c
-        .agent(ENROLL)
+        .agent(&token)
         .await
-        .register(pb::RegisterRequest {
+        .register(signed(pb::RegisterRequest {
             agent_id: id.into(),
             peer_id: peer.map(|p| p.peer_id().to_string()).unwrap_or_default(),
             labels: labels
@@ -392,7 +418,7 @@ async fn register(
                 })
                 .collect(),
             ..Default::default()
-        })
+        }))
         .await
         .with_context(|| format!("register {id}"))?
         .into_inner();
@@ -476,7 +502,8 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
     let (open_sha, secret_sha) = (ContentId::of_bytes(&open), ContentId::of_bytes(&secret));
 
     // A real agent of team red holds both plugins (it ran a job with each).
-    let mut holder = TestAgent::start(&c.url, ENROLL, "holder", |cfg, _| {
+    let red_token = c.grant(&[("team", "red")]).await?;
+    let mut holder = TestAgent::start(&c.url, &red_token, "holder", |cfg, _| {
         cfg.labels.insert("team".into(), "red".into());
     })
     .await;
@@ -491,7 +518,7 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
     }
 
     // Callers: a team-blue agent (with a libp2p peer), a revoked token.
-    let blue_peer = bare_peer().await?;
+    let blue_peer = bare_peer_as("blue").await?;
     let (blue, blue_ticket, coordinator_key) =
         register(&c, "blue", &[("team", "blue")], Some(&blue_peer)).await?;
     blue_peer
@@ -522,10 +549,20 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
         "setup: blue did not lease its job (got {:?})",
         got.iter().map(|j| &j.job_id).collect::<Vec<_>>()
     );
+    let grant = c
+        .fleet(ADMIN)
+        .await
+        .create_enroll_token(pb::CreateEnrollTokenRequest::default())
+        .await?
+        .into_inner()
+        .info
+        .context("setup: CreateEnrollToken answered no info")?
+        .id;
     let ctx = Ctx {
         job: readable,
         leased: leased.clone(),
         agent_id: String::new(),
+        grant,
     };
 
     // Coordinator: every RPC × every credential.
@@ -591,6 +628,7 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
                     agent_id: "holder".into(),
                     job: ctx.job.clone(),
                     leased: ctx.leased.clone(),
+                    grant: ctx.grant.clone(),
                 };
                 let got = call(&ch, rpc, Cred::bearer(&blue), &other).await;
                 m.denied(
@@ -865,7 +903,7 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
             chunk.map(|d| d.len())
         ),
     );
-    let red_peer = bare_peer().await?;
+    let red_peer = bare_peer_as("red-peer").await?;
     let (_, red_ticket, _) = register(&c, "red-peer", &[("team", "red")], Some(&red_peer)).await?;
     red_peer
         .set_credentials(red_ticket, &coordinator_key)

@@ -1023,7 +1023,7 @@ async fn hostile_ids(
     {
         n += 1;
         let shown: String = format!("{id:?}").chars().take(40).collect();
-        let got = conn.register_with(&id, &[], vec![], "").await.map(drop);
+        let got = conn.register_with(&id, &[], vec![], false).await.map(drop);
         tally.status(
             &format!("Register agent_id {shown}"),
             &[Code::InvalidArgument],
@@ -1045,7 +1045,7 @@ async fn hostile_ids(
                     version: installed.1.into(),
                     sha256: installed.2.into(),
                 }],
-                "",
+                false,
             )
             .await
             .map(drop);
@@ -1058,7 +1058,7 @@ async fn hostile_ids(
     for (k, v) in [("bad key", "v"), ("k", "bad\0value"), ("", "v")] {
         n += 1;
         let got = conn
-            .register_with("a3", &[(k, v)], vec![], "")
+            .register_with("a3", &[(k, v)], vec![], false)
             .await
             .map(drop);
         tally.status(
@@ -1144,7 +1144,7 @@ async fn bad_input() -> anyhow::Result<Outcome> {
         enroll_token: ENROLL.into(),
     };
     let agent_token = conn
-        .register_with("prober", &[], vec![], "")
+        .register_with("prober", &[], vec![], false)
         .await
         .context("register the probing agent")?;
 

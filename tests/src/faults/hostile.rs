@@ -53,8 +53,9 @@ use libp2p::{StreamProtocol, noise, tcp, yamux};
 
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
-use crate::peers::bare_peer;
+use crate::peers::bare_peer_as;
 use crate::{ADMIN, Conn, ENROLL, TestCoordinator, content, create_job, eventually, finished_job};
+use arcade_simulations::client::signed;
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("hostile-peers", || Box::pin(hostile_peers()))];
@@ -284,13 +285,13 @@ pub async fn enroll(
     let registration = c
         .agent(ENROLL)
         .await
-        .register(pb::RegisterRequest {
+        .register(signed(pb::RegisterRequest {
             agent_id: agent_id.into(),
             peer_id: peer.to_string(),
             addrs: addrs.iter().map(ToString::to_string).collect(),
             installed_plugins: installed,
             ..Default::default()
-        })
+        }))
         .await
         .with_context(|| format!("register {agent_id}"))?
         .into_inner();
@@ -654,7 +655,9 @@ impl HostilePeer {
         let codec = HostileCodec {
             ledger: ledger.clone(),
         };
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        // It enrols as `hostile-{turn}`, so it has that simulated agent's key.
+        let key = arcade_simulations::client::agent_key(&format!("hostile-{turn}"));
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
                 tcp::Config::default().nodelay(true),
@@ -800,8 +803,8 @@ async fn bad_tickets(c: &TestCoordinator, target: &Target) -> anyhow::Result<usi
     let key_bytes =
         std::fs::read(c.config.data_dir.join("mesh.key")).context("coordinator mesh key")?;
     let coordinator = TicketIssuer::from_bytes(&key_bytes).map_err(|e| anyhow!("mesh key: {e}"))?;
-    let thief = bare_peer().await?;
-    let owner = bare_peer().await?;
+    let thief = bare_peer_as("ticket-thief").await?;
+    let owner = bare_peer_as("ticket-owner").await?;
     let none: &[Multiaddr] = &[];
     let thief_reg = enroll(c, "ticket-thief", &thief.peer_id(), none, vec![]).await?;
     let owner_reg = enroll(c, "ticket-owner", &owner.peer_id(), none, vec![]).await?;
