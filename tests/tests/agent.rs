@@ -281,7 +281,9 @@ async fn unavailable_plugin_fails_the_job_or_falls_back_to_the_previous_version(
     let proxy = AgentProxy::start(&c.url).await;
 
     for fallback in [Fallback::Fail, Fallback::PreviousVersion] {
-        let mut a = TestAgent::start(&proxy.url, ENROLL, "worker-1", |cfg, _| {
+        // A fresh data dir is a new key: a new agent id each round.
+        let id = format!("worker-{fallback:?}").to_lowercase();
+        let mut a = TestAgent::start(&proxy.url, ENROLL, &id, |cfg, _| {
             cfg.download.fallback = fallback;
             cfg.download.retry = 2;
         })

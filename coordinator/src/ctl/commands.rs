@@ -47,6 +47,7 @@ pub(super) async fn dispatch(ctx: &Ctx, command: Command) -> Result<(), CtlError
         Command::Job(JobCommand::Cancel { id, json }) => job_cancel(ctx, id, json).await,
         Command::Agent(AgentCommand::List { json }) => agent_list(ctx, json).await,
         Command::Agent(AgentCommand::Remove { id }) => agent_remove(ctx, id).await,
+        Command::Enroll(command) => super::enroll::run(ctx, command).await,
     }
 }
 

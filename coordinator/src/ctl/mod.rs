@@ -5,11 +5,13 @@
 //! - `client` — the connection: admin token on every call, 80 MiB decode limit;
 //! - `push` — `plugin push` (streaming hash, then a client-streamed upload);
 //! - `commands` — the other plugin, job and agent commands;
+//! - `enroll` — `enroll create | list | revoke` (enrolment tokens that grant labels);
 //! - `output` — the `--json` shapes and the human tables;
 //! - `error` — [`CtlError`].
 
 mod client;
 mod commands;
+mod enroll;
 mod error;
 mod output;
 mod push;
@@ -81,6 +83,47 @@ pub enum Command {
     /// Agents: list, remove.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Enrolment tokens that grant labels: create, list, revoke.
+    #[command(subcommand)]
+    Enroll(EnrollCommand),
+}
+
+/// `arcadectl enroll …`.
+#[derive(Debug, Subcommand)]
+pub enum EnrollCommand {
+    /// Create a token that enrols agents with the labels it grants; prints the secret
+    /// (once) on stdout. Agents may carry restricted labels only with granted values.
+    Create {
+        /// A label it grants, `KEY=VALUE` (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+        /// Agent ids it may enrol; `*` matches any run of characters (default: any).
+        #[arg(long, default_value = "")]
+        id_pattern: String,
+        /// Lifetime, e.g. `24h`, `7d` (default: never expires).
+        #[arg(long, value_parser = arcade_p2p::settings::Seconds::parse)]
+        expires: Option<arcade_p2p::settings::Seconds>,
+        /// How many new agent ids it may enrol (default 0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+        /// A note for `enroll list`.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Print the token and its details as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrolment tokens (their ids and grants, never the secrets).
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a token at once; agents it enrolled keep their own tokens.
+    Revoke {
+        /// The token's id (from `enroll list`).
+        id: String,
+    },
 }
 
 /// `arcadectl plugin …`.
@@ -254,8 +297,10 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Forget an agent: its token stops working, its running jobs are re-queued and it
-    /// is no longer named as a peer. It may enrol again with the enrollment token.
+    /// Forget an agent: its token stops working, its running jobs are re-queued, it is
+    /// no longer named as a peer and its mesh ticket is revoked fleet-wide (peers learn
+    /// it within a heartbeat). Its id is unbound from its key: it may enrol again.
+    #[command(visible_alias = "revoke")]
     Remove {
         /// Agent id.
         id: String,

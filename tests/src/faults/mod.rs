@@ -16,6 +16,7 @@ pub mod churn;
 pub mod coordinator_crash;
 pub mod disk_full;
 pub mod hostile;
+pub mod identity;
 pub mod secrets;
 pub mod stalled;
 pub mod storage_full;
@@ -57,6 +58,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         storage_full::SCENARIOS,
         bad_input::SCENARIOS,
         auth::SCENARIOS,
+        identity::SCENARIOS,
         cache_tamper::SCENARIOS,
         secrets::SCENARIOS,
         admin::SCENARIOS,

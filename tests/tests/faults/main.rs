@@ -11,6 +11,7 @@ mod churn;
 mod coordinator_crash;
 mod disk_full;
 mod hostile;
+mod identity;
 mod secrets;
 mod stalled;
 mod storage_full;
