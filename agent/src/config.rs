@@ -52,8 +52,36 @@ pub struct AgentConfig {
     pub jobs: JobsConfig,
     /// `[mesh]`.
     pub mesh: MeshConfig,
+    /// `[tls]`: how the coordinator's TLS is checked.
+    pub tls: TlsConfig,
     /// `[[builtin]]`: pre-installed plugins, `plugin = "id@version"`, `file` under `builtin/`.
     pub builtin: Vec<BuiltinPlugin>,
+}
+
+/// `[tls]`: TLS towards the coordinator (an `https://` URL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM CA bundle that signed the coordinator's certificate; empty = the system roots.
+    pub ca: PathBuf,
+    /// PEM client certificate, for a coordinator that requires mutual TLS.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Allow a plaintext `http://` coordinator URL whose host is not loopback.
+    pub insecure: bool,
+}
+
+impl TlsConfig {
+    /// The client settings.
+    pub fn client(&self) -> arcade_proto::ClientTls {
+        arcade_proto::ClientTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            insecure: self.insecure,
+        }
+    }
 }
 
 /// `[plugins]`.
@@ -205,6 +233,7 @@ impl Default for AgentConfig {
             cache: CacheConfig::default(),
             jobs: JobsConfig::default(),
             mesh: MeshConfig::default(),
+            tls: TlsConfig::default(),
             builtin: Vec::new(),
         }
     }
@@ -318,6 +347,17 @@ shutdown_grace = "30s"
 # Longest FetchJob long-poll.
 poll_wait = "30s"
 
+[tls]
+# PEM CA bundle that signed the coordinator's certificate (https:// URLs); empty = the
+# system roots.
+ca = ""
+# PEM client certificate and key, for a coordinator that requires mutual TLS.
+cert = ""
+key = ""
+# Allow a plaintext http:// coordinator URL whose host is not loopback (tokens then
+# cross the network in clear).
+insecure = false
+
 [mesh]
 # Run the libp2p host and serve cached chunks to peers the coordinator vouched for.
 enabled = true
@@ -419,12 +459,15 @@ impl AgentConfig {
                 ),
             ));
         }
-        if self.coordinator.starts_with("https://") {
+        if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
             return Err(bad(
-                "coordinator",
-                "https is not supported by this build; use http:// (e.g. through a TLS-terminating tunnel)",
+                "tls.cert",
+                "tls.cert and tls.key go together: set both or neither",
             ));
         }
+        // Plaintext to a remote host without `tls.insecure`, unreadable TLS files.
+        arcade_proto::client_endpoint_with(&self.coordinator, &self.tls.client())
+            .map_err(|e| bad("coordinator", e.to_string()))?;
         if !self.enroll_token_file.as_os_str().is_empty() {
             if !self.enroll_token.is_empty() {
                 return Err(bad(

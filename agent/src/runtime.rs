@@ -581,8 +581,12 @@ impl RunningAgent {
                 })?;
             tracing::info!(plugin = %plugin, "builtin plugin registered");
         }
+        if config.raw.coordinator.starts_with("http://") {
+            tracing::warn!(coordinator = %config.raw.coordinator, "plaintext gRPC to the coordinator: tokens cross the network in clear");
+        }
         let session = Session::new(
             &config.raw.coordinator,
+            &config.raw.tls.client(),
             &config.id,
             &config.raw.enroll_token,
         )?;

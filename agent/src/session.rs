@@ -137,9 +137,14 @@ pub fn installed_list(plugins: &[CachedPlugin]) -> Vec<pb::InstalledPlugin> {
 }
 
 impl Session {
-    /// A session to `url` (connects on first use).
-    pub fn new(url: &str, agent_id: &str, enroll_token: &str) -> Result<Self, SessionError> {
-        let channel = arcade_proto::client_endpoint(url)
+    /// A session to `url` (connects on first use) with `tls` settings.
+    pub fn new(
+        url: &str,
+        tls: &arcade_proto::ClientTls,
+        agent_id: &str,
+        enroll_token: &str,
+    ) -> Result<Self, SessionError> {
+        let channel = arcade_proto::client_endpoint_with(url, tls)
             .map_err(|e| SessionError::BadUrl {
                 url: url.to_owned(),
                 reason: e.to_string(),

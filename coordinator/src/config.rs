@@ -49,6 +49,8 @@ pub struct CoordinatorConfig {
     pub agents: AgentsConfig,
     /// `[store]`: the metadata database.
     pub store: StoreConfig,
+    /// `[tls]`: TLS of the gRPC listener.
+    pub tls: TlsConfig,
     /// `[grpc]`: limits of the gRPC listener.
     pub grpc: GrpcConfig,
 }
@@ -98,6 +100,22 @@ impl Default for AgentsConfig {
             restricted_label_keys: Vec::new(),
         }
     }
+}
+
+/// `[tls]`: TLS on the gRPC listener (rustls). Without a certificate the listener is
+/// plaintext, which is allowed only on a loopback address or with `insecure = true`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the listener (re-read on SIGHUP and when it changes).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, every client must present a certificate it signed
+    /// (mutual TLS; the bearer tokens are still required).
+    pub client_ca: PathBuf,
+    /// Serve plaintext gRPC on a non-loopback address.
+    pub insecure: bool,
 }
 
 /// `[store]`: the embedded metadata database (redb).
@@ -238,6 +256,7 @@ impl Default for CoordinatorConfig {
             serve: ServeConfig::default(),
             agents: AgentsConfig::default(),
             store: StoreConfig::default(),
+            tls: TlsConfig::default(),
             grpc: GrpcConfig::default(),
         }
     }
@@ -356,6 +375,17 @@ restricted_label_keys = []
 [store]
 # Page cache of the metadata database (<data_dir>/coordinator.redb).
 cache_size = "64MiB"
+
+[tls]
+# PEM certificate chain and private key of the gRPC listener (rustls). Re-read on
+# SIGHUP and when the files change; a bad new pair is logged and the old one kept.
+cert = ""
+key = ""
+# PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+client_ca = ""
+# Without cert and key the listener is plaintext: allowed on a loopback address, or
+# anywhere with insecure = true (tokens then cross the network in clear).
+insecure = false
 
 [grpc]
 # Calls (HTTP/2 streams) one client connection may have open at once. Calls without a
@@ -596,6 +626,28 @@ impl CoordinatorConfig {
         } else {
             p.storage_path.clone()
         };
+        let t = &self.tls;
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if set(&t.cert) != set(&t.key) {
+            return Err(bad(
+                "tls.cert",
+                "tls.cert and tls.key go together: set both or neither",
+            ));
+        }
+        if set(&t.client_ca) && !set(&t.cert) {
+            return Err(bad(
+                "tls.client_ca",
+                "mutual TLS needs tls.cert and tls.key too",
+            ));
+        }
+        if !set(&t.cert) && !t.insecure && !listen.ip().is_loopback() {
+            return Err(bad(
+                "tls.cert",
+                format!(
+                    "listen {listen} is not a loopback address: set tls.cert and tls.key, or tls.insecure = true to serve plaintext gRPC"
+                ),
+            ));
+        }
         Ok(ValidConfig {
             listen,
             metrics_listen,
@@ -609,6 +661,36 @@ impl CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_is_for_loopback_or_when_chosen() {
+        let remote = |tls: TlsConfig| CoordinatorConfig {
+            listen: "0.0.0.0:50051".into(),
+            tls,
+            ..Default::default()
+        };
+        let err = remote(TlsConfig::default()).validate().unwrap_err();
+        assert!(err.to_string().contains("tls.insecure"), "{err}");
+        remote(TlsConfig {
+            insecure: true,
+            ..Default::default()
+        })
+        .validate()
+        .unwrap();
+        let half = remote(TlsConfig {
+            cert: "c.pem".into(),
+            ..Default::default()
+        });
+        assert!(half.validate().unwrap_err().to_string().contains("tls.key"));
+        let mtls_only = CoordinatorConfig {
+            tls: TlsConfig {
+                client_ca: "ca.pem".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(mtls_only.validate().is_err());
+    }
 
     #[test]
     fn printed_default_config_is_the_default() {

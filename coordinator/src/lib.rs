@@ -29,6 +29,7 @@ pub mod dispatch;
 pub mod metrics;
 pub mod server;
 mod service;
+pub mod tls;
 pub use service::herd;
 pub mod store;
 

@@ -69,6 +69,9 @@ pub enum StartError {
     /// Reflection descriptors are broken (a build defect).
     #[error("gRPC reflection setup failed: {0}")]
     Reflection(String),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Start-up garbage collection failed.
     #[error("start-up cleanup failed: {0}")]
     Cleanup(String),
@@ -85,6 +88,8 @@ pub struct RunningCoordinator {
     pub admin_token: String,
     /// The enrollment token in force.
     pub enroll_token: String,
+    /// Whether the gRPC listener speaks TLS.
+    pub tls: bool,
     metrics: Metrics,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -208,6 +213,16 @@ impl RunningCoordinator {
                 .map_err(|e| StartError::Cleanup(e.to_string()))??,
         );
 
+        let t = &config.raw.tls;
+        let tls = if t.cert.as_os_str().is_empty() {
+            tracing::warn!(
+                listen = %config.listen,
+                "serving plaintext gRPC (no [tls] cert): tokens cross the network in clear"
+            );
+            None
+        } else {
+            Some(crate::tls::server_config(t)?)
+        };
         let grpc_listener =
             tokio::net::TcpListener::bind(config.listen)
                 .await
@@ -312,15 +327,29 @@ impl RunningCoordinator {
 
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
-        tasks.spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "gRPC server failed");
-            }
-        });
+        let serves_tls = tls.is_some();
+        if let Some((config, reloader)) = tls {
+            let incoming = crate::tls::incoming(grpc_listener, config, token.clone());
+            tasks.spawn(crate::tls::watch(reloader, token.clone()));
+            tasks.spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            });
+        } else {
+            tasks.spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            });
+        }
         if let Some(listener) = metrics_listener {
             let token = shutdown.clone();
             let m = metrics.clone();
@@ -362,15 +391,21 @@ impl RunningCoordinator {
             metrics_addr,
             admin_token,
             enroll_token,
+            tls: serves_tls,
             metrics,
             shutdown,
             tasks,
         })
     }
 
-    /// `http://ADDR` of the gRPC listener.
+    /// `http://ADDR` of the gRPC listener (`https://localhost:PORT` with TLS: test
+    /// certificates name `localhost`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        if self.tls {
+            format!("https://localhost:{}", self.grpc_addr.port())
+        } else {
+            format!("http://{}", self.grpc_addr)
+        }
     }
 
     /// The coordinator's metrics (for tests and embedding).

@@ -44,20 +44,17 @@ fn normalise_url(url: &str) -> String {
 impl Connection {
     /// Checks the token and connects (eagerly, so an unreachable coordinator is
     /// reported as such).
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, CtlError> {
+    pub async fn connect(
+        url: &str,
+        tls: &arcade_proto::ClientTls,
+        token: Option<&str>,
+    ) -> Result<Self, CtlError> {
         let auth = bearer(token)?;
         let url = normalise_url(url);
-        if url.starts_with("https://") {
-            // Without TLS support the token would travel in clear text.
-            return Err(CtlError::BadUrl {
-                url,
-                reason: "https is not supported by this build; use an http:// URL (e.g. through a TLS-terminating tunnel)".into(),
-            });
-        }
-        let endpoint = arcade_proto::client_endpoint(&url)
+        let endpoint = arcade_proto::client_endpoint_with(&url, tls)
             .map_err(|e| CtlError::BadUrl {
                 url: url.clone(),
-                reason: error_chain(&e),
+                reason: e.to_string(),
             })?
             .connect_timeout(CONNECT_TIMEOUT);
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {

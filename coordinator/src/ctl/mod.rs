@@ -66,6 +66,32 @@ pub struct Cli {
         conflicts_with = "token"
     )]
     pub token_file: Option<PathBuf>,
+    /// PEM CA bundle that signed the coordinator's certificate (https:// URLs; default:
+    /// the system roots).
+    #[arg(long, global = true, env = "ARCADE_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "ARCADE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "ARCADE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Allow a plaintext http:// URL whose host is not loopback (the token then crosses
+    /// the network in clear).
+    #[arg(long, global = true, env = "ARCADE_INSECURE")]
+    pub insecure: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -317,12 +343,13 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 /// Where and as whom to connect.
 pub(crate) struct Ctx {
     url: String,
+    tls: arcade_proto::ClientTls,
     token: Option<String>,
 }
 
 impl Ctx {
     async fn connect(&self) -> Result<Connection, CtlError> {
-        Connection::connect(&self.url, self.token.as_deref()).await
+        Connection::connect(&self.url, &self.tls, self.token.as_deref()).await
     }
 }
 
@@ -422,6 +449,12 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let ctx = Ctx {
         url: cli.coordinator,
+        tls: arcade_proto::ClientTls {
+            ca: cli.tls_ca.unwrap_or_default(),
+            cert: cli.tls_cert.unwrap_or_default(),
+            key: cli.tls_key.unwrap_or_default(),
+            insecure: cli.insecure,
+        },
         token,
     };
     match runtime.block_on(commands::dispatch(&ctx, cli.command)) {

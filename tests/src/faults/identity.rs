@@ -318,7 +318,11 @@ async fn revoked_peer() -> anyhow::Result<Outcome> {
         .find(|a| a.agent_id == "holder")
         .context("the holder is registered")?;
     let holder_peer: PeerId = summary.peer_id.parse().context("holder peer id")?;
-    let addrs: Vec<Multiaddr> = summary.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let addrs: Vec<Multiaddr> = summary
+        .addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
     ensure!(!addrs.is_empty(), "the holder advertised no address");
     let manifest = Manifest::from_reader(&plugin[..], 64 * 1024)?;
     let sha = arcade_p2p::ContentId::of_bytes(&plugin);
@@ -338,7 +342,9 @@ async fn revoked_peer() -> anyhow::Result<Outcome> {
         .await?;
     let chunk = evil.chunk(holder_peer, addrs.clone(), &sha, 0).await;
     ensure!(
-        chunk.as_ref().is_ok_and(|d| manifest.verify_chunk(0, d).is_ok()),
+        chunk
+            .as_ref()
+            .is_ok_and(|d| manifest.verify_chunk(0, d).is_ok()),
         "setup: the enrolled peer was not served ({:?})",
         chunk.map(|d| d.len())
     );
