@@ -109,8 +109,11 @@ pub enum Fallback {
 pub struct DownloadConfig {
     /// Plugins fetched at once.
     pub concurrent: u32,
-    /// Timeout of one chunk request (to the coordinator or a peer).
+    /// Deadline of a whole plugin fetch (as the original design means it): a plugin
+    /// not fetched and verified within it fails the job, naming this key.
     pub timeout: Seconds,
+    /// Timeout of one chunk request (to the coordinator or a peer).
+    pub request_timeout: Seconds,
     /// Attempts after the first failure (exponential backoff with jitter).
     pub retry: u32,
     /// First backoff delay (doubles per attempt, capped at 30 s, ±50 % jitter).
@@ -244,6 +247,7 @@ impl Default for DownloadConfig {
         Self {
             concurrent: 3,
             timeout: Seconds::secs(300),
+            request_timeout: Seconds::secs(30),
             retry: 3,
             backoff: Seconds(Duration::from_millis(500)),
             fallback: Fallback::Fail,
@@ -317,8 +321,11 @@ directory = ""
 [download]
 # Plugins fetched at once.
 concurrent = 3
-# Timeout of one chunk request (to the coordinator or a peer).
+# Deadline of a whole plugin fetch: a plugin not fetched and verified within it fails
+# the job (what is verified so far is kept for the next attempt).
 timeout = "5m"
+# Timeout of one chunk request (to the coordinator or a peer).
+request_timeout = "30s"
 # Attempts after the first failure, with exponential backoff and jitter.
 retry = 3
 # First backoff delay (doubles per attempt, at most 30s, +-50% jitter).
@@ -523,6 +530,14 @@ impl AgentConfig {
         }
         if d.timeout.get() < Duration::from_secs(1) {
             return Err(bad("download.timeout", "must be at least 1s"));
+        }
+        if d.request_timeout.get() < Duration::from_millis(100)
+            || d.request_timeout.get() > d.timeout.get()
+        {
+            return Err(bad(
+                "download.request_timeout",
+                "must be at least 100ms and at most download.timeout",
+            ));
         }
         if d.retry > 100 {
             return Err(bad("download.retry", "must be at most 100"));

@@ -143,6 +143,9 @@ pub struct ServeConfig {
     /// Concurrent `DownloadPlugin` streams of one agent, so that one agent cannot hold
     /// every stream; more are answered RESOURCE_EXHAUSTED.
     pub max_streams_per_agent: u32,
+    /// A `DownloadPlugin` stream whose next chunk the client has not taken for this long
+    /// is ended (`DEADLINE_EXCEEDED`) and its slots freed.
+    pub stall_timeout: Seconds,
     /// Total egress rate for plugin content, bytes per second (`0B` = unlimited).
     pub egress_rate: ByteSize,
     /// A chunk served to an agent within this window is not served again to another
@@ -158,6 +161,7 @@ impl Default for ServeConfig {
         Self {
             max_streams: 64,
             max_streams_per_agent: 16,
+            stall_timeout: Seconds::secs(30),
             egress_rate: ByteSize(0),
             herd_window: Seconds::secs(120),
             max_redirects: 8,
@@ -405,6 +409,9 @@ max_streams = 64
 # Concurrent DownloadPlugin streams of one agent (its token), so that one agent cannot
 # hold every stream; more are answered RESOURCE_EXHAUSTED.
 max_streams_per_agent = 16
+# A DownloadPlugin stream whose client has not taken its next chunk for this long is
+# ended with DEADLINE_EXCEEDED and its slots freed.
+stall_timeout = "30s"
 # Total egress for plugin content per second ("0B" = unlimited).
 egress_rate = "0B"
 # Herd protection: a chunk served to an agent within this window is not served to
@@ -611,6 +618,11 @@ impl CoordinatorConfig {
                 "serve.max_streams_per_agent",
                 "must be between 1 and serve.max_streams",
             ));
+        }
+        let stall = self.serve.stall_timeout.get();
+        if stall < std::time::Duration::from_secs(1) || stall > std::time::Duration::from_secs(3600)
+        {
+            return Err(bad("serve.stall_timeout", "must be between 1s and 1h"));
         }
         if self.serve.max_redirects > 100 {
             return Err(bad("serve.max_redirects", "must be at most 100"));

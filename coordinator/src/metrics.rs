@@ -3,7 +3,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `error`, `cancelled`, `denied`) |
+//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `error`, `cancelled`, `stalled`, `denied`) |
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_coordinator_served_bytes_total` | counter | `plugin_id`, `version` |
 //! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |

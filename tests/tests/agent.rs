@@ -409,3 +409,61 @@ async fn wrong_enrollment_token_is_a_clear_fatal_error() {
         "{msg}"
     );
 }
+
+/// A source that trickles (here the coordinator, one 64 KiB chunk every 500 ms, through
+/// a proxy) cannot hold a job for ever: the fetch ends at `download.timeout` (the whole
+/// plugin) and the job fails naming it; the chunks verified so far are kept, so the next
+/// attempt, at full speed, fetches only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_outlasts_download_timeout_fails_the_job_and_keeps_its_chunks() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plugin = stage_logger(&dir.path().join("log"), None);
+    plugin.extend(std::iter::repeat_n(b'#', 40 * 65_536)); // ~41 chunks
+    c.push("slow/tool", "1.0.0", &plugin, Default::default())
+        .await
+        .unwrap();
+    let proxy = AgentProxy::start(&c.url).await;
+    proxy
+        .tamper
+        .delay_per_chunk_us
+        .store(500_000, Ordering::SeqCst);
+    let a = TestAgent::start(&proxy.url, ENROLL, "slow-fetcher", |cfg, _| {
+        cfg.download.timeout = arcade_p2p::settings::Seconds::secs(3);
+        cfg.download.request_timeout = arcade_p2p::settings::Seconds::secs(2);
+        cfg.mesh.enabled = false;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let id = create_job(&c, "slow/tool", "1.0.0", "true", &[]).await;
+    let job = wait_job(&c, &id).await;
+    assert_eq!(job.status(), pb::JobStatus::Failed, "{}", job.error_message);
+    assert!(
+        job.error_message.contains("download.timeout"),
+        "{}",
+        job.error_message
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the job took {:?}",
+        started.elapsed()
+    );
+    let before = proxy.tamper.relayed_bytes.load(Ordering::SeqCst);
+    assert!(before > 0 && before < plugin.len() as u64, "{before}");
+    proxy.tamper.delay_per_chunk_us.store(0, Ordering::SeqCst);
+    let id = create_job(&c, "slow/tool", "1.0.0", "true", &[]).await;
+    let job = wait_job(&c, &id).await;
+    assert_eq!(
+        job.status(),
+        pb::JobStatus::Succeeded,
+        "{}",
+        job.error_message
+    );
+    let total = proxy.tamper.relayed_bytes.load(Ordering::SeqCst);
+    assert!(
+        total < before + plugin.len() as u64,
+        "the retry fetched everything again ({before} then {total} of {})",
+        plugin.len()
+    );
+    drop(a);
+}

@@ -88,6 +88,16 @@ pub enum FetchError {
     /// The agent is shutting down.
     #[error("fetch of {0} cancelled: agent shutting down")]
     Cancelled(String),
+    /// The whole fetch took longer than `download.timeout`.
+    #[error(
+        "cannot fetch {plugin}: not fetched and verified within download.timeout = {after:?} (what was verified is kept for the next attempt)"
+    )]
+    TimedOut {
+        /// id@version.
+        plugin: String,
+        /// The deadline.
+        after: Duration,
+    },
 }
 
 /// What a fetch did.
@@ -102,12 +112,12 @@ pub struct Fetched {
 }
 
 /// The swarm scheduler's settings for every fetch (the model in `arcade-sim` uses them
-/// too): the scheduler's defaults with the request timeout from `download.timeout`. The
+/// too): the scheduler's defaults with the request timeout from `download.request_timeout`. The
 /// coordinator is the shared, expensive source: few requests each, and duplicates only
 /// for requests stalled for a while.
 pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
     SchedulerConfig {
-        request_timeout: download.timeout.get(),
+        request_timeout: download.request_timeout.get(),
         server_max_inflight: 2,
         hedge_after: Duration::from_secs(5),
         // Peers on a LAN answer their first bitfield query within milliseconds; waiting
@@ -262,9 +272,19 @@ impl Fetcher {
                 Some((peer, addrs))
             })
             .collect();
-        let result = self
-            .fetch_and_publish(&plugin, &manifest, hints, cancel)
-            .await;
+        let deadline = self.config.timeout.get();
+        let result = match tokio::time::timeout(
+            deadline,
+            self.fetch_and_publish(&plugin, &manifest, hints, cancel),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::TimedOut {
+                plugin: shown.clone(),
+                after: deadline,
+            }),
+        };
         {
             let mut map = self.inflight.lock().expect("inflight lock");
             if map.get(&sha).is_some_and(|l| Arc::strong_count(l) <= 2) {

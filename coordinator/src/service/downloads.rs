@@ -1,7 +1,8 @@
 //! `Agent.DownloadPlugin`: a plugin's content streamed one verified chunk per message
 //! over the requested chunk ranges, behind the herd check (a single chunk another mesh
 //! agent got recently is pointed at that agent instead), the stream limit and the
-//! egress limiter. Memory per stream is one chunk.
+//! egress limiter. Memory per stream is two chunks (one read ahead); a stream the client
+//! stops reading ends after `serve.stall_timeout`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -324,21 +325,62 @@ pub(crate) async fn download_plugin(
             outcome: None,
         },
     };
-    let stream = futures::stream::unfold(Some(state), |state| async move {
-        let mut st = state?;
-        match st.next_index() {
-            Some(i) => match st.chunk(i).await {
-                Ok(msg) => Some((Ok(msg), Some(st))),
-                Err(e) => {
-                    st.record.outcome = Some("error");
-                    Some((Err(e), None))
+    let stall = s.config.raw.serve.stall_timeout.get();
+    Ok(Response::new(serve(state, stall)))
+}
+
+/// Streams `state`'s chunks from a task of its own, one chunk ahead of the client. A
+/// chunk the client has not taken within `stall` (it stopped reading, so HTTP/2 flow
+/// control stopped polling the response) ends the task — its stream slots, reader and
+/// chunk are released at once — and the client, if it ever reads on, gets
+/// `DEADLINE_EXCEEDED` after what was already sent.
+fn serve(state: DownloadState, stall: std::time::Duration) -> DownloadStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        let mut st = state;
+        loop {
+            let item = match st.next_index() {
+                Some(i) => st.chunk(i).await,
+                None => {
+                    st.record.outcome = Some("success");
+                    return;
                 }
-            },
-            None => {
-                st.record.outcome = Some("success");
-                None
+            };
+            let failed = item.is_err();
+            if failed {
+                st.record.outcome = Some("error");
+            }
+            match tokio::time::timeout(stall, tx.send(item)).await {
+                Ok(Ok(())) if !failed => {}
+                // Failed (sent), or the client went away (recorded as cancelled).
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::warn!(agent = %st.agent_id, content = %st.manifest.content_id(), "download stream not read for {stall:?} (serve.stall_timeout): ended");
+                    st.record.outcome = Some("stalled");
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
             }
         }
     });
-    Ok(Response::new(Box::pin(stream)))
+    Box::pin(futures::stream::unfold(
+        (rx, stalled, false),
+        move |(mut rx, stalled, ended)| async move {
+            if ended {
+                return None;
+            }
+            match rx.recv().await {
+                Some(item) => Some((item, (rx, stalled, false))),
+                None if stalled.load(std::sync::atomic::Ordering::SeqCst) => Some((
+                    Err(Status::deadline_exceeded(format!(
+                        "this download was not read for {stall:?} (serve.stall_timeout): request the missing chunks again"
+                    ))),
+                    (rx, stalled, true),
+                )),
+                None => None,
+            }
+        },
+    ))
 }

@@ -38,6 +38,7 @@ async fn download_slots() -> anyhow::Result<Outcome> {
     let c = TestCoordinator::start(|c| {
         c.serve.max_streams = 8;
         c.serve.max_streams_per_agent = 4;
+        c.serve.stall_timeout = Seconds::secs(2);
     })
     .await;
     // Larger than a stream's flow-control window (4 MiB), so an unread stream stays open.
@@ -85,9 +86,38 @@ async fn download_slots() -> anyhow::Result<Outcome> {
         .await
         .context("the other agent's download")?;
     ensure!(got == data, "the other agent's download differs");
+    // The unread streams end after serve.stall_timeout (2 s) and free their slots: the
+    // hog can open a stream again, and reading an old one ends in DEADLINE_EXCEEDED.
+    let freed = crate::eventually(Duration::from_secs(10), || {
+        let (c, hog) = (&c, &hog);
+        async move {
+            let mut client = c.agent(hog).await;
+            let mut stream = client.download_plugin(req()).await.ok()?.into_inner();
+            stream.message().await.ok().flatten().map(|_| stream)
+        }
+    })
+    .await
+    .context("property `stalled streams free their slots` failed: still refused 10 s later")?;
+    drop(freed);
+    let mut old = held.swap_remove(0);
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), old.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => break None,
+            Ok(Err(s)) => break Some(s),
+            Err(_) => anyhow::bail!("a stalled stream neither ended nor sent within 10 s"),
+        }
+    };
+    ensure!(
+        ended
+            .as_ref()
+            .is_some_and(|s| s.code() == Code::DeadlineExceeded
+                && s.message().contains("serve.stall_timeout")),
+        "a stalled stream must end in DEADLINE_EXCEEDED naming serve.stall_timeout, got {ended:?}"
+    );
     drop(held);
     Ok(Outcome {
-        outcome: "an agent opening 8 streams and reading none got 4 (serve.max_streams_per_agent), the rest RESOURCE_EXHAUSTED naming the key; another agent downloaded 16 MiB verified meanwhile".into(),
+        outcome: "an agent opening 8 streams and reading none got 4 (serve.max_streams_per_agent), the rest RESOURCE_EXHAUSTED naming the key; another agent downloaded 16 MiB verified meanwhile; the unread streams ended after serve.stall_timeout and freed their slots".into(),
         ..Default::default()
     })
 }

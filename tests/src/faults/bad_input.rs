@@ -451,8 +451,17 @@ fn agent_cases() -> Vec<(&'static str, AgentMutation)> {
         ("coordinator", |c| {
             c.coordinator = "ftp://127.0.0.1:1".into()
         }),
+        // Plaintext to a remote host without tls.insecure (validated, never dialled).
         ("coordinator", |c| {
-            c.coordinator = "https://127.0.0.1:1".into()
+            c.coordinator = "http://10.1.2.3:50051".into()
+        }),
+        ("coordinator", |c| {
+            c.coordinator = "https://127.0.0.1:1".into();
+            c.tls.ca = "/nonexistent/ca.pem".into()
+        }),
+        ("tls.cert", |c| c.tls.cert = "/some/cert.pem".into()),
+        ("download.request_timeout", |c| {
+            c.download.request_timeout = Seconds::secs(0)
         }),
         ("enroll_token", |c| c.enroll_token = "has space".into()),
         ("enroll_token", |c| c.enroll_token = "x".repeat(10_000)),
@@ -536,6 +545,9 @@ const COORDINATOR_FILES: &[(&str, &str)] = &[
         "[plugin]\nmax_plugin_size = 9223372036854775807\n",
     ),
     ("serve.max_streams", "[serve]\nmax_streams = -1\n"),
+    ("serve.stall_timeout", "[serve]\nstall_timeout = \"0s\"\n"),
+    ("tls.cert", "[tls]\ncert = \"/x.pem\"\n"),
+    ("tls.cert", "listen = \"0.0.0.0:0\"\n"),
     (
         "serve.egress_rate",
         "[serve]\negress_rate = \"99999999999999TiB\"\n",
@@ -600,7 +612,10 @@ fn validation(tally: &mut Tally, dir: &Path) -> anyhow::Result<u32> {
     for (key, text) in COORDINATOR_FILES {
         cases += 1;
         std::fs::write(&file, text)?;
-        let got = CoordinatorConfig::load(Some(&file), |_| None).map(|_| ());
+        // Loaded and validated, as the binary does.
+        let got = CoordinatorConfig::load(Some(&file), |_| None)
+            .and_then(|c| c.validate())
+            .map(|_| ());
         tally.check(
             matches!(&got, Err(e) if names_key(&e.to_string(), key)),
             || format!("coordinator file {text:?}: expected an error naming `{key}`, got {got:?}"),
