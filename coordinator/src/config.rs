@@ -63,6 +63,11 @@ pub struct GrpcConfig {
     pub max_streams_per_connection: u32,
     /// A connection that does not answer a keep-alive ping within this is closed.
     pub keepalive_timeout: Seconds,
+    /// Open connections from one IP address; more are closed on accept (0 = no limit).
+    pub max_connections_per_address: u32,
+    /// A call whose request body sends nothing for this long is ended (its memory and
+    /// slots freed).
+    pub request_idle_timeout: Seconds,
 }
 
 impl Default for GrpcConfig {
@@ -70,6 +75,8 @@ impl Default for GrpcConfig {
         Self {
             max_streams_per_connection: 256,
             keepalive_timeout: Seconds::secs(20),
+            max_connections_per_address: 1024,
+            request_idle_timeout: Seconds::secs(30),
         }
     }
 }
@@ -397,6 +404,11 @@ insecure = false
 max_streams_per_connection = 256
 # A connection that does not answer a keep-alive ping within this is closed.
 keepalive_timeout = "20s"
+# Open connections from one IP address; more are closed as they are accepted (0 = no
+# limit). An agent keeps one; raise it for many agents behind one NAT address.
+max_connections_per_address = 1024
+# A call whose request body (a push, a report) sends nothing for this long is ended.
+request_idle_timeout = "30s"
 
 [mesh]
 # Lifetime of the coordinator-signed tickets that admit an agent's libp2p peer to the
@@ -603,6 +615,13 @@ impl CoordinatorConfig {
             return Err(bad(
                 "grpc.max_streams_per_connection",
                 "must be between 1 and 100000",
+            ));
+        }
+        let idle = self.grpc.request_idle_timeout.get();
+        if idle < std::time::Duration::from_secs(1) || idle > std::time::Duration::from_secs(3600) {
+            return Err(bad(
+                "grpc.request_idle_timeout",
+                "must be between 1s and 1h",
             ));
         }
         if self.grpc.keepalive_timeout.get() < std::time::Duration::from_secs(1) {

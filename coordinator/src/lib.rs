@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod dispatch;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 mod service;

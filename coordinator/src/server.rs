@@ -328,8 +328,13 @@ impl RunningCoordinator {
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
         let serves_tls = tls.is_some();
+        let accepted = crate::listener::accept(
+            grpc_listener,
+            grpc.max_connections_per_address as usize,
+            token.clone(),
+        );
         if let Some((config, reloader)) = tls {
-            let incoming = crate::tls::incoming(grpc_listener, config, token.clone());
+            let incoming = crate::tls::incoming(accepted, config);
             tasks.spawn(crate::tls::watch(reloader, token.clone()));
             tasks.spawn(async move {
                 if let Err(e) = router
@@ -341,7 +346,7 @@ impl RunningCoordinator {
             });
         } else {
             tasks.spawn(async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                let incoming = crate::listener::plaintext(accepted);
                 if let Err(e) = router
                     .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
                     .await

@@ -17,12 +17,12 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsConfig;
+use crate::listener::Conn;
 
 /// Longest TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,43 +161,30 @@ pub fn server_config(
     Ok((Arc::new(config), reloader))
 }
 
-/// Accepts TCP connections on `listener` and yields those whose TLS handshake
-/// completed (see the module doc), until `shutdown`.
+/// Runs the TLS handshake of each connection `accepted` (`crate::listener`) and yields
+/// those that completed (see the module doc).
 pub fn incoming(
-    listener: TcpListener,
+    mut accepted: tokio::sync::mpsc::Receiver<Conn>,
     config: Arc<rustls::ServerConfig>,
-    shutdown: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<Conn>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some(conn) = accepted.recv().await {
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many TLS handshakes in progress: connection closed");
+                tracing::warn!("too many TLS handshakes in progress: connection closed");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
                 }
             });
         }

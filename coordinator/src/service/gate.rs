@@ -7,6 +7,10 @@
 //! admin-created —, a registered agent's); which token a call needs is still decided by the handlers, so a known token
 //! of the wrong kind gets the handler's `PERMISSION_DENIED`. Health and reflection stay
 //! public. The check is a SHA-256 and a map lookup — no I/O, no body.
+//!
+//! Admitted calls get their request body wrapped in an [`IdleBody`]: a body that sends
+//! nothing for `grpc.request_idle_timeout` fails, which ends the call and frees what it
+//! held (a push's staging, a decode buffer) — a known token cannot stall them either.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,9 +48,12 @@ pub(crate) struct AuthGate<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B> tower_service::Service<http::Request<B>> for AuthGate<S>
+impl<S> tower_service::Service<http::Request<tonic::body::Body>> for AuthGate<S>
 where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -58,7 +65,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         match self.shared.admit(req.uri().path(), req.headers()) {
             Ok(Some(hash)) => {
                 req.extensions_mut().insert(CallerToken(hash));
@@ -70,7 +77,80 @@ where
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         }
+        let idle = self.shared.config.raw.grpc.request_idle_timeout.get();
+        let req = req.map(|body| tonic::body::Body::new(IdleBody::new(body, idle)));
         Box::pin(self.inner.call(req))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails when the client sends nothing (no frame, no end) for
+    /// `idle` while the handler waits for it (time the handler spends elsewhere does
+    /// not count).
+    pub(crate) struct IdleBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        timer: tokio::time::Sleep,
+        idle: std::time::Duration,
+        waiting: bool,
+    }
+}
+
+impl<B> IdleBody<B> {
+    pub(crate) fn new(inner: B, idle: std::time::Duration) -> Self {
+        Self {
+            inner,
+            timer: tokio::time::sleep(idle),
+            idle,
+            waiting: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = bytes::Bytes;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !*this.waiting {
+                    *this.waiting = true;
+                    let until = tokio::time::Instant::now() + *this.idle;
+                    this.timer.as_mut().reset(until);
+                }
+                match this.timer.poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
+                            "the request body sent nothing for {:?} (grpc.request_idle_timeout)",
+                            this.idle
+                        ))))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

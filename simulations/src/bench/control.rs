@@ -324,7 +324,7 @@ pub async fn run(opts: &FleetBenchOptions) -> anyhow::Result<FleetFigures> {
     );
     if opts.coordinator_bin.is_none() {
         text.push_str(&format!(
-            "[agents]\nmax_agents = {}\nregister_rate = 0\n",
+            "[agents]\nmax_agents = {}\nregister_rate = 0\n[grpc]\nmax_connections_per_address = 0\n",
             opts.agents.max(1)
         ));
     }
