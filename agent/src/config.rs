@@ -169,8 +169,10 @@ pub struct MeshConfig {
     pub upload_rate: ByteSize,
     /// Concurrent chunk uploads; more requests are answered "busy".
     pub max_uploads: u32,
-    /// Most peers connected at once.
+    /// Most peers connected at once (half of them at most untrusted inbound peers).
     pub max_connections: u32,
+    /// An inbound connection whose peer shows no valid ticket within this is closed.
+    pub unvouched_timeout: Seconds,
     /// How long a DHT provider record lives.
     pub provider_ttl: Seconds,
     /// How often provider records are republished.
@@ -187,6 +189,7 @@ impl Default for MeshConfig {
             upload_rate: ByteSize(0),
             max_uploads: 8,
             max_connections: 256,
+            unvouched_timeout: Seconds::secs(10),
             provider_ttl: Seconds::secs(15 * 60),
             provider_republish: Seconds::secs(5 * 60),
         }
@@ -379,8 +382,11 @@ allow_loopback = false
 upload_rate = "0B"
 # Concurrent chunk uploads; further requests are answered "busy".
 max_uploads = 8
-# Most peers connected at once.
+# Most peers connected at once; peers that have not shown a valid ticket (inbound)
+# may hold at most half of them, and at most 4 connections each.
 max_connections = 256
+# An inbound connection whose peer shows no valid ticket within this is closed.
+unvouched_timeout = "10s"
 # DHT provider records: lifetime and republish interval (minutes, not the 48h default,
 # so evicted or departed holders disappear quickly).
 provider_ttl = "15m"
@@ -593,6 +599,13 @@ impl AgentConfig {
         };
         if self.mesh.max_uploads > 1024 {
             return Err(bad("mesh.max_uploads", "must be at most 1024"));
+        }
+        let unvouched = self.mesh.unvouched_timeout.get();
+        if unvouched < Duration::from_millis(100) || unvouched > Duration::from_secs(3600) {
+            return Err(bad(
+                "mesh.unvouched_timeout",
+                "must be between 100ms and 1h",
+            ));
         }
         if self.mesh.max_connections == 0 || self.mesh.max_connections > 100_000 {
             return Err(bad("mesh.max_connections", "must be between 1 and 100000"));

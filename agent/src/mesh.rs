@@ -155,6 +155,7 @@ impl MeshNode {
             upload_burst: 1 << 20,
             max_uploads: m.max_uploads as usize,
             max_connections: m.max_connections as usize,
+            unvouched_timeout: m.unvouched_timeout.get(),
             provider_ttl: m.provider_ttl.get(),
             provider_republish: m.provider_republish.get(),
             ..HostConfig::default()

@@ -266,10 +266,15 @@ impl FetchRun<'_> {
                     .get(&peer)
                     .map(|p| p.addrs.clone())
                     .unwrap_or_default();
+                // A peer's answer may be no larger than the chunk (its manifest length).
+                let len = self
+                    .manifest
+                    .chunk_range(chunk)
+                    .map_or(0, |r| (r.end - r.start) as u32);
                 self.tasks.spawn(async move {
                     let result = mesh
                         .handle()
-                        .chunk(peer, addrs, &content, chunk)
+                        .chunk_of_len(peer, addrs, &content, chunk, len)
                         .await
                         .map_err(|e| {
                             let busy = matches!(

@@ -13,7 +13,17 @@
 //! take an upload slot (busy → `REFUSAL_BUSY`, never an unbounded queue) and pass the
 //! node-wide upload [`RateLimiter`]. Peers the coordinator revoked (removed agents,
 //! learnt through heartbeat answers: [`MeshHandle::revoke`]) are refused and
-//! disconnected whatever their ticket says, and never asked. The bytes come from a [`ChunkStore`] the agent
+//! disconnected whatever their ticket says, and never asked.
+//!
+//! Outsiders: a peer is *trusted* once it presented a valid ticket or when we chose to
+//! ask it ourselves. An inbound connection from an untrusted peer is closed when it has
+//! shown no valid ticket within [`HostConfig::unvouched_timeout`]; untrusted inbound
+//! peers may hold at most half of [`HostConfig::max_connections`] (a newcomer replaces
+//! the one that waited longest; the rest is kept for trusted peers and our own dials), and no peer more than [`MAX_CONNECTIONS_PER_PEER`]
+//! connections. Only trusted peers enter the DHT routing table, and provider records
+//! (`ADD_PROVIDER`) are stored only when the provider is trusted. A response may be no
+//! larger than what was asked for: the chunk's length, or the bitfield of the content.
+//! The bytes come from a [`ChunkStore`] the agent
 //! implements over its cache (complete plugins and partial downloads alike).
 
 use std::collections::HashMap;
@@ -72,7 +82,14 @@ pub struct HostConfig {
     pub provider_republish: Duration,
     /// Most peers connected at once; connections beyond are closed.
     pub max_connections: usize,
+    /// An inbound connection whose peer shows no valid ticket within this is closed.
+    pub unvouched_timeout: Duration,
 }
+
+/// Most connections one peer may hold to us.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+/// Most trusted peers and pending addresses remembered.
+const MAX_TRUSTED: usize = 65_536;
 
 impl Default for HostConfig {
     fn default() -> Self {
@@ -87,6 +104,7 @@ impl Default for HostConfig {
             provider_ttl: Duration::from_secs(15 * 60),
             provider_republish: Duration::from_secs(5 * 60),
             max_connections: 256,
+            unvouched_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -142,7 +160,41 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Respond(ResponseChannel<pb::ChunkResponse>, pb::ChunkResponse),
     Revoke(Vec<PeerId>),
+    Connected(PeerId, oneshot::Sender<bool>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Peers we trust: they presented a valid ticket, or we asked them ourselves.
+#[derive(Debug, Default)]
+struct Trusted {
+    set: std::collections::HashSet<PeerId>,
+    order: std::collections::VecDeque<PeerId>,
+}
+
+impl Trusted {
+    /// Adds `peer`; true when it was not trusted before.
+    fn add(&mut self, peer: PeerId) -> bool {
+        if !self.set.insert(peer) {
+            return false;
+        }
+        self.order.push_back(peer);
+        while self.order.len() > MAX_TRUSTED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.set.contains(peer)
+    }
+
+    fn remove(&mut self, peer: &PeerId) {
+        if self.set.remove(peer) {
+            self.order.retain(|p| p != peer);
+        }
+    }
 }
 
 /// Most revoked peers remembered (the oldest are forgotten: their tickets expire).
@@ -226,6 +278,13 @@ struct Actor {
     /// [`MAX_ASKED_CONTENTS`] contents.
     askers: HashMap<ContentId, std::collections::VecDeque<PeerId>>,
     revoked: Revoked,
+    trusted: Trusted,
+    /// Untrusted peers connected to us (inbound), since when.
+    unvouched: HashMap<PeerId, std::time::Instant>,
+    unvouched_timeout: Duration,
+    /// Listen addresses untrusted peers told us (identify), entered into the DHT once
+    /// they are trusted.
+    pending_addrs: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 /// Most askers remembered per content.
@@ -261,7 +320,11 @@ impl MeshHost {
                     .set_provider_publication_interval(Some(republish))
                     // Peers are learned from coordinator hints and identify, not from a
                     // bootstrap list: no periodic bootstrap against an empty table.
-                    .set_periodic_bootstrap_interval(None);
+                    .set_periodic_bootstrap_interval(None)
+                    // Only trusted peers enter the routing table, and provider records
+                    // are stored only for trusted providers (see the module doc).
+                    .set_kbucket_inserts(kad::BucketInserts::Manual)
+                    .set_record_filtering(kad::StoreInserts::FilterBoth);
                 let store = MemoryStore::with_config(
                     key.public().to_peer_id(),
                     kad::store::MemoryStoreConfig {
@@ -274,7 +337,7 @@ impl MeshHost {
                 kad.set_mode(Some(kad::Mode::Server));
                 Behaviour {
                     chunks: request_response::Behaviour::with_codec(
-                        ChunkCodec,
+                        ChunkCodec::default(),
                         [(PROTOCOL, ProtocolSupport::Full)],
                         request_response::Config::default()
                             .with_request_timeout(request_timeout)
@@ -325,6 +388,10 @@ impl MeshHost {
             queries: HashMap::new(),
             askers: HashMap::new(),
             revoked: Revoked::default(),
+            trusted: Trusted::default(),
+            unvouched: HashMap::new(),
+            unvouched_timeout: config.unvouched_timeout,
+            pending_addrs: HashMap::new(),
         };
         tokio::spawn(actor.run());
         Ok(MeshHandle { tx, peer_id, stats })
@@ -334,8 +401,11 @@ impl MeshHost {
 impl Actor {
     async fn run(mut self) {
         let mut stopped = None;
+        let mut sweep = tokio::time::interval(Duration::from_millis(500));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sweep.tick() => self.close_unvouched(),
                 command = self.rx.recv() => match command {
                     Some(Command::Shutdown(done)) => {
                         stopped = Some(done);
@@ -366,6 +436,9 @@ impl Actor {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Connected(peer, reply) => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
+            }
             Command::Request { peer, reply, .. } if self.revoked.contains(&peer) => {
                 let _ = reply.send(Err(MeshError::Failed(format!(
                     "peer {peer} was revoked by the coordinator"
@@ -377,6 +450,8 @@ impl Actor {
                 mut request,
                 reply,
             } => {
+                // We chose to ask it (a coordinator hint or a DHT provider we looked up).
+                self.trust(peer);
                 request.ticket = self.ticket.clone();
                 let id = self
                     .swarm
@@ -425,6 +500,7 @@ impl Actor {
             Command::Respond(channel, response) => self.reply_to(channel, response),
             Command::Revoke(peers) => {
                 for peer in peers {
+                    self.trusted.remove(&peer);
                     if self.revoked.add(peer) && self.swarm.is_connected(&peer) {
                         tracing::info!(peer = %peer, "revoked by the coordinator: disconnecting");
                         let _ = self.swarm.disconnect_peer_id(peer);
@@ -439,17 +515,20 @@ impl Actor {
         if let SwarmEvent::ConnectionEstablished {
             peer_id,
             num_established,
+            connection_id,
+            endpoint,
             ..
         } = &event
         {
-            let connected = self.swarm.connected_peers().count();
-            if self.revoked.contains(peer_id) {
-                tracing::debug!(peer = %peer_id, "revoked peer connected: closing");
-                let _ = self.swarm.disconnect_peer_id(*peer_id);
-            } else if num_established.get() == 1 && connected > self.max_connections {
-                tracing::debug!(peer = %peer_id, connected, "connection limit reached: closing");
-                let _ = self.swarm.disconnect_peer_id(*peer_id);
-            }
+            self.admit_connection(*peer_id, num_established.get(), *connection_id, endpoint);
+        }
+        if let SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } = &event
+        {
+            self.unvouched.remove(peer_id);
         }
         if matches!(
             event,
@@ -467,8 +546,35 @@ impl Actor {
                 info,
                 ..
             })) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                if self.trusted.contains(&peer_id) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                } else if self.pending_addrs.len() < MAX_TRUSTED {
+                    let mut addrs = info.listen_addrs;
+                    addrs.truncate(16);
+                    self.pending_addrs.insert(peer_id, addrs);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            })) => {
+                if self.trusted.contains(&record.provider) {
+                    use kad::store::RecordStore as _;
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .kad
+                        .store_mut()
+                        .add_provider(record)
+                    {
+                        tracing::debug!(error = %e, "provider record not stored");
+                    }
+                } else {
+                    tracing::debug!(provider = %record.provider, "provider record from an untrusted peer ignored");
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -601,12 +707,99 @@ impl Actor {
         askers.push_back(peer);
     }
 
+    /// Trusts `peer` (see the module doc): its connection stays, its addresses enter the
+    /// DHT routing table, its provider records are stored.
+    fn trust(&mut self, peer: PeerId) {
+        if self.trusted.add(peer) {
+            self.unvouched.remove(&peer);
+            if let Some(addrs) = self.pending_addrs.remove(&peer) {
+                for addr in addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                }
+            }
+        }
+    }
+
+    /// Decides on a new connection: revoked peers, a peer's connections beyond
+    /// [`MAX_CONNECTIONS_PER_PEER`] and any peer beyond the budget are closed; beyond
+    /// half the budget of untrusted inbound peers, the one that waited longest is.
+    fn admit_connection(
+        &mut self,
+        peer: PeerId,
+        of_peer: u32,
+        connection: libp2p::swarm::ConnectionId,
+        endpoint: &libp2p::core::ConnectedPoint,
+    ) {
+        let connected = self.swarm.connected_peers().count();
+        if self.revoked.contains(&peer) {
+            tracing::debug!(%peer, "revoked peer connected: closing");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        if of_peer as usize > MAX_CONNECTIONS_PER_PEER {
+            tracing::debug!(%peer, of_peer, "too many connections from one peer: closing the newest");
+            self.swarm.close_connection(connection);
+            return;
+        }
+        let trusted = self.trusted.contains(&peer);
+        if !trusted && endpoint.is_listener() && of_peer == 1 {
+            // Full: the untrusted peer that has waited longest goes (it had its chance
+            // to show a ticket; the newcomer may be an agent about to send its own).
+            while self.unvouched.len() >= (self.max_connections / 2).max(1) {
+                let Some(oldest) = self
+                    .unvouched
+                    .iter()
+                    .min_by_key(|(_, since)| **since)
+                    .map(|(p, _)| *p)
+                else {
+                    break;
+                };
+                tracing::debug!(peer = %oldest, "room needed for a newer unvouched peer: closing");
+                self.unvouched.remove(&oldest);
+                let _ = self.swarm.disconnect_peer_id(oldest);
+            }
+            self.unvouched.insert(peer, std::time::Instant::now());
+        }
+        if of_peer == 1 && connected > self.max_connections {
+            tracing::debug!(%peer, connected, "connection limit reached: closing");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Closes inbound connections of peers that showed no valid ticket in time.
+    fn close_unvouched(&mut self) {
+        let timeout = self.unvouched_timeout;
+        let late: Vec<PeerId> = self
+            .unvouched
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= timeout)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            self.unvouched.remove(&peer);
+            if !self.trusted.contains(&peer) {
+                tracing::debug!(%peer, "no valid ticket in time: disconnecting");
+                self.pending_addrs.remove(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
     fn inbound(
         &mut self,
         peer: PeerId,
         request: pb::ChunkRequest,
         channel: ResponseChannel<pb::ChunkResponse>,
     ) {
+        if !self.trusted.contains(&peer)
+            && !self.revoked.contains(&peer)
+            && self
+                .verifier
+                .as_ref()
+                .is_some_and(|v| v.verify(&request.ticket, &peer, now_ms()).is_ok())
+        {
+            self.trust(peer);
+        }
         let content = match self.admit(&peer, &request) {
             Ok(c) => c,
             Err(refusal) => {
@@ -730,6 +923,15 @@ impl MeshHandle {
             .map_err(|_| MeshError::Closed)
     }
 
+    /// Whether this host has a connection to `peer` now.
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Connected(peer, reply)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     /// Revokes `peers` (the coordinator removed their agents): their requests are
     /// refused, their connections closed, and they are not asked for chunks.
     pub async fn revoke(&self, peers: Vec<PeerId>) -> Result<(), MeshError> {
@@ -745,11 +947,13 @@ impl MeshHandle {
         addrs: Vec<Multiaddr>,
         content: &ContentId,
         kind: pb::chunk_request::Kind,
+        expect_bytes: u32,
     ) -> Result<pb::ChunkResponse, MeshError> {
         let request = pb::ChunkRequest {
             ticket: Vec::new(),
             content: content.as_bytes().to_vec(),
             kind: Some(kind),
+            expect_bytes,
         };
         let response = self
             .call(|reply| Command::Request {
@@ -782,6 +986,7 @@ impl MeshHandle {
                 addrs,
                 content,
                 pb::chunk_request::Kind::Bitfield(true),
+                chunks.div_ceil(8).max(1),
             )
             .await?
             .kind
@@ -799,7 +1004,8 @@ impl MeshHandle {
     }
 
     /// Chunk `index` of `content` from `peer`, unverified: the caller checks it against
-    /// the manifest before using it.
+    /// the manifest before using it. Reads an answer of up to the protocol's maximum;
+    /// [`MeshHandle::chunk_of_len`] reads no more than the chunk's length.
     pub async fn chunk(
         &self,
         peer: PeerId,
@@ -807,8 +1013,27 @@ impl MeshHandle {
         content: &ContentId,
         index: u32,
     ) -> Result<Vec<u8>, MeshError> {
+        self.chunk_of_len(peer, addrs, content, index, 0).await
+    }
+
+    /// [`MeshHandle::chunk`] of a chunk `len` bytes long (from the manifest): a larger
+    /// answer is not read (0 = the protocol's maximum).
+    pub async fn chunk_of_len(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        content: &ContentId,
+        index: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, MeshError> {
         match self
-            .request(peer, addrs, content, pb::chunk_request::Kind::Chunk(index))
+            .request(
+                peer,
+                addrs,
+                content,
+                pb::chunk_request::Kind::Chunk(index),
+                len,
+            )
             .await?
             .kind
         {
@@ -1047,6 +1272,122 @@ mod tests {
             "refused askers are not remembered"
         );
         for h in [a, b, c] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outsiders_are_disconnected_and_their_provider_records_ignored() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let content = ContentId::of_bytes(b"c");
+        let mut store = MemStore::default();
+        store
+            .0
+            .insert(content, (Labels::new(), vec![Some(b"x".to_vec())]));
+        let (a, a_addrs) = host(
+            store,
+            HostConfig {
+                unvouched_timeout: Duration::from_secs(2),
+                ..HostConfig::default()
+            },
+        )
+        .await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let (outsider, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        for h in [&a, &b] {
+            h.set_credentials(
+                issuer
+                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                    .unwrap(),
+                &key,
+            )
+            .await
+            .unwrap();
+        }
+        // Both connect to A; only B shows a valid ticket.
+        assert_eq!(
+            refusal(
+                outsider
+                    .chunk(a.peer_id(), a_addrs.clone(), &content, 0)
+                    .await
+            ),
+            pb::Refusal::NotVouched
+        );
+        b.chunk(a.peer_id(), a_addrs.clone(), &content, 0)
+            .await
+            .unwrap();
+        // Both announce contents to A (they have A in their routing tables).
+        let (from_outsider, from_b) = (ContentId::of_bytes(b"o"), ContentId::of_bytes(b"b"));
+        outsider.provide(from_outsider, true).await.unwrap();
+        b.provide(from_b, true).await.unwrap();
+        let mut stored = false;
+        for _ in 0..40 {
+            if a.providers(from_b).await.unwrap().contains(&b.peer_id()) {
+                stored = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(stored, "a trusted peer's provider record is stored");
+        assert!(
+            !a.providers(from_outsider)
+                .await
+                .unwrap()
+                .contains(&outsider.peer_id()),
+            "an untrusted peer's provider record is ignored"
+        );
+        // The outsider's connection is closed once its time is up; B's stays.
+        assert!(a.is_connected(outsider.peer_id()).await);
+        let mut closed = false;
+        for _ in 0..80 {
+            if !a.is_connected(outsider.peer_id()).await {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(closed, "the unvouched connection is still open after 4 s");
+        assert!(a.is_connected(b.peer_id()).await, "the vouched peer stays");
+        for h in [a, b, outsider] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_larger_than_the_chunk_asked_for_is_not_read() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let content = ContentId::of_bytes(b"big");
+        let mut store = MemStore::default();
+        store
+            .0
+            .insert(content, (Labels::new(), vec![Some(vec![7u8; 10_000])]));
+        let (a, a_addrs) = host(store, HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        for h in [&a, &b] {
+            h.set_credentials(
+                issuer
+                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                    .unwrap(),
+                &key,
+            )
+            .await
+            .unwrap();
+        }
+        let got = b
+            .chunk_of_len(a.peer_id(), a_addrs.clone(), &content, 0, 10_000)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 10_000);
+        // The manifest says 100 bytes: a 10,000-byte answer is refused unread.
+        assert!(matches!(
+            b.chunk_of_len(a.peer_id(), a_addrs, &content, 0, 100).await,
+            Err(MeshError::Failed(_))
+        ));
+        for h in [a, b] {
             h.shutdown().await;
         }
     }

@@ -112,9 +112,35 @@ where
     io.close().await
 }
 
-/// The request-response codec of the protocol.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ChunkCodec;
+/// Framing allowed on top of a response's data (index, lengths, tags).
+const RESPONSE_FRAMING: usize = 1024;
+
+/// The request-response codec of the protocol. libp2p uses one clone of it per
+/// outbound stream, writing the request and then reading the response, so the request
+/// sets the largest response read: its `expect_bytes` plus framing (a refusal's
+/// message fits the framing), never more than [`MAX_RESPONSE_BYTES`].
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkCodec {
+    response_limit: usize,
+}
+
+impl Default for ChunkCodec {
+    fn default() -> Self {
+        Self {
+            response_limit: MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// The largest response to `req`.
+pub fn response_limit(req: &pb::ChunkRequest) -> usize {
+    match req.expect_bytes {
+        0 => MAX_RESPONSE_BYTES,
+        n => (n as usize)
+            .saturating_add(RESPONSE_FRAMING)
+            .min(MAX_RESPONSE_BYTES),
+    }
+}
 
 #[async_trait::async_trait]
 impl libp2p::request_response::Codec for ChunkCodec {
@@ -141,7 +167,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io, MAX_RESPONSE_BYTES).await
+        read_message(io, self.response_limit).await
     }
 
     async fn write_request<T>(
@@ -153,6 +179,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
+        self.response_limit = response_limit(&req);
         write_message(io, &req, MAX_REQUEST_BYTES).await
     }
 
@@ -192,7 +219,19 @@ mod tests {
                 ticket: vec![1; 100],
                 content: vec![2; 32],
                 kind: Some(pb::chunk_request::Kind::Chunk(7)),
+                expect_bytes: 0,
             };
+            assert_eq!(response_limit(&req), MAX_RESPONSE_BYTES);
+            let asked = pb::ChunkRequest {
+                expect_bytes: 1000,
+                ..req.clone()
+            };
+            assert_eq!(response_limit(&asked), 1000 + RESPONSE_FRAMING);
+            let absurd = pb::ChunkRequest {
+                expect_bytes: u32::MAX,
+                ..req.clone()
+            };
+            assert_eq!(response_limit(&absurd), MAX_RESPONSE_BYTES);
             let mut buf = Cursor::new(Vec::new());
             write_message(&mut buf, &req, MAX_REQUEST_BYTES)
                 .await

@@ -17,6 +17,7 @@ pub mod coordinator_crash;
 pub mod disk_full;
 pub mod hostile;
 pub mod identity;
+pub mod outsiders;
 pub mod secrets;
 pub mod stalled;
 pub mod storage_full;
@@ -59,6 +60,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         bad_input::SCENARIOS,
         auth::SCENARIOS,
         identity::SCENARIOS,
+        outsiders::SCENARIOS,
         cache_tamper::SCENARIOS,
         secrets::SCENARIOS,
         admin::SCENARIOS,

@@ -12,6 +12,7 @@ mod coordinator_crash;
 mod disk_full;
 mod hostile;
 mod identity;
+mod outsiders;
 mod secrets;
 mod stalled;
 mod storage_full;
