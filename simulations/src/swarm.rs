@@ -78,7 +78,8 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     let agent_config = |n: usize| -> anyhow::Result<_> {
         let mut c = local::agent_config(&conn, dir.path(), &format!("agent-{n:04}"));
         c.max_concurrent_jobs = 1;
-        c.download.timeout = Seconds::secs(120);
+        c.download.timeout = Seconds::secs(3600);
+        c.download.request_timeout = Seconds::secs(120);
         c.mesh.enabled = scenario.p2p;
         c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
         c.mesh.max_uploads = 16;

@@ -234,7 +234,7 @@ impl ModelOptions {
     /// The defaults with the settings the real-stack engine ([`crate::swarm`]) gives its
     /// coordinator and agents, for comparing the two engines on one scenario:
     /// `mesh.max_uploads = 16`, `serve.max_streams = 4 × agents + 16`,
-    /// `download.timeout = 120 s` and a 500 ms heartbeat (a departed holder is noticed
+    /// `download.request_timeout = 120 s` and a 500 ms heartbeat (a departed holder is noticed
     /// after 1.5 s).
     pub fn like_swarm_engine(scenario: &Scenario) -> Self {
         let mut o = Self {
