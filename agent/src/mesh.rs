@@ -23,6 +23,8 @@ use crate::config::ValidConfig;
 struct Known {
     labels: Labels,
     manifest: Arc<Manifest>,
+    /// The complete, verified file when it is not `downloaded/<sha>` (a builtin).
+    file: Option<std::path::PathBuf>,
 }
 
 /// The cache as the mesh host sees it.
@@ -36,7 +38,11 @@ pub struct CacheChunks {
 
 impl CacheChunks {
     fn content_file(&self, content: &ContentId) -> std::path::PathBuf {
-        self.cache.dir().join("downloaded").join(content.to_hex())
+        let known = self.known.lock().expect("known lock");
+        match known.get(content).and_then(|k| k.file.clone()) {
+            Some(file) => file,
+            None => self.cache.dir().join("downloaded").join(content.to_hex()),
+        }
     }
 }
 
@@ -213,11 +219,52 @@ impl MeshNode {
             .map(|l| (l.key.clone(), l.value.clone()))
             .collect();
         let content = manifest.content_id();
+        {
+            let mut known = self.store.known.lock().expect("known lock");
+            // A builtin served from its own file keeps that file.
+            let file = known.get(&content).and_then(|k| k.file.clone());
+            known.insert(
+                content,
+                Known {
+                    labels,
+                    manifest: Arc::new(manifest.clone()),
+                    file,
+                },
+            );
+        }
+        let _ = self.handle.provide(content, true).await;
+    }
+
+    /// Whether the host serves `content` already.
+    pub fn serves(&self, content: &ContentId) -> bool {
+        self.store
+            .known
+            .lock()
+            .expect("known lock")
+            .contains_key(content)
+    }
+
+    /// Serves a plugin the cache already holds complete and verified (a builtin, or one
+    /// cached before a restart) from `file`, with its manifest and access labels from
+    /// the coordinator, and announces it.
+    pub async fn serve_cached(
+        &self,
+        info: &pb::PluginInfo,
+        manifest: &Manifest,
+        file: std::path::PathBuf,
+    ) {
+        let labels = info
+            .allowed_labels
+            .iter()
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect();
+        let content = manifest.content_id();
         self.store.known.lock().expect("known lock").insert(
             content,
             Known {
                 labels,
                 manifest: Arc::new(manifest.clone()),
+                file: Some(file),
             },
         );
         let _ = self.handle.provide(content, true).await;

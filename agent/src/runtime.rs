@@ -448,11 +448,64 @@ impl Core {
             .inc();
     }
 
+    /// Serves to peers what the cache held before any job asked for it — builtin
+    /// plugins and plugins cached before a restart — once their manifests (and access
+    /// labels) come from the coordinator. Plugins the coordinator does not describe to
+    /// this agent (unknown, or restricted) are not served. Runs once, after the first
+    /// registration, one plugin at a time.
+    async fn serve_cached(self: Arc<Self>) {
+        let Some(mesh) = &self.mesh else { return };
+        let cache = self.cache.clone();
+        let Ok(Ok(mut held)) = tokio::task::spawn_blocking(move || cache.installed()).await else {
+            return;
+        };
+        held.truncate(MAX_REPORTED);
+        let mut served = 0usize;
+        for p in held {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            if mesh.serves(&p.sha256) {
+                continue;
+            }
+            let req = pb::GetManifestRequest {
+                agent_id: self.config.id.clone(),
+                plugin_id: p.plugin.id.to_string(),
+                version: p.plugin.version.to_string(),
+                ..Default::default()
+            };
+            let resp = match self.session.client().get_manifest(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    tracing::debug!(plugin = %p.plugin, error = %s.message(), "cached plugin not served to peers: no manifest from the coordinator");
+                    continue;
+                }
+            };
+            let (Some(info), Some(m)) = (resp.plugin, resp.manifest) else {
+                continue;
+            };
+            match arcade_p2p::Manifest::from_proto(&m) {
+                // Only what matches the cached, verified bytes.
+                Ok(manifest) if manifest.content_id() == p.sha256 && manifest.size() == p.size => {
+                    mesh.serve_cached(&info, &manifest, p.path.clone()).await;
+                    served += 1;
+                }
+                _ => {
+                    tracing::warn!(plugin = %p.plugin, "the coordinator's manifest does not match the cached plugin: not served")
+                }
+            }
+        }
+        if served > 0 {
+            tracing::info!(served, "cached plugins served to peers");
+        }
+    }
+
     async fn main_loop(self: Arc<Self>) -> Result<(), StartError> {
         let Some(interval) = self.register_until_ok().await? else {
             return Ok(());
         };
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(interval));
+        let serving = tokio::spawn(self.clone().serve_cached());
         let slots = Arc::new(Semaphore::new(self.config.raw.max_concurrent_jobs as usize));
         let mut jobs = JoinSet::new();
         let mut delay = Duration::from_millis(200);
@@ -523,6 +576,8 @@ impl Core {
             .await;
         }
         self.stop_jobs.cancel();
+        serving.abort();
+        let _ = serving.await;
         let _ = heartbeat.await;
         if let Some(mesh) = &self.mesh {
             mesh.shutdown().await;

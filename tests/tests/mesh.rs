@@ -10,7 +10,7 @@ use arcade_proto::v1 as pb;
 use arcade_simulations::client::signed;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::peers::{bare_peer, bare_peer_as};
-use arcade_tests::{ADMIN, TestCoordinator, content, create_job, eventually, wait_job};
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 fn plugin(bytes: usize, seed: u8) -> Vec<u8> {
     let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
@@ -142,4 +142,98 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
         Err(MeshError::Refused { reason, .. }) => assert_eq!(reason, pb::Refusal::NotVouched),
         other => panic!("expected NotVouched, got {other:?}"),
     }
+}
+
+/// What an agent held before any job asked for it — a plugin cached before a restart
+/// and a builtin plugin — is served to vouched peers too, as the coordinator's hints
+/// (it names every agent that holds a content) promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_and_builtin_plugins_are_served_after_a_restart() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let cached = plugin(200_000, 7);
+    let builtin = plugin(150_000, 8);
+    c.push("mesh/cached", "1.0.0", &cached, Default::default())
+        .await
+        .unwrap();
+    c.push("mesh/builtin", "1.0.0", &builtin, Default::default())
+        .await
+        .unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    let data_dir = keep.path().join("holder");
+    // First life: the plugin is fetched by a job and cached.
+    let d = data_dir.clone();
+    let mut first = TestAgent::start(&c.url, ENROLL, "holder", move |cfg, _| {
+        cfg.data_dir = d;
+    })
+    .await;
+    let id = create_job(&c, "mesh/cached", "1.0.0", "true", &[]).await;
+    assert_eq!(wait_job(&c, &id).await.status(), pb::JobStatus::Succeeded);
+    first.stop().await;
+    // Second life, with a builtin too: no job runs.
+    let (d, b) = (data_dir.clone(), builtin.clone());
+    let mut second = TestAgent::start(&c.url, ENROLL, "holder", move |cfg, _| {
+        let dir = d.join("plugins").join("builtin");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mesh-builtin"), &b).unwrap();
+        cfg.builtin.push(arcade_agent::config::BuiltinPlugin {
+            plugin: "mesh/builtin@1.0.0".into(),
+            file: "mesh-builtin".into(),
+        });
+        cfg.data_dir = d;
+    })
+    .await;
+    let asker = bare_peer_as("asker").await.unwrap();
+    let reg = c
+        .agent(ENROLL)
+        .await
+        .register(signed(pb::RegisterRequest {
+            agent_id: "asker".into(),
+            peer_id: asker.peer_id().to_string(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    asker
+        .set_credentials(reg.mesh_ticket, &reg.mesh_public_key)
+        .await
+        .unwrap();
+    for data in [&cached, &builtin] {
+        let manifest = Manifest::from_reader(&data[..], 64 * 1024).unwrap();
+        let sha = manifest.content_id();
+        let served = eventually(Duration::from_secs(15), || {
+            let (c, asker, manifest) = (&c, &asker, &manifest);
+            async move {
+                let holder = c
+                    .fleet(ADMIN)
+                    .await
+                    .list_agents(pb::ListAgentsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents
+                    .into_iter()
+                    .find(|a| a.agent_id == "holder")?;
+                let peer: libp2p_identity::PeerId = holder.peer_id.parse().ok()?;
+                let addrs: Vec<Multiaddr> =
+                    holder.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let held = asker
+                    .held(peer, addrs.clone(), &sha, manifest.chunk_count())
+                    .await
+                    .ok()?;
+                if !held.is_full() {
+                    return None;
+                }
+                let chunk = asker.chunk(peer, addrs, &sha, 0).await.ok()?;
+                manifest.verify_chunk(0, &chunk).ok()
+            }
+        })
+        .await;
+        assert!(
+            served.is_some(),
+            "content {sha} held before any job asked is not served"
+        );
+    }
+    second.stop().await;
+    asker.shutdown().await;
 }
