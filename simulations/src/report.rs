@@ -65,6 +65,15 @@ pub struct FleetReport {
     pub server_egress_ratio: f64,
     /// Bytes agents received from peers.
     pub peer_bytes: u64,
+    /// Chunk bytes sent by the coordinator and every agent: `server_egress_bytes` plus
+    /// every agent's `uploaded_bytes`.
+    pub sent_bytes: u64,
+    /// Bytes sent that no agent used: `sent_bytes` minus the verified bytes agents
+    /// kept (duplicates of chunks already held, answers to cancelled requests, bad
+    /// chunks).
+    pub duplicate_bytes: u64,
+    /// `duplicate_bytes ÷` the bytes agents kept.
+    pub duplicate_ratio: f64,
     /// The physical lower bound on `t_all_s` for the configured links, seconds:
     /// `max(S/u_server, S/d_min, N·S/(u_server + Σ u_agent))`.
     pub t_min_s: f64,
@@ -110,6 +119,12 @@ impl FleetReport {
         self.t_p50_s = percentile(&times, 0.50);
         self.t_p99_s = percentile(&times, 0.99);
         self.peer_bytes = self.per_agent.iter().map(|a| a.peer_bytes).sum();
+        let kept: u64 =
+            self.peer_bytes + self.per_agent.iter().map(|a| a.server_bytes).sum::<u64>();
+        self.sent_bytes =
+            self.server_egress_bytes + self.per_agent.iter().map(|a| a.uploaded_bytes).sum::<u64>();
+        self.duplicate_bytes = self.sent_bytes.saturating_sub(kept);
+        self.duplicate_ratio = self.duplicate_bytes as f64 / kept.max(1) as f64;
         self.server_egress_ratio = self.server_egress_bytes as f64 / self.size_bytes.max(1) as f64;
         self.t_min_s = t_min_s;
         self.t_all_over_t_min = if t_min_s > 0.0 {
@@ -150,7 +165,8 @@ impl FleetReport {
             "{engine} · {scenario} · {n} agents · {size:.0} MiB · mesh {mesh}\n\
              completed {c}/{n} (failed {f}, left {l}) · verified {v}\n\
              t_all {t_all:.2} s · p50 {p50:.2} s · p99 {p99:.2} s · bound {bound:.2} s · t_all/bound {ratio:.2}\n\
-             coordinator egress {egress:.1} MiB = {er:.2} × S · from peers {peers:.1} MiB · CPU {cpu:.1} s/GiB · wall {wall:.1} s\n",
+             coordinator egress {egress:.1} MiB = {er:.2} × S · from peers {peers:.1} MiB · duplicates {dup:.1} % · CPU {cpu:.1} s/GiB · wall {wall:.1} s\n",
+            dup = self.duplicate_ratio * 100.0,
             engine = self.engine,
             scenario = self.scenario,
             n = self.agents,
@@ -231,11 +247,14 @@ mod tests {
                     t_s: Some(2.0),
                     verified: true,
                     peer_bytes: 80,
+                    server_bytes: 20,
                     ..Default::default()
                 },
                 AgentOutcome {
                     t_s: Some(4.0),
                     verified: true,
+                    server_bytes: 100,
+                    uploaded_bytes: 90,
                     ..Default::default()
                 },
                 AgentOutcome {
@@ -252,6 +271,9 @@ mod tests {
         assert_eq!(r.t_all_over_t_min, 2.0);
         assert_eq!(r.server_egress_ratio, 1.5);
         assert_eq!(r.peer_bytes, 80);
+        // Sent 150 + 90, kept 80 + 20 + 100: 40 bytes no one used.
+        assert_eq!((r.sent_bytes, r.duplicate_bytes), (240, 40));
+        assert_eq!(r.duplicate_ratio, 0.2);
         assert!(r.verified);
     }
 }
