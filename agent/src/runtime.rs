@@ -140,13 +140,6 @@ pub fn protect_secrets() {
     }
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn backoff_step(current: Duration) -> Duration {
     (current * 2).min(Duration::from_secs(10))
 }
@@ -185,7 +178,7 @@ impl Core {
             installed_plugins: self.installed().await,
             ..Default::default()
         };
-        arcade_p2p::identity::sign_register(&mut req, &self.key, unix_ms());
+        arcade_p2p::identity::sign_register(&mut req, &self.key, arcade_p2p::now_ms());
         let sent = req.installed_plugins.clone();
         let reg = self.session.register(req).await?;
         *self.reported.lock().expect("reported lock") = Some(sent);

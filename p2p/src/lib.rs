@@ -29,3 +29,12 @@ pub mod shutdown;
 
 pub use manifest::{ContentId, Manifest, ManifestBuilder, VerifyError};
 pub use plugin_ref::{PluginId, PluginRef, PluginRefError};
+
+/// Unix time in milliseconds (0 if the clock is before 1970): the time of tickets and
+/// registration proofs.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

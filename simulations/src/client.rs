@@ -30,12 +30,8 @@ pub fn agent_peer_id(agent_id: &str) -> String {
 
 /// `req` signed with [`agent_key`] of its agent id, now.
 pub fn signed(mut req: pb::RegisterRequest) -> pb::RegisterRequest {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
     let key = agent_key(&req.agent_id);
-    arcade_p2p::identity::sign_register(&mut req, &key, now);
+    arcade_p2p::identity::sign_register(&mut req, &key, arcade_p2p::now_ms());
     req
 }
 

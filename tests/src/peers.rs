@@ -40,3 +40,31 @@ async fn start(key: libp2p_identity::Keypair) -> anyhow::Result<MeshHandle> {
         .await
         .context("start a bare libp2p peer")
 }
+
+/// The libp2p peer id and advertised addresses of agent `agent_id`, as the coordinator
+/// lists them (what a fetcher is told).
+pub async fn mesh_address(
+    c: &crate::Conn,
+    agent_id: &str,
+) -> anyhow::Result<(
+    libp2p_identity::PeerId,
+    Vec<arcade_p2p::mesh::host::Multiaddr>,
+)> {
+    let agent = c
+        .fleet(crate::ADMIN)
+        .await
+        .list_agents(arcade_proto::v1::ListAgentsRequest {})
+        .await?
+        .into_inner()
+        .agents
+        .into_iter()
+        .find(|a| a.agent_id == agent_id)
+        .with_context(|| format!("{agent_id} is registered"))?;
+    let peer = agent
+        .peer_id
+        .parse()
+        .with_context(|| format!("{agent_id} registered no libp2p peer id"))?;
+    let addrs: Vec<_> = agent.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    anyhow::ensure!(!addrs.is_empty(), "{agent_id} advertised no address");
+    Ok((peer, addrs))
+}

@@ -9,7 +9,7 @@ use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use arcade_simulations::client::signed;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::peers::{bare_peer, bare_peer_as};
+use arcade_tests::peers::{bare_peer, bare_peer_as, mesh_address};
 use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 fn plugin(bytes: usize, seed: u8) -> Vec<u8> {
@@ -204,19 +204,7 @@ async fn cached_and_builtin_plugins_are_served_after_a_restart() {
         let served = eventually(Duration::from_secs(15), || {
             let (c, asker, manifest) = (&c, &asker, &manifest);
             async move {
-                let holder = c
-                    .fleet(ADMIN)
-                    .await
-                    .list_agents(pb::ListAgentsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .agents
-                    .into_iter()
-                    .find(|a| a.agent_id == "holder")?;
-                let peer: libp2p_identity::PeerId = holder.peer_id.parse().ok()?;
-                let addrs: Vec<Multiaddr> =
-                    holder.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let (peer, addrs) = mesh_address(c, "holder").await.ok()?;
                 let held = asker
                     .held(peer, addrs.clone(), &sha, manifest.chunk_count())
                     .await

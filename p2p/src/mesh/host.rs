@@ -44,8 +44,8 @@ use super::bitfield::Bitfield;
 use super::limiter::{RateLimiter, UploadSlots};
 use super::protocol::{ChunkCodec, PROTOCOL, refused};
 use super::ticket::{TicketError, TicketVerifier};
-use crate::ContentId;
 use crate::labels::Labels;
+use crate::{ContentId, now_ms};
 
 /// What the host serves from: the agent's cache.
 pub trait ChunkStore: Send + Sync + 'static {
@@ -164,21 +164,34 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Peers we trust: they presented a valid ticket, or we asked them ourselves.
-#[derive(Debug, Default)]
-struct Trusted {
+/// Most revoked peers remembered (the oldest are forgotten: their tickets expire).
+const MAX_REVOKED: usize = 65_536;
+
+/// A set of peers that forgets its oldest members beyond a bound: the revoked peers
+/// (whose tickets expire anyway) and the trusted ones (who show their ticket again).
+#[derive(Debug)]
+struct PeerSet {
     set: std::collections::HashSet<PeerId>,
     order: std::collections::VecDeque<PeerId>,
+    max: usize,
 }
 
-impl Trusted {
-    /// Adds `peer`; true when it was not trusted before.
+impl PeerSet {
+    fn new(max: usize) -> Self {
+        Self {
+            set: std::collections::HashSet::new(),
+            order: std::collections::VecDeque::new(),
+            max,
+        }
+    }
+
+    /// Adds `peer`; true when it was not a member.
     fn add(&mut self, peer: PeerId) -> bool {
         if !self.set.insert(peer) {
             return false;
         }
         self.order.push_back(peer);
-        while self.order.len() > MAX_TRUSTED {
+        while self.order.len() > self.max {
             if let Some(old) = self.order.pop_front() {
                 self.set.remove(&old);
             }
@@ -194,35 +207,6 @@ impl Trusted {
         if self.set.remove(peer) {
             self.order.retain(|p| p != peer);
         }
-    }
-}
-
-/// Most revoked peers remembered (the oldest are forgotten: their tickets expire).
-const MAX_REVOKED: usize = 65_536;
-
-/// Peers whose tickets the coordinator revoked, oldest first.
-#[derive(Debug, Default)]
-struct Revoked {
-    set: std::collections::HashSet<PeerId>,
-    order: std::collections::VecDeque<PeerId>,
-}
-
-impl Revoked {
-    fn add(&mut self, peer: PeerId) -> bool {
-        if !self.set.insert(peer) {
-            return false;
-        }
-        self.order.push_back(peer);
-        while self.order.len() > MAX_REVOKED {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        true
-    }
-
-    fn contains(&self, peer: &PeerId) -> bool {
-        self.set.contains(peer)
     }
 }
 
@@ -251,13 +235,6 @@ pub struct MeshHandle {
 #[derive(Debug)]
 pub struct MeshHost;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 struct Actor {
     swarm: Swarm<Behaviour>,
     rx: mpsc::Receiver<Command>,
@@ -277,8 +254,10 @@ struct Actor {
     /// [`MeshHandle::askers`]); at most [`MAX_ASKERS`] per content and
     /// [`MAX_ASKED_CONTENTS`] contents.
     askers: HashMap<ContentId, std::collections::VecDeque<PeerId>>,
-    revoked: Revoked,
-    trusted: Trusted,
+    /// Peers the coordinator revoked.
+    revoked: PeerSet,
+    /// Peers that showed a valid ticket, or that we asked ourselves.
+    trusted: PeerSet,
     /// Untrusted peers connected to us (inbound), since when.
     unvouched: HashMap<PeerId, std::time::Instant>,
     unvouched_timeout: Duration,
@@ -387,8 +366,8 @@ impl MeshHost {
             outbound: HashMap::new(),
             queries: HashMap::new(),
             askers: HashMap::new(),
-            revoked: Revoked::default(),
-            trusted: Trusted::default(),
+            revoked: PeerSet::new(MAX_REVOKED),
+            trusted: PeerSet::new(MAX_TRUSTED),
             unvouched: HashMap::new(),
             unvouched_timeout: config.unvouched_timeout,
             pending_addrs: HashMap::new(),

@@ -15,9 +15,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, ensure};
-use arcade_p2p::Manifest;
-use arcade_p2p::mesh::host::Multiaddr;
-use arcade_p2p::mesh::ticket::PeerId;
+use arcade_p2p::{Manifest, now_ms};
 use arcade_proto::v1 as pb;
 use arcade_simulations::client::{agent_key, signed};
 use tonic::Code;
@@ -33,13 +31,6 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("self-granted-labels", || Box::pin(self_granted_labels())),
     ("revoked-peer", || Box::pin(revoked_peer())),
 ];
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 fn label(k: &str, v: &str) -> pb::Label {
     pb::Label {
@@ -307,23 +298,7 @@ async fn revoked_peer() -> anyhow::Result<Outcome> {
         wait_job(&c, &job).await.status() == pb::JobStatus::Succeeded,
         "setup: the holder could not run its job"
     );
-    let summary = c
-        .fleet(ADMIN)
-        .await
-        .list_agents(pb::ListAgentsRequest {})
-        .await?
-        .into_inner()
-        .agents
-        .into_iter()
-        .find(|a| a.agent_id == "holder")
-        .context("the holder is registered")?;
-    let holder_peer: PeerId = summary.peer_id.parse().context("holder peer id")?;
-    let addrs: Vec<Multiaddr> = summary
-        .addrs
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    ensure!(!addrs.is_empty(), "the holder advertised no address");
+    let (holder_peer, addrs) = crate::peers::mesh_address(&c, "holder").await?;
     let manifest = Manifest::from_reader(&plugin[..], 64 * 1024)?;
     let sha = arcade_p2p::ContentId::of_bytes(&plugin);
 

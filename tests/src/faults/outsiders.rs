@@ -8,17 +8,15 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use arcade_p2p::Manifest;
-use arcade_p2p::mesh::host::Multiaddr;
-use arcade_p2p::mesh::ticket::PeerId;
 use arcade_proto::v1 as pb;
 use arcade_simulations::client::{agent_key, signed};
 
 use super::{Outcome, Scenario};
 use crate::agents::TestAgent;
 use crate::peers::{bare_peer, bare_peer_as};
-use crate::{ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
+use crate::{ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 /// The scenarios of this module.
 pub const SCENARIOS: &[(&str, Scenario)] = &[("mesh-outsiders", || Box::pin(mesh_outsiders()))];
@@ -42,22 +40,7 @@ async fn mesh_outsiders() -> anyhow::Result<Outcome> {
         wait_job(&c, &job).await.status() == pb::JobStatus::Succeeded,
         "setup: the holder could not run its job"
     );
-    let summary = c
-        .fleet(ADMIN)
-        .await
-        .list_agents(pb::ListAgentsRequest {})
-        .await?
-        .into_inner()
-        .agents
-        .into_iter()
-        .find(|a| a.agent_id == "holder")
-        .context("the holder is registered")?;
-    let holder_peer: PeerId = summary.peer_id.parse().context("holder peer id")?;
-    let addrs: Vec<Multiaddr> = summary
-        .addrs
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let (holder_peer, addrs) = crate::peers::mesh_address(&c, "holder").await?;
     let manifest = Manifest::from_reader(&plugin[..], 64 * 1024)?;
     let sha = arcade_p2p::ContentId::of_bytes(&plugin);
 
