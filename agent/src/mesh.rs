@@ -270,15 +270,19 @@ impl MeshNode {
         let _ = self.handle.provide(content, true).await;
     }
 
-    /// A chunk of a content being fetched is verified and written: peers may have it.
+    /// A chunk of a content being fetched is verified and written: peers may have it,
+    /// and the peers watching this agent's chunks of the content hear of it.
     pub fn mark_held(&self, content: ContentId, chunks: u32, chunk: u32) {
-        let mut fetching = self.store.fetching.lock().expect("fetching lock");
-        let held = fetching
-            .entry(content)
-            .or_insert_with(|| Bitfield::new(chunks));
-        if chunk < held.len() {
-            held.set(chunk);
+        {
+            let mut fetching = self.store.fetching.lock().expect("fetching lock");
+            let held = fetching
+                .entry(content)
+                .or_insert_with(|| Bitfield::new(chunks));
+            if chunk >= held.len() || !held.set(chunk) {
+                return;
+            }
         }
+        self.handle.announce(&content, chunk);
     }
 
     /// The fetch of `content` ended (published or abandoned).

@@ -15,6 +15,8 @@
 //! | `arcade_agent_running_jobs` | gauge | — |
 //! | `arcade_agent_uploaded_bytes_total` | counter | — |
 //! | `arcade_agent_mesh_refused_requests_total` | counter | — |
+//! | `arcade_agent_mesh_cancelled_requests_total` | counter | — |
+//! | `arcade_agent_mesh_subscriptions` | gauge | — |
 //! | `arcade_agent_mesh_connected_peers` | gauge | — |
 //! | `arcade_agent_mesh_provided_contents` | gauge | — |
 
@@ -100,6 +102,10 @@ pub struct Metrics {
     pub uploaded_bytes: Counter,
     /// `arcade_agent_mesh_refused_requests_total`.
     pub mesh_refused: Counter,
+    /// `arcade_agent_mesh_cancelled_requests_total`.
+    pub mesh_cancelled: Counter,
+    /// `arcade_agent_mesh_subscriptions`.
+    pub mesh_subscriptions: Gauge,
     /// `arcade_agent_mesh_connected_peers`.
     pub connected_peers: Gauge,
     /// `arcade_agent_mesh_provided_contents`.
@@ -203,6 +209,18 @@ impl Metrics {
             "Peer requests refused (no ticket, labels, busy, unknown content or chunk)",
             mesh_refused.clone(),
         );
+        let mesh_cancelled = Counter::default();
+        r.register(
+            "arcade_agent_mesh_cancelled_requests",
+            "Peer chunk requests cancelled by their requester before the chunk was sent",
+            mesh_cancelled.clone(),
+        );
+        let mesh_subscriptions = Gauge::default();
+        r.register(
+            "arcade_agent_mesh_subscriptions",
+            "Peers' /arcade/have/1 subscriptions to this agent's chunks, now",
+            mesh_subscriptions.clone(),
+        );
         let connected_peers = Gauge::default();
         r.register(
             "arcade_agent_mesh_connected_peers",
@@ -230,6 +248,8 @@ impl Metrics {
             running_jobs,
             uploaded_bytes,
             mesh_refused,
+            mesh_cancelled,
+            mesh_subscriptions,
             connected_peers,
             provided_contents,
         }
@@ -255,6 +275,9 @@ impl Metrics {
         };
         catch_up(&self.uploaded_bytes, stats.uploaded_bytes.load(Relaxed));
         catch_up(&self.mesh_refused, stats.refused.load(Relaxed));
+        catch_up(&self.mesh_cancelled, stats.cancelled.load(Relaxed));
+        self.mesh_subscriptions
+            .set(stats.subscriptions.load(Relaxed) as i64);
         self.connected_peers
             .set(stats.connected_peers.load(Relaxed) as i64);
         self.provided_contents

@@ -708,8 +708,11 @@ impl RunningAgent {
         })
     }
 
-    /// The agent's metrics.
+    /// The agent's metrics, the mesh host's counters brought up to date.
     pub fn metrics(&self) -> &Metrics {
+        if let Some(mesh) = &self.core.mesh {
+            self.core.metrics.sync_mesh(mesh.handle().stats());
+        }
         &self.core.metrics
     }
 

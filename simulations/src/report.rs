@@ -74,6 +74,9 @@ pub struct FleetReport {
     pub duplicate_bytes: u64,
     /// `duplicate_bytes ÷` the bytes agents kept.
     pub duplicate_ratio: f64,
+    /// Peer chunk requests cancelled at the holder before their chunk was sent (real
+    /// engine; the bytes they would have cost are not in `sent_bytes`).
+    pub cancelled_requests: u64,
     /// The physical lower bound on `t_all_s` for the configured links, seconds:
     /// `max(S/u_server, S/d_min, N·S/(u_server + Σ u_agent))`.
     pub t_min_s: f64,

@@ -121,6 +121,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         (10.0 * scenario.bound_seconds() + 120.0).min(3600.0)
             + plans.iter().map(|p| p.start_s).fold(0.0, f64::max),
     );
+    let mut cancelled = 0u64;
     let mut outcomes: Vec<AgentOutcome> = (0..scenario.agents)
         .map(|n| AgentOutcome {
             agent_id: format!("agent-{n:04}"),
@@ -143,6 +144,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
                 outcomes[n].peer_bytes = agent.metrics().fetched_from("peer");
                 outcomes[n].server_bytes = agent.metrics().fetched_from("server");
                 outcomes[n].uploaded_bytes = agent.metrics().uploaded_bytes.get();
+                cancelled += agent.metrics().mesh_cancelled.get();
                 outcomes[n].left = true;
                 done[n] = true;
                 drop(agent);
@@ -199,6 +201,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         o.peer_bytes = agent.metrics().fetched_from("peer");
         o.server_bytes = agent.metrics().fetched_from("server");
         o.uploaded_bytes = agent.metrics().uploaded_bytes.get();
+        cancelled += agent.metrics().mesh_cancelled.get();
         if !done[n] {
             o.failed = true;
         }
@@ -235,6 +238,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         wall_s: wall,
         cpu_s_per_gib: cpu / (delivered as f64 / (1u64 << 30) as f64).max(1e-9),
         per_agent: outcomes,
+        cancelled_requests: cancelled,
         ..Default::default()
     };
     report.summarise(scenario.bound_seconds());

@@ -6,7 +6,11 @@
 //!
 //! Sources: the coordinator through [`super::source::ChunkSource`] (one chunk per
 //! request), peers through the mesh host. Peers come from the coordinator's peer hints
-//! and from the DHT; their bitfields are polled every 250 ms to learn new chunks.
+//! and from the DHT. Each peer is watched over `/arcade/have/1`
+//! ([`arcade_p2p::mesh::have`]): its bitfield, then every chunk it verifies, as it
+//! verifies it; a cancelled request is cancelled at the peer on the same stream. A peer
+//! that cannot be watched (no such protocol, the stream broke) has its bitfield polled
+//! every 250 ms instead.
 //! Coordinator failures back the server off (exponentially, with jitter) and end the
 //! fetch after `download.retry` consecutive failures; peer failures are the
 //! scheduler's business (strikes, bans).
@@ -18,6 +22,7 @@ use std::time::Duration;
 use arcade_p2p::Manifest;
 use arcade_p2p::PluginRef;
 use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::have::{HaveNews, Watch};
 use arcade_p2p::mesh::host::{MeshError, Multiaddr};
 use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, Source};
 use arcade_p2p::mesh::ticket::PeerId;
@@ -51,6 +56,10 @@ pub(super) enum Outcome {
         result: Option<Bitfield>,
     },
     Providers(Vec<PeerId>),
+    Watch {
+        peer: PeerId,
+        result: Result<Watch, MeshError>,
+    },
 }
 
 #[derive(Default)]
@@ -59,7 +68,22 @@ pub(super) struct PeerState {
     held: Option<Bitfield>,
     querying: bool,
     banned: bool,
+    /// The peer's `/arcade/have/1` subscription (news arrive on the fetch's channel).
+    watch: Option<Watch>,
+    /// A subscription is being opened.
+    subscribing: bool,
+    /// The peer cannot be watched: its bitfield is polled.
+    polled: bool,
 }
+
+/// News from every watched peer of one fetch.
+pub(super) type News = (
+    tokio::sync::mpsc::Sender<(PeerId, HaveNews)>,
+    tokio::sync::mpsc::Receiver<(PeerId, HaveNews)>,
+);
+
+/// Room for news of watched peers waiting for the fetch loop.
+pub(super) const NEWS_QUEUE: usize = 1024;
 
 pub(super) struct FetchRun<'a> {
     pub(super) fetcher: &'a Fetcher,
@@ -76,6 +100,7 @@ pub(super) struct FetchRun<'a> {
     pub(super) server_failures: u32,
     pub(super) last_error: String,
     pub(super) since_save: usize,
+    pub(super) news: News,
 }
 
 fn kind(source: &Source<PeerId>) -> &'static str {
@@ -139,6 +164,7 @@ impl FetchRun<'_> {
                         actions = self.outcome(outcome).await?;
                     }
                 }
+                Some((peer, news)) = self.news.1.recv() => actions = self.heard(peer, news),
                 _ = tick.tick() => actions = self.scheduler.handle(self.now(), Event::Tick),
                 _ = refresh.tick() => self.refresh_bitfields(),
                 _ = askers.tick(), if mesh.is_some() => self.meet_askers(),
@@ -156,9 +182,38 @@ impl FetchRun<'_> {
         if state.addrs.is_empty() {
             state.addrs = addrs;
         }
-        self.query_held(peer);
+        self.subscribe(peer);
     }
 
+    /// Watches `peer` (its news come back on the fetch's channel), unless it is watched,
+    /// banned or polled.
+    fn subscribe(&mut self, peer: PeerId) {
+        let Some(mesh) = self.fetcher.mesh.clone() else {
+            return;
+        };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.watch.is_some() || state.subscribing || state.banned || state.polled {
+            return;
+        }
+        state.subscribing = true;
+        let (addrs, content, chunks, sink) = (
+            state.addrs.clone(),
+            self.manifest.content_id(),
+            self.manifest.chunk_count(),
+            self.news.0.clone(),
+        );
+        self.tasks.spawn(async move {
+            let result = mesh
+                .handle()
+                .watch(peer, addrs, content, chunks, sink)
+                .await;
+            Outcome::Watch { peer, result }
+        });
+    }
+
+    /// Polls a peer that cannot be watched.
     fn query_held(&mut self, peer: PeerId) {
         let Some(mesh) = self.fetcher.mesh.clone() else {
             return;
@@ -166,7 +221,11 @@ impl FetchRun<'_> {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
-        if state.querying || state.banned || state.held.as_ref().is_some_and(Bitfield::is_full) {
+        if !state.polled
+            || state.querying
+            || state.banned
+            || state.held.as_ref().is_some_and(Bitfield::is_full)
+        {
             return;
         }
         state.querying = true;
@@ -203,8 +262,14 @@ impl FetchRun<'_> {
         match action {
             Action::Request { source, chunk } => self.request(source, chunk),
             Action::Cancel { source, chunk } => {
-                if let Some(task) = self.inflight.remove(&(source, chunk)) {
+                if let Some(task) = self.inflight.remove(&(source.clone(), chunk)) {
                     task.abort();
+                    // Tell the peer, so that it does not send what nobody waits for.
+                    if let Source::Peer(peer) = source
+                        && let Some(watch) = self.peers.get(&peer).and_then(|p| p.watch.as_ref())
+                    {
+                        watch.cancel(chunk);
+                    }
                 }
             }
             Action::Ban { peer, reason } => {
@@ -212,6 +277,8 @@ impl FetchRun<'_> {
                 self.fetcher.metrics.peer_bans.inc();
                 if let Some(state) = self.peers.get_mut(&peer) {
                     state.banned = true;
+                    // Closing the subscription cancels our requests waiting there.
+                    state.watch = None;
                 }
                 self.inflight.retain(|(s, _), task| {
                     let theirs = matches!(s, Source::Peer(p) if *p == peer);
@@ -298,13 +365,28 @@ impl FetchRun<'_> {
     }
 
     async fn outcome(&mut self, outcome: Outcome) -> Result<Vec<Action<PeerId>>, FetchError> {
-        let now = self.now();
         match outcome {
             Outcome::Providers(peers) => {
                 let me = self.fetcher.mesh.as_ref().map(|m| m.handle().peer_id());
                 for peer in peers {
                     if Some(peer) != me && !self.peers.contains_key(&peer) {
                         self.add_peer(peer, Vec::new());
+                    }
+                }
+                Ok(Vec::new())
+            }
+            Outcome::Watch { peer, result } => {
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    return Ok(Vec::new());
+                };
+                state.subscribing = false;
+                match result {
+                    Ok(watch) if !state.banned => state.watch = Some(watch),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(plugin = %self.plugin, %peer, error = %e, "peer cannot be watched: polling it");
+                        state.polled = true;
+                        self.query_held(peer);
                     }
                 }
                 Ok(Vec::new())
@@ -317,22 +399,7 @@ impl FetchRun<'_> {
                 let Some(held) = result else {
                     return Ok(Vec::new());
                 };
-                let mut actions = Vec::new();
-                match state.held.replace(held.clone()) {
-                    None => actions.extend(
-                        self.scheduler
-                            .handle(now, Event::PeerJoined { peer, have: held }),
-                    ),
-                    Some(before) => {
-                        // Every new chunk of the answer in one scheduler call.
-                        let news = held
-                            .iter_set()
-                            .filter(|&i| !before.get(i))
-                            .map(|chunk| Event::Have { peer, chunk });
-                        actions.extend(self.scheduler.handle_all(now, news));
-                    }
-                }
-                Ok(actions)
+                Ok(self.learn(peer, held))
             }
             Outcome::Chunk {
                 source,
@@ -344,6 +411,56 @@ impl FetchRun<'_> {
                     Ok(data) => self.arrived(source, index, data).await,
                     Err(e) => self.failed(source, index, e),
                 }
+            }
+        }
+    }
+
+    /// What `peer` holds now (a poll's answer, or a subscription's bitfield).
+    fn learn(&mut self, peer: PeerId, held: Bitfield) -> Vec<Action<PeerId>> {
+        let now = self.now();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        match state.held.replace(held.clone()) {
+            None => self
+                .scheduler
+                .handle(now, Event::PeerJoined { peer, have: held }),
+            Some(before) => {
+                // Every new chunk of the answer in one scheduler call.
+                let news = held
+                    .iter_set()
+                    .filter(|&i| !before.get(i))
+                    .map(|chunk| Event::Have { peer, chunk });
+                self.scheduler.handle_all(now, news)
+            }
+        }
+    }
+
+    /// News from a watched peer.
+    fn heard(&mut self, peer: PeerId, news: HaveNews) -> Vec<Action<PeerId>> {
+        let now = self.now();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        if state.banned {
+            return Vec::new();
+        }
+        match news {
+            HaveNews::Held(held) => self.learn(peer, held),
+            HaveNews::Haves(chunks) => {
+                let Some(held) = state.held.as_mut() else {
+                    return Vec::new();
+                };
+                let fresh: Vec<u32> = chunks.into_iter().filter(|&i| held.set(i)).collect();
+                let news = fresh.into_iter().map(|chunk| Event::Have { peer, chunk });
+                self.scheduler.handle_all(now, news)
+            }
+            HaveNews::Ended(reason) => {
+                tracing::debug!(plugin = %self.plugin, %peer, %reason, "subscription ended: polling the peer");
+                state.watch = None;
+                state.polled = true;
+                self.query_held(peer);
+                Vec::new()
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The agent's libp2p host: TCP + noise + yamux, identify, Kademlia in server mode (the
-//! DHT key of a content is its SHA-256) and the `/arcade/chunks/1` request-response
-//! protocol.
+//! DHT key of a content is its SHA-256), the `/arcade/chunks/1` request-response
+//! protocol and `/arcade/have/1` subscriptions ([`super::have`]: announcements of
+//! verified chunks, and cancels of waiting requests), each served in its own task.
 //!
 //! Ownership: [`MeshHost::start`] spawns one actor task that owns the swarm; it is
 //! driven through a cloneable [`MeshHandle`] (bounded command channel, `oneshot`
@@ -41,6 +42,7 @@ use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, oneshot};
 
 use super::bitfield::Bitfield;
+use super::have::{self, Announcer, Cancels, HaveNews, Watch};
 use super::limiter::{RateLimiter, UploadSlots};
 use super::protocol::{ChunkCodec, PROTOCOL, refused};
 use super::ticket::{TicketError, TicketVerifier};
@@ -132,11 +134,97 @@ pub enum MeshError {
     /// The host could not start.
     #[error("mesh host cannot start: {0}")]
     Start(String),
+    /// The peer does not speak the protocol asked for (e.g. `/arcade/have/1`).
+    #[error("peer does not support the protocol")]
+    Unsupported,
+}
+
+/// What the subscription tasks share with the host.
+struct Subscriptions {
+    gate: Arc<Gate>,
+    announcer: Arc<Announcer>,
+    cancels: Arc<Cancels>,
+    stats: Arc<HostStats>,
+    /// Weak, so that the subscriptions do not keep the host alive.
+    commands: mpsc::WeakSender<Command>,
+}
+
+/// Accepts `/arcade/have/1` streams and serves each subscription in its own task (at
+/// most [`have::MAX_SESSIONS_PER_PEER`] per peer and [`have::MAX_SESSIONS`] in all;
+/// beyond, the stream is closed) until `stop`, then ends every session.
+async fn accept_subscriptions(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shared: Subscriptions,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut sessions = tokio::task::JoinSet::new();
+    let per_peer: Arc<std::sync::Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    loop {
+        let (peer, stream) = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            next = incoming.next() => match next {
+                Some(next) => next,
+                None => break,
+            },
+        };
+        {
+            let mut counts = per_peer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let count = counts.entry(peer).or_default();
+            if *count >= have::MAX_SESSIONS_PER_PEER || sessions.len() >= have::MAX_SESSIONS {
+                tracing::debug!(%peer, "too many subscriptions: closing the stream");
+                continue;
+            }
+            *count += 1;
+        }
+        let gate = shared.gate.clone();
+        let store = shared.gate.store.clone();
+        let commands = shared.commands.clone();
+        let holder = have::Holder {
+            admit: Box::new(move |peer, ticket, content| {
+                gate.admit(peer, ticket, content)
+                    .map_err(|res| match res.kind {
+                        Some(pb::chunk_response::Kind::Refused(r)) => r,
+                        _ => pb::Refused::default(),
+                    })
+            }),
+            held: Arc::new(move |content| store.held(content)),
+            admitted: Box::new(move |peer, content| {
+                if let Some(tx) = commands.upgrade() {
+                    let _ = tx.try_send(Command::Subscribed(peer, content));
+                }
+            }),
+            announcer: shared.announcer.clone(),
+            cancels: shared.cancels.clone(),
+        };
+        let (stats, per_peer) = (shared.stats.clone(), per_peer.clone());
+        sessions.spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            stats.subscriptions.fetch_add(1, Relaxed);
+            if let Err(e) = have::serve(holder, peer, stream).await {
+                tracing::debug!(%peer, error = %e, "subscription ended");
+            }
+            stats.subscriptions.fetch_sub(1, Relaxed);
+            let mut counts = per_peer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(count) = counts.get_mut(&peer) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&peer);
+                }
+            }
+        });
+    }
+    sessions.shutdown().await;
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     chunks: request_response::Behaviour<ChunkCodec>,
+    streams: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
 }
@@ -161,6 +249,14 @@ enum Command {
     Respond(ResponseChannel<pb::ChunkResponse>, pb::ChunkResponse),
     Revoke(Vec<PeerId>),
     Connected(PeerId, oneshot::Sender<bool>),
+    /// Open a `/arcade/have/1` stream to a peer (with our ticket to subscribe with).
+    Watch {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: Reply<(libp2p::Stream, Vec<u8>)>,
+    },
+    /// A peer's subscription was admitted: trust it, remember it asked.
+    Subscribed(PeerId, ContentId),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -210,6 +306,85 @@ impl PeerSet {
     }
 }
 
+/// Who may be served: the coordinator's key (tickets verify against it) and the peers
+/// it revoked. Shared by the swarm task and the subscription tasks.
+struct Gate {
+    verifier: std::sync::RwLock<Option<TicketVerifier>>,
+    revoked: std::sync::Mutex<PeerSet>,
+    store: Arc<dyn ChunkStore>,
+}
+
+impl Gate {
+    fn is_revoked(&self, peer: &PeerId) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(peer)
+    }
+
+    /// Whether `ticket` is valid for `peer` now.
+    fn vouches(&self, peer: &PeerId, ticket: &[u8]) -> bool {
+        !self.is_revoked(peer)
+            && self
+                .verifier
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|v| v.verify(ticket, peer, now_ms()).is_ok())
+    }
+
+    /// Checks the requester's ticket and access to `content`: the content and when the
+    /// ticket expires (unix ms); `Err` is the refusal to send.
+    fn admit(
+        &self,
+        peer: &PeerId,
+        ticket: &[u8],
+        content: &[u8],
+    ) -> Result<(ContentId, i64), pb::ChunkResponse> {
+        let ticket = {
+            let verifier = self
+                .verifier
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let verifier = verifier.as_ref().ok_or_else(|| {
+                refused(
+                    pb::Refusal::NotVouched,
+                    "this peer has not joined the mesh yet",
+                )
+            })?;
+            if self.is_revoked(peer) {
+                return Err(refused(
+                    pb::Refusal::NotVouched,
+                    "this peer's ticket was revoked by the coordinator",
+                ));
+            }
+            verifier
+                .verify(ticket, peer, now_ms())
+                .map_err(|e: TicketError| refused(pb::Refusal::NotVouched, e.to_string()))?
+        };
+        let content: [u8; 32] = content
+            .try_into()
+            .map_err(|_| refused(pb::Refusal::BadRequest, "content must be a 32-byte SHA-256"))?;
+        let content = ContentId::from_bytes(content);
+        let required = self.store.allowed_labels(&content).ok_or_else(|| {
+            refused(
+                pb::Refusal::UnknownContent,
+                format!("content {content} is not held here"),
+            )
+        })?;
+        if !ticket.allows(&required) {
+            return Err(refused(
+                pb::Refusal::Forbidden,
+                format!(
+                    "agent {} lacks the labels content {content} requires",
+                    ticket.agent_id
+                ),
+            ));
+        }
+        Ok((content, ticket.expires_at_ms))
+    }
+}
+
 /// Live counters of a host.
 #[derive(Debug, Default)]
 pub struct HostStats {
@@ -221,6 +396,10 @@ pub struct HostStats {
     pub provided: std::sync::atomic::AtomicU64,
     /// Requests refused (no ticket, wrong labels, busy, unknown content, no chunk).
     pub refused: std::sync::atomic::AtomicU64,
+    /// Chunk requests cancelled by their requester before the chunk was sent.
+    pub cancelled: std::sync::atomic::AtomicU64,
+    /// `/arcade/have/1` subscriptions served now.
+    pub subscriptions: std::sync::atomic::AtomicU64,
 }
 
 /// A handle to a running host. Cheap to clone.
@@ -229,6 +408,7 @@ pub struct MeshHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
     stats: Arc<HostStats>,
+    announcer: Arc<Announcer>,
 }
 
 /// Starts hosts.
@@ -241,8 +421,16 @@ struct Actor {
     /// For upload tasks to hand responses back to the swarm.
     respond: mpsc::Sender<Command>,
     store: Arc<dyn ChunkStore>,
-    verifier: Option<TicketVerifier>,
+    gate: Arc<Gate>,
     ticket: Vec<u8>,
+    control: libp2p_stream::Control,
+    cancels: Arc<Cancels>,
+    request_timeout: Duration,
+    /// Stops the task that accepts subscriptions (and its sessions).
+    subscriptions: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
     limiter: RateLimiter,
     slots: UploadSlots,
     outbound: HashMap<OutboundRequestId, Reply<pb::ChunkResponse>>,
@@ -254,8 +442,6 @@ struct Actor {
     /// [`MeshHandle::askers`]); at most [`MAX_ASKERS`] per content and
     /// [`MAX_ASKED_CONTENTS`] contents.
     askers: HashMap<ContentId, std::collections::VecDeque<PeerId>>,
-    /// Peers the coordinator revoked.
-    revoked: PeerSet,
     /// Peers that showed a valid ticket, or that we asked ourselves.
     trusted: PeerSet,
     /// Untrusted peers connected to us (inbound), since when.
@@ -315,6 +501,7 @@ impl MeshHost {
                     kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
                 kad.set_mode(Some(kad::Mode::Server));
                 Behaviour {
+                    streams: libp2p_stream::Behaviour::new(),
                     chunks: request_response::Behaviour::with_codec(
                         ChunkCodec::default(),
                         [(PROTOCOL, ProtocolSupport::Full)],
@@ -351,6 +538,29 @@ impl MeshHost {
         }
         let (tx, rx) = mpsc::channel(256);
         let stats = Arc::new(HostStats::default());
+        let gate = Arc::new(Gate {
+            verifier: std::sync::RwLock::new(None),
+            revoked: std::sync::Mutex::new(PeerSet::new(MAX_REVOKED)),
+            store: store.clone(),
+        });
+        let announcer = Arc::new(Announcer::default());
+        let cancels = Arc::new(Cancels::default());
+        let mut control = swarm.behaviour().streams.new_control();
+        let incoming = control
+            .accept(have::PROTOCOL)
+            .map_err(|e| MeshError::Start(e.to_string()))?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let accepting = tokio::spawn(accept_subscriptions(
+            incoming,
+            Subscriptions {
+                gate: gate.clone(),
+                announcer: announcer.clone(),
+                cancels: cancels.clone(),
+                stats: stats.clone(),
+                commands: tx.downgrade(),
+            },
+            stop.clone(),
+        ));
         let actor = Actor {
             stats: stats.clone(),
             provided: std::collections::HashSet::new(),
@@ -359,21 +569,29 @@ impl MeshHost {
             rx,
             respond: tx.clone(),
             store,
-            verifier: None,
+            gate,
             ticket: Vec::new(),
+            control,
+            cancels,
+            request_timeout,
+            subscriptions: Some((stop, accepting)),
             limiter: RateLimiter::new(config.upload_rate, config.upload_burst),
             slots: UploadSlots::new(config.max_uploads),
             outbound: HashMap::new(),
             queries: HashMap::new(),
             askers: HashMap::new(),
-            revoked: PeerSet::new(MAX_REVOKED),
             trusted: PeerSet::new(MAX_TRUSTED),
             unvouched: HashMap::new(),
             unvouched_timeout: config.unvouched_timeout,
             pending_addrs: HashMap::new(),
         };
         tokio::spawn(actor.run());
-        Ok(MeshHandle { tx, peer_id, stats })
+        Ok(MeshHandle {
+            tx,
+            peer_id,
+            stats,
+            announcer,
+        })
     }
 }
 
@@ -404,6 +622,10 @@ impl Actor {
         for (_, reply) in self.outbound.drain() {
             let _ = reply.send(Err(MeshError::Closed));
         }
+        if let Some((stop, accepting)) = self.subscriptions.take() {
+            stop.cancel();
+            let _ = accepting.await;
+        }
         // Release the swarm (listeners, connections) and the store before `shutdown`
         // returns: its caller may reopen at once what the store holds (an agent
         // restarted in-process reopens its cache index, which allows one opener).
@@ -418,7 +640,7 @@ impl Actor {
             Command::Connected(peer, reply) => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
             }
-            Command::Request { peer, reply, .. } if self.revoked.contains(&peer) => {
+            Command::Request { peer, reply, .. } if self.gate.is_revoked(&peer) => {
                 let _ = reply.send(Err(MeshError::Failed(format!(
                     "peer {peer} was revoked by the coordinator"
                 ))));
@@ -441,7 +663,54 @@ impl Actor {
             }
             Command::Credentials { ticket, verifier } => {
                 self.ticket = ticket;
-                self.verifier = Some(verifier);
+                *self
+                    .gate
+                    .verifier
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(verifier);
+            }
+            Command::Watch { peer, reply, .. } if self.gate.is_revoked(&peer) => {
+                let _ = reply.send(Err(MeshError::Failed(format!(
+                    "peer {peer} was revoked by the coordinator"
+                ))));
+            }
+            Command::Watch { peer, addrs, reply } => {
+                self.trust(peer);
+                if !self.swarm.is_connected(&peer) && !addrs.is_empty() {
+                    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dial for a subscription not started");
+                    }
+                }
+                let (mut control, ticket, timeout) = (
+                    self.control.clone(),
+                    self.ticket.clone(),
+                    self.request_timeout,
+                );
+                tokio::spawn(async move {
+                    let opened =
+                        tokio::time::timeout(timeout, control.open_stream(peer, have::PROTOCOL))
+                            .await;
+                    let result = match opened {
+                        Ok(Ok(stream)) => Ok((stream, ticket)),
+                        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+                            Err(MeshError::Unsupported)
+                        }
+                        Ok(Err(e)) => Err(MeshError::Failed(e.to_string())),
+                        Err(_) => Err(MeshError::Failed(
+                            "no subscription stream within the request timeout".into(),
+                        )),
+                    };
+                    let _ = reply.send(result);
+                });
+            }
+            Command::Subscribed(peer, content) => {
+                self.trust(peer);
+                self.remember_asker(content, peer);
             }
             Command::Provide(content, on) => {
                 let key = kad::RecordKey::new(content.as_bytes());
@@ -480,7 +749,13 @@ impl Actor {
             Command::Revoke(peers) => {
                 for peer in peers {
                     self.trusted.remove(&peer);
-                    if self.revoked.add(peer) && self.swarm.is_connected(&peer) {
+                    let added = self
+                        .gate
+                        .revoked
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .add(peer);
+                    if added && self.swarm.is_connected(&peer) {
                         tracing::info!(peer = %peer, "revoked by the coordinator: disconnecting");
                         let _ = self.swarm.disconnect_peer_id(peer);
                     }
@@ -605,50 +880,6 @@ impl Actor {
         }
     }
 
-    /// Checks the requester's ticket and access; `Err` is the refusal to send.
-    fn admit(
-        &self,
-        peer: &PeerId,
-        request: &pb::ChunkRequest,
-    ) -> Result<ContentId, pb::ChunkResponse> {
-        let verifier = self.verifier.as_ref().ok_or_else(|| {
-            refused(
-                pb::Refusal::NotVouched,
-                "this peer has not joined the mesh yet",
-            )
-        })?;
-        if self.revoked.contains(peer) {
-            return Err(refused(
-                pb::Refusal::NotVouched,
-                "this peer's ticket was revoked by the coordinator",
-            ));
-        }
-        let ticket = verifier
-            .verify(&request.ticket, peer, now_ms())
-            .map_err(|e: TicketError| refused(pb::Refusal::NotVouched, e.to_string()))?;
-        let content: [u8; 32] =
-            request.content.as_slice().try_into().map_err(|_| {
-                refused(pb::Refusal::BadRequest, "content must be a 32-byte SHA-256")
-            })?;
-        let content = ContentId::from_bytes(content);
-        let required = self.store.allowed_labels(&content).ok_or_else(|| {
-            refused(
-                pb::Refusal::UnknownContent,
-                format!("content {content} is not held here"),
-            )
-        })?;
-        if !ticket.allows(&required) {
-            return Err(refused(
-                pb::Refusal::Forbidden,
-                format!(
-                    "agent {} lacks the labels content {content} requires",
-                    ticket.agent_id
-                ),
-            ));
-        }
-        Ok(content)
-    }
-
     /// Sends a response, counting uploads and refusals.
     fn reply_to(
         &mut self,
@@ -662,7 +893,8 @@ impl Actor {
                     .uploaded_bytes
                     .fetch_add(c.data.len() as u64, Relaxed);
             }
-            Some(pb::chunk_response::Kind::Refused(_)) => {
+            // A cancelled request is counted in `cancelled`, not as a refusal.
+            Some(pb::chunk_response::Kind::Refused(r)) if r.reason() != pb::Refusal::Cancelled => {
                 self.stats.refused.fetch_add(1, Relaxed);
             }
             _ => {}
@@ -710,7 +942,7 @@ impl Actor {
         endpoint: &libp2p::core::ConnectedPoint,
     ) {
         let connected = self.swarm.connected_peers().count();
-        if self.revoked.contains(&peer) {
+        if self.gate.is_revoked(&peer) {
             tracing::debug!(%peer, "revoked peer connected: closing");
             let _ = self.swarm.disconnect_peer_id(peer);
             return;
@@ -770,17 +1002,11 @@ impl Actor {
         request: pb::ChunkRequest,
         channel: ResponseChannel<pb::ChunkResponse>,
     ) {
-        if !self.trusted.contains(&peer)
-            && !self.revoked.contains(&peer)
-            && self
-                .verifier
-                .as_ref()
-                .is_some_and(|v| v.verify(&request.ticket, &peer, now_ms()).is_ok())
-        {
+        if !self.trusted.contains(&peer) && self.gate.vouches(&peer, &request.ticket) {
             self.trust(peer);
         }
-        let content = match self.admit(&peer, &request) {
-            Ok(c) => c,
+        let content = match self.gate.admit(&peer, &request.ticket, &request.content) {
+            Ok((c, _)) => c,
             Err(refusal) => {
                 tracing::debug!(peer = %peer, ?refusal, "chunk request refused");
                 self.reply_to(channel, refusal);
@@ -817,6 +1043,10 @@ impl Actor {
                     self.limiter.clone(),
                     self.respond.clone(),
                 );
+                // A cancel on the requester's `/arcade/have/1` stream reaches it here
+                // while it waits for its upload rate.
+                let waiting = self.cancels.wait(peer, content, index);
+                let stats = self.stats.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     let read =
@@ -824,12 +1054,24 @@ impl Actor {
                             .await;
                     let response = match read {
                         Ok(Ok(Some(data))) => {
-                            limiter.acquire(data.len() as u64).await;
-                            pb::ChunkResponse {
-                                kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
-                                    index,
-                                    data,
-                                })),
+                            if limiter
+                                .acquire_unless(data.len() as u64, &waiting.token)
+                                .await
+                            {
+                                pb::ChunkResponse {
+                                    kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
+                                        index,
+                                        data,
+                                    })),
+                                }
+                            } else {
+                                stats
+                                    .cancelled
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                refused(
+                                    pb::Refusal::Cancelled,
+                                    format!("chunk {index}: cancelled by the requester"),
+                                )
                             }
                         }
                         Ok(Ok(None)) => refused(
@@ -1019,6 +1261,33 @@ impl MeshHandle {
             Some(pb::chunk_response::Kind::Chunk(c)) if c.index == index => Ok(c.data),
             _ => Err(MeshError::Protocol(format!("expected chunk {index}"))),
         }
+    }
+
+    /// Chunk `index` of `content` is verified here: every peer subscribed to the content
+    /// hears of it (`/arcade/have/1`). Cheap; never waits.
+    pub fn announce(&self, content: &ContentId, index: u32) {
+        self.announcer.announce(content, index);
+    }
+
+    /// Subscribes to `peer`'s chunks of `content` (of `chunks` chunks): its bitfield and
+    /// then every chunk it verifies arrive at `sink` as `(peer, news)`, until the
+    /// returned [`Watch`] is dropped or the peer ends it ([`HaveNews::Ended`]). A peer
+    /// without the protocol answers [`MeshError::Unsupported`] (ask it with
+    /// [`MeshHandle::held`] instead).
+    pub async fn watch(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        content: ContentId,
+        chunks: u32,
+        sink: mpsc::Sender<(PeerId, HaveNews)>,
+    ) -> Result<Watch, MeshError> {
+        let (stream, ticket) = self
+            .call(|reply| Command::Watch { peer, addrs, reply })
+            .await?;
+        Watch::start(stream, peer, ticket, content, chunks, sink)
+            .await
+            .map_err(|e| MeshError::Failed(format!("subscription to {peer}: {e}")))
     }
 
     /// Starts (or stops) announcing `content` in the DHT.
@@ -1427,5 +1696,139 @@ mod tests {
         );
         a.shutdown().await;
         b.shutdown().await;
+    }
+
+    /// A store whose chunks can be added while it serves.
+    #[derive(Default)]
+    struct LiveStore(std::sync::Mutex<HashMap<ContentId, Vec<Option<Vec<u8>>>>>);
+
+    impl ChunkStore for Arc<LiveStore> {
+        fn allowed_labels(&self, content: &ContentId) -> Option<Labels> {
+            self.0.lock().unwrap().get(content).map(|_| Labels::new())
+        }
+        fn held(&self, content: &ContentId) -> Option<Bitfield> {
+            let chunks = self.0.lock().unwrap().get(content)?.clone();
+            let mut b = Bitfield::new(chunks.len() as u32);
+            for (i, c) in chunks.iter().enumerate() {
+                if c.is_some() {
+                    b.set(i as u32);
+                }
+            }
+            Some(b)
+        }
+        fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+            let chunks = self.0.lock().unwrap();
+            Ok(chunks
+                .get(content)
+                .and_then(|c| c.get(index as usize).cloned().flatten()))
+        }
+    }
+
+    async fn next(news: &mut mpsc::Receiver<(PeerId, HaveNews)>) -> (PeerId, HaveNews) {
+        tokio::time::timeout(Duration::from_secs(10), news.recv())
+            .await
+            .expect("news in time")
+            .expect("news channel open")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchers_hear_new_chunks_and_cancels_reach_the_holder() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let content = ContentId::of_bytes(b"watched");
+        let big = vec![7u8; 256 << 10];
+        let store = Arc::new(LiveStore::default());
+        store.0.lock().unwrap().insert(
+            content,
+            vec![Some(b"c0".to_vec()), None, Some(big.clone()), Some(big)],
+        );
+        // 64 KiB/s: a 256 KiB chunk waits about 4 s for its upload rate.
+        let a = MeshHost::start(
+            Keypair::generate_ed25519(),
+            HostConfig {
+                upload_rate: 64 << 10,
+                upload_burst: 1024,
+                ..HostConfig::default()
+            },
+            Arc::new(store.clone()),
+        )
+        .await
+        .unwrap();
+        let a_addrs = a.listen_addrs().await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let (outsider, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        for h in [&a, &b] {
+            let ticket = issuer
+                .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                .unwrap();
+            h.set_credentials(ticket, &key).await.unwrap();
+        }
+        let (sink, mut news) = mpsc::channel(16);
+        let watch = b
+            .watch(a.peer_id(), a_addrs.clone(), content, 4, sink.clone())
+            .await
+            .unwrap();
+        let (from, first) = next(&mut news).await;
+        assert_eq!(from, a.peer_id());
+        let HaveNews::Held(held) = first else {
+            panic!("the bitfield comes first: {first:?}");
+        };
+        assert_eq!(held.iter_set().collect::<Vec<_>>(), vec![0, 2, 3]);
+
+        // A verifies chunk 1: the watcher hears of it without asking.
+        store.0.lock().unwrap().get_mut(&content).unwrap()[1] = Some(b"c1".to_vec());
+        a.announce(&content, 1);
+        assert_eq!(next(&mut news).await.1, HaveNews::Haves(vec![1]));
+        assert_eq!(
+            a.stats()
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        // A request waiting for A's upload rate is cancelled on the watch.
+        let waiting = {
+            let (b, addrs) = (b.clone(), a_addrs.clone());
+            let holder = a.peer_id();
+            tokio::spawn(async move { b.chunk(holder, addrs, &content, 2).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        watch.cancel(2);
+        assert_eq!(refusal(waiting.await.unwrap()), pb::Refusal::Cancelled);
+        assert_eq!(
+            a.stats()
+                .cancelled
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            a.stats().refused.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        // Closing the watch cancels what still waits for that content.
+        let waiting = {
+            let (b, addrs) = (b.clone(), a_addrs.clone());
+            let holder = a.peer_id();
+            tokio::spawn(async move { b.chunk(holder, addrs, &content, 3).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(watch);
+        assert_eq!(refusal(waiting.await.unwrap()), pb::Refusal::Cancelled);
+
+        // An outsider's subscription is refused, and it hears why.
+        let (sink, mut refused_news) = mpsc::channel(4);
+        let _w = outsider
+            .watch(a.peer_id(), a_addrs, content, 4, sink)
+            .await
+            .unwrap();
+        match next(&mut refused_news).await.1 {
+            HaveNews::Ended(reason) => assert!(reason.contains("NotVouched"), "{reason}"),
+            other => panic!("an outsider is refused: {other:?}"),
+        }
+        for h in [a, b, outsider] {
+            h.shutdown().await;
+        }
     }
 }

@@ -127,6 +127,13 @@ impl TokenBucket {
         Duration::new(secs, (nanos % NANOS_PER_SEC) as u32)
     }
 
+    /// Gives back a reservation of `bytes` that will not be sent (the balance never
+    /// rises above the burst).
+    pub fn refund(&mut self, bytes: u64) {
+        let cap = Self::units(self.burst);
+        self.tokens = self.tokens.saturating_add(Self::units(bytes)).min(cap);
+    }
+
     /// Adds the tokens earned since the last call, capped at the burst.
     fn refill(&mut self, now: Duration) {
         let now_ns = now.as_nanos();
@@ -230,6 +237,33 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// [`RateLimiter::acquire`] unless `cancel` fires first: then the reservation is
+    /// given back (later callers may send sooner) and false is returned.
+    pub async fn acquire_unless(
+        &self,
+        bytes: u64,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                self.inner
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .bucket
+                    .refund(bytes);
+                false
+            }
+            _ = self.acquire(bytes) => true,
+        }
+    }
+}
+
 /// A bound on concurrent uploads. Cheap to clone; clones share the slots.
 #[derive(Debug, Clone)]
 pub struct UploadSlots {
@@ -280,6 +314,50 @@ impl UploadSlots {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_refund_shortens_the_next_wait_and_never_exceeds_the_burst() {
+        let mib = 1u64 << 20;
+        let mut b = TokenBucket::new(mib, mib);
+        let t0 = Duration::ZERO;
+        assert_eq!(b.take(t0, 3 * mib), Duration::from_secs(2));
+        b.refund(2 * mib);
+        assert_eq!(
+            b.take(t0, mib),
+            Duration::from_secs(1),
+            "without the refund: 3 s"
+        );
+        let mut full = TokenBucket::new(mib, mib);
+        full.refund(10 * mib);
+        assert_eq!(full.take(t0, mib), Duration::ZERO);
+        assert_eq!(
+            full.take(t0, mib),
+            Duration::from_secs(1),
+            "the burst caps a refund"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_acquisition_gives_its_reservation_back() {
+        let mib = 1u64 << 20;
+        let limiter = RateLimiter::new(mib, mib);
+        limiter.acquire(mib).await; // the burst
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let waiting = {
+            let (limiter, cancel) = (limiter.clone(), cancel.clone());
+            tokio::spawn(async move { limiter.acquire_unless(4 * mib, &cancel).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cancel.cancel();
+        assert!(!waiting.await.unwrap(), "cancelled");
+        let started = Instant::now();
+        limiter.acquire(mib).await;
+        let waited = started.elapsed();
+        assert!(
+            waited <= Duration::from_secs(1),
+            "waited {waited:?}: the 4 MiB were not refunded"
+        );
+    }
 
     const KIB: u64 = 1 << 10;
     const MIB: u64 = 1 << 20;

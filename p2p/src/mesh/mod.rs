@@ -1,6 +1,7 @@
 //! The mesh: agents fetching plugin chunks from each other.
 //!
 //! - [`bitfield`] — which chunks a peer holds, and its wire form.
+//! - [`have`] — the `/arcade/have/1` protocol: chunk announcements and cancels.
 //! - [`host`] — the libp2p host: transport, DHT, and serving/requesting chunks.
 //! - [`protocol`] — the `/arcade/chunks/1` wire format and its limits.
 //! - [`scheduler`] — the sans-IO swarm scheduler (which chunk from whom, when to fall
@@ -9,6 +10,7 @@
 //! - [`ticket`] — coordinator-signed tickets that admit a peer to the mesh.
 
 pub mod bitfield;
+pub mod have;
 pub mod host;
 pub mod limiter;
 pub mod protocol;

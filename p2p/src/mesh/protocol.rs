@@ -23,7 +23,7 @@ pub const MAX_RESPONSE_BYTES: usize = MAX_CHUNK_SIZE as usize + 64 * 1024;
 /// Reads one length-prefixed message of at most `max` bytes.
 pub async fn read_message<T, M>(io: &mut T, max: usize) -> io::Result<M>
 where
-    T: AsyncRead + Unpin + Send,
+    T: AsyncRead + Unpin,
     M: prost::Message + Default,
 {
     let mut len = [0u8; 4];
@@ -42,10 +42,22 @@ where
     M::decode(bytes::Bytes::from(buf)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Writes one length-prefixed message (refusing to send more than `max` bytes).
+/// Writes one length-prefixed message (refusing to send more than `max` bytes) and
+/// closes the stream.
 pub async fn write_message<T, M>(io: &mut T, msg: &M, max: usize) -> io::Result<()>
 where
     T: AsyncWrite + Unpin + Send,
+    M: prost::Message,
+{
+    write_frame(io, msg, max).await?;
+    io.close().await
+}
+
+/// Writes one length-prefixed message (refusing to send more than `max` bytes) and
+/// flushes it, leaving the stream open for more.
+pub async fn write_frame<T, M>(io: &mut T, msg: &M, max: usize) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin,
     M: prost::Message,
 {
     let len = msg.encoded_len();
@@ -55,7 +67,7 @@ where
     msg.encode(&mut framed)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     io.write_all(&framed).await?;
-    io.close().await
+    io.flush().await
 }
 
 fn check_len(len: usize, max: usize) -> io::Result<()> {
