@@ -119,11 +119,11 @@ pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
     SchedulerConfig {
         request_timeout: download.request_timeout.get(),
         server_max_inflight: 2,
+        hedge_after: Duration::from_secs(5),
         // Peers on a LAN answer their first bitfield query within milliseconds; waiting
         // longer for chunks none of them holds only idles the coordinator at the start
         // (500 ms was 15 % of fleet (a)'s bound). Later askers are redirected anyway.
         server_fallback_after: Duration::from_millis(100),
-        hedge_after: Duration::from_secs(5),
         ..SchedulerConfig::default()
     }
 }

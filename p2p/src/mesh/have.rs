@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::bitfield::Bitfield;
-use super::protocol::{MAX_REQUEST_BYTES, read_message, refused, write_frame};
+use super::protocol::{MAX_REQUEST_BYTES, read_message, write_frame};
 use crate::ContentId;
 
 /// The protocol name.
@@ -197,11 +197,20 @@ fn held_update(held: &Bitfield) -> pb::HaveUpdate {
     }))
 }
 
-fn refusal_update(res: pb::ChunkResponse) -> pb::HaveUpdate {
-    match res.kind {
-        Some(pb::chunk_response::Kind::Refused(r)) => update(pb::have_update::Kind::Refused(r)),
-        _ => update(pb::have_update::Kind::Refused(pb::Refused::default())),
-    }
+fn refusal_update(reason: pb::Refusal, message: impl Into<String>) -> pb::HaveUpdate {
+    update(pb::have_update::Kind::Refused(pb::Refused {
+        reason: reason as i32,
+        message: message.into(),
+    }))
+}
+
+/// Ends a subscription with `refusal` (the requester hears why), closing the stream.
+async fn end<W: futures::AsyncWrite + Unpin>(
+    wr: &mut W,
+    refusal: pb::HaveUpdate,
+) -> std::io::Result<()> {
+    write_frame(wr, &refusal, update_limit(0)).await?;
+    wr.close().await
 }
 
 /// Serves one subscription of `peer` on `stream` until either side closes it or the
@@ -216,11 +225,7 @@ pub async fn serve(holder: Holder, peer: PeerId, stream: Stream) -> std::io::Res
             })??;
     let (content, expires_ms) = match (holder.admit)(&peer, &sub.ticket, &sub.content) {
         Ok(admitted) => admitted,
-        Err(r) => {
-            let limit = update_limit(0);
-            write_frame(&mut wr, &update(pb::have_update::Kind::Refused(r)), limit).await?;
-            return wr.close().await;
-        }
+        Err(r) => return end(&mut wr, update(pb::have_update::Kind::Refused(r))).await,
     };
     // Subscribe before reading the bitfield: no chunk verified in between is missed.
     let mut news = holder.announcer.subscribe(content);
@@ -262,19 +267,11 @@ async fn serve_admitted(
                 "content {content} has {} chunks here, not {chunks}",
                 held.len()
             );
-            write_frame(
-                wr,
-                &refusal_update(refused(pb::Refusal::BadRequest, msg)),
-                limit,
-            )
-            .await?;
-            return wr.close().await;
+            return end(wr, refusal_update(pb::Refusal::BadRequest, msg)).await;
         }
         None => {
             let msg = format!("content {content} is not held here");
-            let res = refused(pb::Refusal::UnknownContent, msg);
-            write_frame(wr, &refusal_update(res), limit).await?;
-            return wr.close().await;
+            return end(wr, refusal_update(pb::Refusal::UnknownContent, msg)).await;
         }
     };
     (holder.admitted)(peer, content);
@@ -294,7 +291,7 @@ async fn serve_admitted(
             closed.cancel();
         })
     };
-    let _reader = AbortOnDrop(reader);
+    let _reader = AbortOnDrop(reader.abort_handle());
     let until_expiry = Duration::from_millis(
         u64::try_from(expires_ms.saturating_sub(crate::now_ms())).unwrap_or(0),
     );
@@ -350,12 +347,13 @@ async fn serve_admitted(
         }
         last_sent = tokio::time::Instant::now();
     }
-    let res = refused(pb::Refusal::NotVouched, "the requester's ticket expired");
-    write_frame(wr, &refusal_update(res), limit).await?;
-    wr.close().await
+    let msg = "the requester's ticket expired: it must subscribe again with a fresh one";
+    end(wr, refusal_update(pb::Refusal::NotVouched, msg)).await
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -380,16 +378,7 @@ pub enum HaveNews {
 #[derive(Debug)]
 pub struct Watch {
     cancels: mpsc::Sender<u32>,
-    _tasks: [AbortOnDropDebug; 2],
-}
-
-#[derive(Debug)]
-struct AbortOnDropDebug(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDropDebug {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _tasks: [AbortOnDrop; 2],
 }
 
 impl Watch {
@@ -448,8 +437,8 @@ impl Watch {
         Ok(Watch {
             cancels,
             _tasks: [
-                AbortOnDropDebug(writer.abort_handle()),
-                AbortOnDropDebug(reader.abort_handle()),
+                AbortOnDrop(writer.abort_handle()),
+                AbortOnDrop(reader.abort_handle()),
             ],
         })
     }
@@ -521,7 +510,7 @@ mod tests {
         assert!(decode(haves(vec![10]), 10).is_err());
         assert!(decode(pb::HaveUpdate { kind: None }, 10).is_err());
         assert!(matches!(
-            decode(refusal_update(refused(pb::Refusal::NotVouched, "x")), 10),
+            decode(refusal_update(pb::Refusal::NotVouched, "x"), 10),
             Ok(HaveNews::Ended(_))
         ));
     }

@@ -420,7 +420,6 @@ struct Actor {
     rx: mpsc::Receiver<Command>,
     /// For upload tasks to hand responses back to the swarm.
     respond: mpsc::Sender<Command>,
-    store: Arc<dyn ChunkStore>,
     gate: Arc<Gate>,
     ticket: Vec<u8>,
     control: libp2p_stream::Control,
@@ -568,7 +567,6 @@ impl MeshHost {
             swarm,
             rx,
             respond: tx.clone(),
-            store,
             gate,
             ticket: Vec::new(),
             control,
@@ -1016,7 +1014,7 @@ impl Actor {
         match request.kind {
             Some(pb::chunk_request::Kind::Bitfield(_)) => {
                 self.remember_asker(content, peer);
-                let response = match self.store.held(&content) {
+                let response = match self.gate.store.held(&content) {
                     Some(held) => pb::ChunkResponse {
                         kind: Some(pb::chunk_response::Kind::Held(pb::HeldChunks {
                             chunks: held.len(),
@@ -1039,7 +1037,7 @@ impl Actor {
                     return;
                 };
                 let (store, limiter, respond) = (
-                    self.store.clone(),
+                    self.gate.store.clone(),
                     self.limiter.clone(),
                     self.respond.clone(),
                 );
@@ -1333,6 +1331,17 @@ mod tests {
     /// Required labels and the chunks held (None = missing).
     type Held = (Labels, Vec<Option<Vec<u8>>>);
 
+    /// The chunks present in `chunks`.
+    fn bitfield_of(chunks: &[Option<Vec<u8>>]) -> Bitfield {
+        let mut b = Bitfield::new(chunks.len() as u32);
+        for (i, c) in chunks.iter().enumerate() {
+            if c.is_some() {
+                b.set(i as u32);
+            }
+        }
+        b
+    }
+
     /// An in-memory store.
     #[derive(Default)]
     struct MemStore(HashMap<ContentId, Held>);
@@ -1343,13 +1352,7 @@ mod tests {
         }
         fn held(&self, content: &ContentId) -> Option<Bitfield> {
             let (_, chunks) = self.0.get(content)?;
-            let mut b = Bitfield::new(chunks.len() as u32);
-            for (i, c) in chunks.iter().enumerate() {
-                if c.is_some() {
-                    b.set(i as u32);
-                }
-            }
-            Some(b)
+            Some(bitfield_of(chunks))
         }
         fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
             Ok(self
@@ -1707,14 +1710,7 @@ mod tests {
             self.0.lock().unwrap().get(content).map(|_| Labels::new())
         }
         fn held(&self, content: &ContentId) -> Option<Bitfield> {
-            let chunks = self.0.lock().unwrap().get(content)?.clone();
-            let mut b = Bitfield::new(chunks.len() as u32);
-            for (i, c) in chunks.iter().enumerate() {
-                if c.is_some() {
-                    b.set(i as u32);
-                }
-            }
-            Some(b)
+            Some(bitfield_of(self.0.lock().unwrap().get(content)?))
         }
         fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
             let chunks = self.0.lock().unwrap();
