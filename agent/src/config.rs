@@ -169,6 +169,10 @@ pub struct MeshConfig {
     pub upload_rate: ByteSize,
     /// Concurrent chunk uploads; more requests are answered "busy".
     pub max_uploads: u32,
+    /// A chunk request that would wait longer than this behind uploads already queued
+    /// for `upload_rate` is answered "busy", so its requester asks a faster holder
+    /// (`0s` = no limit but `max_uploads`).
+    pub max_upload_wait: Seconds,
     /// Most peers connected at once (half of them at most untrusted inbound peers).
     pub max_connections: u32,
     /// An inbound connection whose peer shows no valid ticket within this is closed.
@@ -188,6 +192,7 @@ impl Default for MeshConfig {
             allow_loopback: false,
             upload_rate: ByteSize(0),
             max_uploads: 8,
+            max_upload_wait: Seconds::secs(1),
             max_connections: 256,
             unvouched_timeout: Seconds::secs(10),
             provider_ttl: Seconds::secs(15 * 60),
@@ -382,6 +387,9 @@ allow_loopback = false
 upload_rate = "0B"
 # Concurrent chunk uploads; further requests are answered "busy".
 max_uploads = 8
+# A chunk request that would wait longer than this behind uploads already queued for
+# upload_rate is answered "busy" (its requester asks a faster holder); "0s" = no limit.
+max_upload_wait = "1s"
 # Most peers connected at once; peers that have not shown a valid ticket (inbound)
 # may hold at most half of them, and at most 4 connections each.
 max_connections = 256
@@ -599,6 +607,9 @@ impl AgentConfig {
         };
         if self.mesh.max_uploads > 1024 {
             return Err(bad("mesh.max_uploads", "must be at most 1024"));
+        }
+        if self.mesh.max_upload_wait.get() > Duration::from_secs(3600) {
+            return Err(bad("mesh.max_upload_wait", "must be at most 1h"));
         }
         let unvouched = self.mesh.unvouched_timeout.get();
         if unvouched < Duration::from_millis(100) || unvouched > Duration::from_secs(3600) {

@@ -117,6 +117,8 @@ pub struct MeshNode {
     store: Arc<CacheChunks>,
     /// Addresses reported to the coordinator.
     pub advertise: Vec<Multiaddr>,
+    /// The node-wide upload rate to peers, bytes/s (0 = unlimited).
+    upload_rate: u64,
 }
 
 impl std::fmt::Debug for MeshNode {
@@ -160,6 +162,7 @@ impl MeshNode {
             upload_rate: m.upload_rate.bytes(),
             upload_burst: 1 << 20,
             max_uploads: m.max_uploads as usize,
+            max_upload_wait: m.max_upload_wait.get(),
             max_connections: m.max_connections as usize,
             unvouched_timeout: m.unvouched_timeout.get(),
             provider_ttl: m.provider_ttl.get(),
@@ -187,7 +190,13 @@ impl MeshNode {
             handle,
             store,
             advertise,
+            upload_rate: m.upload_rate.bytes(),
         })
+    }
+
+    /// The node-wide upload rate to peers, bytes/s (0 = unlimited).
+    pub fn upload_rate(&self) -> u64 {
+        self.upload_rate
     }
 
     /// This node's peer id (as text, for registration).

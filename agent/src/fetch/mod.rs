@@ -128,6 +128,27 @@ pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
     }
 }
 
+/// How long a fetch leaves chunks that no peer shows to peers before it asks the
+/// coordinator for them, for an agent that uploads `upload_rate` bytes/s (0 =
+/// unlimited) and a content of `chunk_bytes` chunks: twice the time its uplink takes to
+/// pass one chunk on, between [`scheduler_config`]'s 100 ms and 2 s.
+///
+/// The coordinator's herd protection hands each chunk to its first askers and points
+/// everyone else at them. An agent with a slow uplink that asked as early as the rest
+/// became the only holder of a share of the chunks, which the fleet then waited for at
+/// its rate (a quarter of the fleet at 0.25 MiB/s took 19 × the bound in the model);
+/// asking later, it finds those chunks already handed to agents that can pass them on,
+/// and fetches them from those.
+pub fn first_copy_delay(upload_rate: u64, chunk_bytes: u64) -> Duration {
+    const FASTEST: Duration = Duration::from_millis(100);
+    const SLOWEST: Duration = Duration::from_secs(2);
+    if upload_rate == 0 {
+        return FASTEST;
+    }
+    let secs = 2.0 * chunk_bytes as f64 / upload_rate as f64;
+    Duration::from_secs_f64(secs.min(SLOWEST.as_secs_f64())).clamp(FASTEST, SLOWEST)
+}
+
 /// Fetches plugins into the cache. Cheap to clone.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -394,7 +415,13 @@ impl Fetcher {
             scheduler: Scheduler::new(
                 manifest.chunk_count(),
                 held,
-                scheduler_config(&self.config),
+                SchedulerConfig {
+                    server_fallback_after: first_copy_delay(
+                        self.mesh.as_ref().map_or(0, MeshNode::upload_rate),
+                        u64::from(manifest.chunk_size()),
+                    ),
+                    ..scheduler_config(&self.config)
+                },
                 rand::rng().random(),
             ),
             started: tokio::time::Instant::now(),

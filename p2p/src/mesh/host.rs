@@ -78,6 +78,10 @@ pub struct HostConfig {
     pub upload_burst: u64,
     /// Concurrent chunk uploads.
     pub max_uploads: usize,
+    /// A chunk request that would wait longer than this behind the uploads already
+    /// queued for the upload rate is answered busy instead of queued (zero: no limit
+    /// but `max_uploads`).
+    pub max_upload_wait: Duration,
     /// Provider record TTL.
     pub provider_ttl: Duration,
     /// Provider republish interval.
@@ -103,6 +107,7 @@ impl Default for HostConfig {
             upload_rate: 0,
             upload_burst: 1 << 20,
             max_uploads: 8,
+            max_upload_wait: Duration::from_secs(1),
             provider_ttl: Duration::from_secs(15 * 60),
             provider_republish: Duration::from_secs(5 * 60),
             max_connections: 256,
@@ -432,6 +437,8 @@ struct Actor {
     )>,
     limiter: RateLimiter,
     slots: UploadSlots,
+    /// See [`HostConfig::max_upload_wait`].
+    max_upload_wait: Duration,
     outbound: HashMap<OutboundRequestId, Reply<pb::ChunkResponse>>,
     queries: HashMap<kad::QueryId, (Vec<PeerId>, Reply<Vec<PeerId>>)>,
     stats: Arc<HostStats>,
@@ -575,6 +582,7 @@ impl MeshHost {
             subscriptions: Some((stop, accepting)),
             limiter: RateLimiter::new(config.upload_rate, config.upload_burst),
             slots: UploadSlots::new(config.max_uploads),
+            max_upload_wait: config.max_upload_wait,
             outbound: HashMap::new(),
             queries: HashMap::new(),
             askers: HashMap::new(),
@@ -1029,6 +1037,20 @@ impl Actor {
                 self.reply_to(channel, response);
             }
             Some(pb::chunk_request::Kind::Chunk(index)) => {
+                // A requester is better served elsewhere than queued behind more than
+                // `max_upload_wait` of uploads: a slow holder that took every request
+                // made its askers wait 20 s for chunks fast holders had (slow-peers).
+                let backlog = self.limiter.backlog();
+                if !self.max_upload_wait.is_zero() && backlog > self.max_upload_wait {
+                    self.reply_to(
+                        channel,
+                        refused(
+                            pb::Refusal::Busy,
+                            format!("{} ms of uploads already queued", backlog.as_millis()),
+                        ),
+                    );
+                    return;
+                }
                 let Some(slot) = self.slots.try_acquire() else {
                     self.reply_to(
                         channel,
@@ -1638,6 +1660,56 @@ mod tests {
             b.chunk_of_len(a.peer_id(), a_addrs, &content, 0, 100).await,
             Err(MeshError::Failed(_))
         ));
+        for h in [a, b] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_when_the_upload_rate_backlog_exceeds_max_upload_wait() {
+        let issuer = TicketIssuer::generate();
+        let key = issuer.public_key();
+        let content = ContentId::of_bytes(b"c");
+        let mut store = MemStore::default();
+        store.0.insert(
+            content,
+            (
+                Labels::new(),
+                vec![Some(vec![1u8; 1000]), Some(vec![2u8; 1000])],
+            ),
+        );
+        // 1,000 bytes/s and no burst: the first chunk queues 1 s of uploads.
+        let (a, a_addrs) = host(
+            store,
+            HostConfig {
+                upload_rate: 1000,
+                upload_burst: 0,
+                max_upload_wait: Duration::from_millis(200),
+                ..HostConfig::default()
+            },
+        )
+        .await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let now = now_ms();
+        for h in [&a, &b] {
+            h.set_credentials(
+                issuer
+                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                    .unwrap(),
+                &key,
+            )
+            .await
+            .unwrap();
+        }
+        // While the first chunk waits for its second of rate, a second request would
+        // wait longer than max_upload_wait: it is refused busy, not queued.
+        let (first, second) =
+            tokio::join!(b.chunk(a.peer_id(), a_addrs.clone(), &content, 0), async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                b.chunk(a.peer_id(), a_addrs.clone(), &content, 1).await
+            });
+        assert_eq!(first.unwrap().len(), 1000);
+        assert_eq!(refusal(second), pb::Refusal::Busy);
         for h in [a, b] {
             h.shutdown().await;
         }

@@ -127,6 +127,21 @@ impl TokenBucket {
         Duration::new(secs, (nanos % NANOS_PER_SEC) as u32)
     }
 
+    /// How long a reservation made at `now` would wait before its first byte may go: the
+    /// time for the debt of earlier reservations to be paid off (zero without debt).
+    pub fn backlog(&mut self, now: Duration) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 0 {
+            return Duration::ZERO;
+        }
+        let nanos = self.tokens.unsigned_abs().div_ceil(u128::from(self.rate));
+        let secs = u64::try_from(nanos / NANOS_PER_SEC).unwrap_or(u64::MAX);
+        Duration::new(secs, (nanos % NANOS_PER_SEC) as u32)
+    }
+
     /// Gives back a reservation of `bytes` that will not be sent (the balance never
     /// rises above the burst).
     pub fn refund(&mut self, bytes: u64) {
@@ -208,6 +223,21 @@ impl RateLimiter {
     /// The rate in bytes per second (0: unlimited).
     pub fn rate(&self) -> u64 {
         self.inner.rate
+    }
+
+    /// How long bytes reserved now would wait behind those reserved before them.
+    pub fn backlog(&self) -> Duration {
+        if self.inner.rate == 0 {
+            return Duration::ZERO;
+        }
+        let mut state = self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let origin = *state.origin.get_or_insert(now);
+        state.bucket.backlog(now.saturating_duration_since(origin))
     }
 
     /// Waits until `bytes` may be sent, then returns; the caller sends right after.
@@ -314,6 +344,23 @@ impl UploadSlots {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn backlog_is_the_wait_behind_earlier_reservations() {
+        let mut b = TokenBucket::new(1000, 0);
+        assert_eq!(b.backlog(Duration::ZERO), Duration::ZERO);
+        assert_eq!(b.take(Duration::ZERO, 500), Duration::from_millis(500));
+        assert_eq!(b.backlog(Duration::ZERO), Duration::from_millis(500));
+        assert_eq!(
+            b.backlog(Duration::from_millis(300)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(b.backlog(Duration::from_millis(600)), Duration::ZERO);
+        assert_eq!(
+            TokenBucket::unlimited().backlog(Duration::ZERO),
+            Duration::ZERO
+        );
+    }
 
     #[test]
     fn a_refund_shortens_the_next_wait_and_never_exceeds_the_burst() {

@@ -361,6 +361,11 @@ struct PeerSlot {
     busy_until: Duration,
     /// Busy answers since its last chunk: each doubles the pause of the next one.
     busy_streak: u32,
+    /// When its last chunk arrived (zero before the first): a peer that delivers is
+    /// progressing, and its queued requests are not hedged.
+    delivered_at: Duration,
+    /// Smoothed time from request to arrival of its chunks (`None` before the first).
+    latency: Option<Duration>,
 }
 
 /// A peer's pause after a busy answer doubles with each busy answer in a row, up to
@@ -369,6 +374,10 @@ struct PeerSlot {
 /// pause had every agent ask it again every `retry_after`, and busy answers outnumbered
 /// chunks 50 to 1.
 pub const BUSY_MAX_DOUBLINGS: u32 = 4;
+
+/// A request this many times `hedge_after` old is stalled even at a peer that still
+/// delivers other chunks (see `Scheduler::stalled_for`).
+pub const STALL_AGE_CAP: u32 = 3;
 
 /// `(eligible holders, random key, chunk)`: the rarest-first order.
 type QueueKey = (u32, u64, u32);
@@ -615,6 +624,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             inflight: 0,
             busy_until: Duration::ZERO,
             busy_streak: 0,
+            delivered_at: Duration::ZERO,
+            latency: None,
         });
         for c in have.iter_set().take_while(|&c| c < chunks) {
             self.announce(&peer, c);
@@ -672,11 +683,14 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         self.have.set(c);
         let reqs = self.outstanding.remove(&c).unwrap_or_default();
         let mut slow = Vec::new();
+        let mut sent_at = now;
         for r in reqs {
             self.release(&r.source);
-            if r.source != source {
+            if r.source == source {
+                sent_at = r.sent;
+            } else {
                 if let Source::Peer(peer) = &r.source
-                    && now.saturating_sub(r.sent) >= self.config.hedge_after
+                    && self.stalled_for(now, &r) >= self.config.hedge_after
                 {
                     slow.push(peer.clone());
                 }
@@ -692,6 +706,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             Source::Peer(peer) => {
                 if let Some(slot) = self.peers.get_mut(&peer) {
                     slot.busy_streak = 0;
+                    slot.delivered_at = now;
+                    let took = now.saturating_sub(sent_at);
+                    // An exponentially weighted mean, 1/4 for the newest sample.
+                    slot.latency = Some(match slot.latency {
+                        Some(mean) => (mean * 3 + took) / 4,
+                        None => took,
+                    });
                 }
                 self.window = (self.window + 1).min(self.config.max_inflight_total);
                 self.stats.chunks_from_peers += 1;
@@ -847,7 +868,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let stalled: Vec<u32> = self
             .outstanding
             .iter()
-            .filter(|(_, reqs)| reqs.len() == 1 && now.saturating_sub(reqs[0].sent) >= hedge_after)
+            .filter(|(_, reqs)| reqs.len() == 1 && self.stalled_for(now, &reqs[0]) >= hedge_after)
             .map(|(&c, _)| c)
             .collect();
         for c in stalled {
@@ -982,9 +1003,24 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 break;
             }
             let reqs = &self.outstanding[&c];
-            if reqs.len() == 1 {
-                let late = now.saturating_sub(reqs[0].sent) >= self.config.server_fallback_after
-                    && now >= self.fallback_paced_until;
+            if reqs.len() != 1 {
+                continue;
+            }
+            let age = now.saturating_sub(reqs[0].sent);
+            // Only a request that takes longer than its peer usually does: one on its
+            // way is left to finish (the duplicates of an endgame that raced every
+            // request were a quarter of a 32-chunk plugin's bytes).
+            let overdue = match &reqs[0].source {
+                Source::Peer(peer) => self
+                    .peers
+                    .get(peer)
+                    .and_then(|slot| slot.latency)
+                    .is_none_or(|usual| age >= usual * 2),
+                Source::Server => true,
+            };
+            if overdue {
+                let late =
+                    age >= self.config.server_fallback_after && now >= self.fallback_paced_until;
                 self.duplicate(now, c, late, out);
             }
         }
@@ -1116,6 +1152,28 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             .flatten()
             .filter(|r| matches!(r.source, Source::Peer(_)) && now.saturating_sub(r.sent) < stalled)
             .count()
+    }
+
+    /// How long request `r` has gone without progress: since it was sent, or since its
+    /// peer last delivered a chunk, whichever is later — a peer that keeps delivering is
+    /// working through a queue, not stalled, and hedging its queued requests only sent
+    /// every chunk twice to CPU-starved fleets (a quarter of the bytes in fleet (c)). A
+    /// request older than [`STALL_AGE_CAP`] times `hedge_after` counts as stalled however
+    /// its peer progresses, so a peer that trickles one chunk and sits on the others is
+    /// still routed around.
+    fn stalled_for(&self, now: Duration, r: &Outstanding<P>) -> Duration {
+        let age = now.saturating_sub(r.sent);
+        let Source::Peer(peer) = &r.source else {
+            return age;
+        };
+        if age >= self.config.hedge_after.saturating_mul(STALL_AGE_CAP) {
+            return age;
+        }
+        let since = self
+            .peers
+            .get(peer)
+            .map_or(r.sent, |slot| slot.delivered_at.max(r.sent));
+        now.saturating_sub(since)
     }
 
     fn has_request(&self, c: u32, source: &Source<P>) -> bool {

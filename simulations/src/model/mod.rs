@@ -28,7 +28,9 @@
 //!
 //! - **Agent uplink: a FIFO with upload slots.** A chunk request reaches the uploader one
 //!   latency after it is sent. It takes one of the uploader's `max_uploads` upload slots
-//!   or is refused busy (no queue, like the host's `REFUSAL_BUSY`); the refusal travels
+//!   or is refused busy (no queue, like the host's `REFUSAL_BUSY`) — as it is when it
+//!   would wait more than `max_upload_wait` behind the bytes queued before it (less the
+//!   burst), like `mesh.max_upload_wait`; the refusal travels
 //!   back one latency and the agent driver turns it into [`Event::PeerBusy`] (no strike;
 //!   the peer is paused for `PEER_BUSY_RETRY`), as `agent/src/fetch/run.rs` does (see
 //!   [`PeerBusy`]). An admitted transfer
@@ -157,6 +159,10 @@ pub struct ModelOptions {
     /// configures its host): an upload slot is released when the limiter lets its chunk
     /// go, i.e. when the bytes queued before it, less this burst, have left the uplink.
     pub upload_burst: u64,
+    /// A request that would wait longer than this behind the uploads already queued at
+    /// its uploader (less the burst) is refused busy (default: the agent's
+    /// `mesh.max_upload_wait`, 1 s; zero: no limit).
+    pub max_upload_wait: Duration,
     /// Most peers connected to one agent (default: `mesh.max_connections`, 256).
     pub max_connections: usize,
     /// Plugins one agent fetches at once (default: `download.concurrent`, 3).
@@ -210,6 +216,7 @@ impl Default for ModelOptions {
             peers_per_agent: 16,
             max_uploads: mesh.max_uploads as usize,
             upload_burst: 1 << 20,
+            max_upload_wait: mesh.max_upload_wait.get(),
             max_connections: mesh.max_connections as usize,
             concurrent_fetches: download.concurrent as usize,
             scheduler: agent_scheduler_config(),

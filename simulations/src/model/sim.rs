@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use arcade_coordinator::herd::{Admission, Herd};
 use arcade_p2p::ContentId;
 use arcade_p2p::mesh::bitfield::Bitfield;
-use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, Source};
+use arcade_p2p::mesh::scheduler::{Action, Event, Scheduler, SchedulerConfig, Source};
 
 use super::{ChunkSource, ModelOptions, ModelRun, ModelStats, PeerBusy};
 use crate::report::{AgentOutcome, FleetReport, cpu_seconds};
@@ -638,23 +638,27 @@ impl<'a> Sim<'a> {
     }
 
     fn start_next_run(&mut self, a: usize) {
-        let agent = &mut self.agents[a];
-        let p = agent.next_run;
-        if p >= agent.runs.len() {
+        let p = self.agents[a].next_run;
+        if p >= self.agents[a].runs.len() {
             return;
         }
-        agent.next_run += 1;
-        agent.active += 1;
+        // As the agent does: an agent with a slow uplink asks the coordinator later.
+        let up_bps = 1e9 / self.agents[a].up_ns_per_byte;
+        let upload_rate = if up_bps.is_finite() { up_bps as u64 } else { 0 };
+        let config = SchedulerConfig {
+            server_fallback_after: self.opts.scheduler.server_fallback_after.max(
+                arcade_agent::fetch::first_copy_delay(upload_rate, self.chunk_bytes),
+            ),
+            ..self.opts.scheduler.clone()
+        };
         let chunks = self.plugins[p].chunks;
         let seed = mix64(self.scenario.seed ^ mix64(((a as u64) << 8) | p as u64));
+        let agent = &mut self.agents[a];
+        agent.next_run += 1;
+        agent.active += 1;
         let run = &mut agent.runs[p];
         run.state = RunState::Active;
-        run.sched = Some(Scheduler::new(
-            chunks,
-            Bitfield::new(chunks),
-            self.opts.scheduler.clone(),
-            seed,
-        ));
+        run.sched = Some(Scheduler::new(chunks, Bitfield::new(chunks), config, seed));
         run.views = vec![View::default(); agent.neigh.len()];
         run.log.reserve_exact(chunks as usize);
         run.src = vec![MISSING; chunks as usize];
@@ -903,7 +907,10 @@ impl<'a> Sim<'a> {
         let now = self.now;
         let uploader = &mut self.agents[u];
         uploader.slots.retain(|&release| release > now);
-        if uploader.slots.len() >= self.opts.max_uploads {
+        let burst = xfer_ns(self.opts.upload_burst, uploader.up_ns_per_byte);
+        let backlog = uploader.up_free.saturating_sub(now).saturating_sub(burst);
+        let wait_cap = to_ns(self.opts.max_upload_wait);
+        if uploader.slots.len() >= self.opts.max_uploads || (wait_cap > 0 && backlog > wait_cap) {
             self.stats.peer_busy += 1;
             let back = self.lat(to, u as u32);
             self.push(now + back, Ev::Refused(tid));
@@ -914,7 +921,6 @@ impl<'a> Sim<'a> {
         let done = uploader.up_free;
         // The slot is held until the node-wide limiter lets the chunk go: when the
         // bytes queued before it, less the limiter's burst, have left.
-        let burst = xfer_ns(self.opts.upload_burst, uploader.up_ns_per_byte);
         uploader.slots.push(done.saturating_sub(burst).max(now));
         self.transfers[tid as usize].up_start = start;
         self.push(done, Ev::UpDone(tid));

@@ -558,6 +558,80 @@ fn hedges_a_stalled_request_once_at_another_holder() {
 }
 
 #[test]
+fn a_peer_that_keeps_delivering_is_hedged_only_when_silent_or_past_the_age_cap() {
+    let cfg = SchedulerConfig {
+        hedge_after: ms(1000),
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(4, Bitfield::new(4), cfg.clone(), 5);
+    let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(4))));
+    assert_eq!(queued.len(), 4);
+    assert_eq!(s.handle(ms(10), joined(2, Bitfield::full(4))), vec![]);
+    // Peer 1 works through its queue, one chunk every 900 ms: its other requests are
+    // older than hedge_after, but it is progressing, so nothing is duplicated.
+    for (i, (source, chunk)) in queued.iter().take(3).enumerate() {
+        let at = 900 * (i as u64 + 1);
+        assert_eq!(
+            requested(&s.handle(ms(at), arrived(source.clone(), *chunk))),
+            vec![],
+            "no hedge at {at} ms"
+        );
+    }
+    assert_eq!(s.handle(ms(2999), Event::Tick), vec![]);
+    // Three hedge delays old: hedged however its peer progresses.
+    assert_eq!(
+        s.handle(ms(3000), Event::Tick),
+        vec![request(P(2), queued[3].1)]
+    );
+    assert_eq!(s.stats().duplicates, 1);
+
+    // A peer that falls silent is hedged hedge_after after its last chunk.
+    let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
+    let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
+    assert_eq!(queued.len(), 3);
+    s.handle(ms(10), joined(2, Bitfield::full(3)));
+    assert_eq!(
+        s.handle(ms(900), arrived(queued[0].0.clone(), queued[0].1)),
+        vec![]
+    );
+    assert_eq!(s.handle(ms(1899), Event::Tick), vec![]);
+    let mut hedged = requested(&s.handle(ms(1900), Event::Tick));
+    hedged.sort();
+    let mut expect = vec![(P(2), queued[1].1), (P(2), queued[2].1)];
+    expect.sort();
+    assert_eq!(hedged, expect);
+}
+
+#[test]
+fn the_endgame_duplicates_only_requests_overdue_for_their_peer() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 2,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 7);
+    let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
+    assert_eq!(first.len(), 2);
+    // Peer 1 delivers in 100 ms; the third chunk goes to it at once.
+    let third = requested(&s.handle(ms(100), arrived(first[0].0.clone(), first[0].1)));
+    assert_eq!(third.len(), 1);
+    // Endgame (every missing chunk in flight, few missing), but neither request has
+    // taken twice peer 1's usual 100 ms yet: no duplicate at the new peer.
+    assert_eq!(s.handle(ms(110), joined(2, Bitfield::full(3))), vec![]);
+    assert_eq!(s.handle(ms(199), Event::Tick), vec![]);
+    assert_eq!(
+        s.handle(ms(200), Event::Tick),
+        vec![request(P(2), first[1].1)]
+    );
+    assert_eq!(s.handle(ms(299), Event::Tick), vec![]);
+    assert_eq!(
+        s.handle(ms(300), Event::Tick),
+        vec![request(P(2), third[0].1)]
+    );
+    assert_eq!(s.stats().duplicates, 2);
+}
+
+#[test]
 fn timeouts_strike_and_ban_after_max_strikes() {
     let cfg = SchedulerConfig {
         max_inflight_per_peer: 1,
