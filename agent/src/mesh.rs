@@ -163,6 +163,10 @@ impl MeshNode {
             upload_burst: 1 << 20,
             max_uploads: m.max_uploads as usize,
             max_upload_wait: m.max_upload_wait.get(),
+            // One request's deadline is the scheduler's (`download.request_timeout`):
+            // a shorter one in the host failed chunks that were on their way, and their
+            // bytes were sent for nothing.
+            request_timeout: config.raw.download.request_timeout.get(),
             max_connections: m.max_connections as usize,
             unvouched_timeout: m.unvouched_timeout.get(),
             provider_ttl: m.provider_ttl.get(),

@@ -40,7 +40,7 @@ use crate::mesh::MeshNode;
 use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel};
 use arcade_p2p::mesh::bitfield::Bitfield;
 use arcade_p2p::mesh::host::Multiaddr;
-use arcade_p2p::mesh::scheduler::{Scheduler, SchedulerConfig};
+use arcade_p2p::mesh::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use arcade_p2p::mesh::ticket::PeerId;
 use run::FetchRun;
 use source::{ChunkSource, SourceError};
@@ -109,6 +109,9 @@ pub struct Fetched {
     pub cache_hit: bool,
     /// Verified bytes received, by source kind.
     pub bytes_by_source: HashMap<&'static str, u64>,
+    /// What the swarm scheduler did (requests, duplicates, busy answers, …); zero for a
+    /// cache hit.
+    pub swarm: SchedulerStats,
 }
 
 /// The swarm scheduler's settings for every fetch (the model in `arcade-sim` uses them
@@ -259,6 +262,7 @@ impl Fetcher {
                 plugin: hit,
                 cache_hit: true,
                 bytes_by_source: HashMap::new(),
+                swarm: SchedulerStats::default(),
             });
         }
         let lock = {
@@ -276,6 +280,7 @@ impl Fetcher {
                 plugin: hit,
                 cache_hit: true,
                 bytes_by_source: HashMap::new(),
+                swarm: SchedulerStats::default(),
             });
         }
         self.metrics.cache_misses.inc();
@@ -340,6 +345,22 @@ impl Fetcher {
                     bytes_from_server = f.bytes_by_source.get("server").copied().unwrap_or(0),
                     bytes_from_peers = f.bytes_by_source.get("peer").copied().unwrap_or(0),
                     "plugin downloaded"
+                );
+                let st = &f.swarm;
+                tracing::debug!(
+                    plugin = %plugin.id,
+                    requests_to_peers = st.requests_to_peers,
+                    requests_to_server = st.requests_to_server,
+                    duplicates = st.duplicates,
+                    cancels = st.cancels,
+                    timeouts = st.timeouts,
+                    failures = st.failures,
+                    bans = st.bans,
+                    peer_busy = st.peer_busy,
+                    server_busy = st.server_busy,
+                    late_chunks = st.late_chunks,
+                    slow_strikes = st.slow_strikes,
+                    "swarm scheduler counters"
                 );
             }
             Err(e) => {
@@ -441,6 +462,7 @@ impl Fetcher {
         }
         driven?;
         let bytes_by_source = std::mem::take(&mut run.bytes_by_source);
+        let swarm = run.scheduler.stats();
         drop(run);
         let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());
         let published = blocking(move || cache.publish(&p, &m))
@@ -451,6 +473,7 @@ impl Fetcher {
             plugin: published,
             cache_hit: false,
             bytes_by_source,
+            swarm,
         })
     }
 

@@ -330,6 +330,9 @@ pub struct SchedulerStats {
     pub peer_busy: u64,
     /// Strikes for losing a race after holding a request for `hedge_after` or longer.
     pub slow_strikes: u64,
+    /// Chunks from peers that took half of `hedge_after` or longer (each round of them
+    /// cut the busy window).
+    pub late_chunks: u64,
 }
 
 /// One outstanding request.
@@ -408,6 +411,9 @@ pub struct Scheduler<P> {
     /// and endgame duplicates are not held back: they rescue requests stuck at slow
     /// peers).
     fallback_paced_until: Duration,
+    /// Smoothed request-to-arrival time of chunks from all peers (`None` before the
+    /// first): what "slow" means for this agent now.
+    latency: Option<Duration>,
     /// Most outstanding new peer requests (the busy window).
     window: usize,
     /// When the window was last cut: busy answers to older requests do not cut it again.
@@ -464,6 +470,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             server_blocked_until: Duration::ZERO,
             fallback_paced_until: Duration::ZERO,
             window_cut_at: Duration::ZERO,
+            latency: None,
             queue: Bitfield::new(chunks),
             queued: 0,
             starved: BTreeSet::new(),
@@ -690,7 +697,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 sent_at = r.sent;
             } else {
                 if let Source::Peer(peer) = &r.source
-                    && self.stalled_for(now, &r) >= self.config.hedge_after
+                    && self.stalled_for(now, &r) >= self.hedge_delay()
                 {
                     slow.push(peer.clone());
                 }
@@ -704,17 +711,33 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         self.slots[c as usize].failed = Vec::new();
         match source {
             Source::Peer(peer) => {
+                let took = now.saturating_sub(sent_at);
                 if let Some(slot) = self.peers.get_mut(&peer) {
                     slot.busy_streak = 0;
                     slot.delivered_at = now;
-                    let took = now.saturating_sub(sent_at);
                     // An exponentially weighted mean, 1/4 for the newest sample.
                     slot.latency = Some(match slot.latency {
                         Some(mean) => (mean * 3 + took) / 4,
                         None => took,
                     });
                 }
-                self.window = (self.window + 1).min(self.config.max_inflight_total);
+                self.latency = Some(match self.latency {
+                    Some(mean) => (mean * 7 + took) / 8,
+                    None => took,
+                });
+                if took >= self.config.hedge_after / 2 {
+                    // Late: more is asked than arrives in time (an agent short of CPU or
+                    // bandwidth). A quarter off the window, once per round, as for a
+                    // busy answer; a late chunk never widens it.
+                    self.stats.late_chunks += 1;
+                    if sent_at >= self.window_cut_at {
+                        let floor = 2 * self.config.max_inflight_per_peer;
+                        self.window = (self.window * 3 / 4).max(floor).min(self.window);
+                        self.window_cut_at = now;
+                    }
+                } else {
+                    self.window = (self.window + 1).min(self.config.max_inflight_total);
+                }
                 self.stats.chunks_from_peers += 1;
             }
             Source::Server => self.stats.chunks_from_server += 1,
@@ -859,9 +882,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         self.endgame(now, out);
     }
 
-    /// A chunk whose only request is older than `hedge_after` gets a duplicate.
+    /// A chunk whose only request went without progress for the hedge delay gets a
+    /// duplicate.
     fn hedge(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
-        let hedge_after = self.config.hedge_after;
+        let hedge_after = self.hedge_delay();
         if now.saturating_sub(self.oldest_sent) < hedge_after {
             return;
         }
@@ -1015,6 +1039,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                     .peers
                     .get(peer)
                     .and_then(|slot| slot.latency)
+                    .map(|l| l.max(self.latency.unwrap_or_default()))
                     .is_none_or(|usual| age >= usual * 2),
                 Source::Server => true,
             };
@@ -1134,13 +1159,17 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         }
     }
 
-    /// Outstanding peer requests that hold a place in the busy window: those younger
-    /// than half `hedge_after`. An older one is presumed stalled (a slow or overloaded
-    /// peer; it is hedged at `hedge_after`): with a window cut down by busy answers, a
-    /// few requests stuck at slow peers otherwise kept an agent from asking anyone else
-    /// (the slow-peers scenario went from 6 to 61 x its bound).
+    /// Outstanding peer requests that hold a place in the busy window: all but those
+    /// without progress for half `hedge_after` (see [`Self::stalled_for`]). Those are
+    /// presumed stalled (a slow or overloaded peer; they are hedged at `hedge_after`):
+    /// with a window cut down by busy answers, a few requests stuck at slow peers
+    /// otherwise kept an agent from asking anyone else (the slow-peers scenario went
+    /// from 6 to 61 x its bound). Requests at peers that keep delivering still count:
+    /// when every request was slow (an agent short of CPU), letting the old ones out of
+    /// the window filled it again and again, and more was asked than could arrive
+    /// before the host's request timeout.
     fn window_used(&mut self, now: Duration) -> usize {
-        let stalled = self.config.hedge_after / 2;
+        let stalled = self.hedge_delay() / 2;
         if now.saturating_sub(self.oldest_sent) >= stalled {
             self.rescan_oldest(now);
         }
@@ -1150,8 +1179,19 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         self.outstanding
             .values()
             .flatten()
-            .filter(|r| matches!(r.source, Source::Peer(_)) && now.saturating_sub(r.sent) < stalled)
+            .filter(|r| matches!(r.source, Source::Peer(_)) && self.stalled_for(now, r) < stalled)
             .count()
+    }
+
+    /// How long a request goes without progress before it is hedged: `hedge_after`, or
+    /// twice the usual request-to-arrival time of this agent's chunks when that is
+    /// longer. When every chunk is slow (an agent, or a whole machine, short of CPU)
+    /// no peer is slower than the rest, and a duplicate only adds to the load: in a
+    /// CPU-starved fleet of 64 agents hedges and endgame duplicates were most of the
+    /// requests, and the coordinator served 2.3 copies.
+    fn hedge_delay(&self) -> Duration {
+        let usual = self.latency.map_or(Duration::ZERO, |l| l.saturating_mul(2));
+        self.config.hedge_after.max(usual)
     }
 
     /// How long request `r` has gone without progress: since it was sent, or since its
@@ -1166,7 +1206,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         let Source::Peer(peer) = &r.source else {
             return age;
         };
-        if age >= self.config.hedge_after.saturating_mul(STALL_AGE_CAP) {
+        if age >= self.hedge_delay().saturating_mul(STALL_AGE_CAP) {
             return age;
         }
         let since = self

@@ -303,6 +303,11 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // The in-process coordinator's and agents' logs, only when asked for: they would
+    // bury the figures.
+    if std::env::var_os("RUST_LOG").is_some() {
+        arcade_p2p::logging::init(false);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -558,49 +558,72 @@ fn hedges_a_stalled_request_once_at_another_holder() {
 }
 
 #[test]
-fn a_peer_that_keeps_delivering_is_hedged_only_when_silent_or_past_the_age_cap() {
+fn a_peer_that_keeps_delivering_is_hedged_only_past_the_age_cap() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 2,
+        hedge_after: ms(1000),
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(40, Bitfield::new(40), cfg, 5);
+    let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(40))));
+    assert_eq!(first.len(), 2);
+    let (held, mut current) = (first[1].1, first[0].1);
+    // Only peer 2 could take a hedge, and only of the chunk peer 1 sits on.
+    assert_eq!(s.handle(ms(10), joined(2, bits(40, [held]))), vec![]);
+    // Peer 1 delivers a chunk every 100 ms (and is asked for the next one) while it
+    // sits on `held`: it is progressing, so `held` is not hedged…
+    for k in 1..=29 {
+        let next = requested(&s.handle(ms(100 * k), arrived(P(1), current)));
+        assert_eq!(next.len(), 1, "one new request at {} ms", 100 * k);
+        assert_eq!(next[0].0, P(1));
+        current = next[0].1;
+    }
+    assert_eq!(s.handle(ms(2999), Event::Tick), vec![]);
+    // …until it is STALL_AGE_CAP hedge delays old.
+    assert_eq!(s.handle(ms(3000), Event::Tick), vec![request(P(2), held)]);
+    assert_eq!(s.stats().duplicates, 1);
+}
+
+#[test]
+fn a_silent_peer_is_hedged_one_hedge_delay_after_its_last_chunk() {
     let cfg = SchedulerConfig {
         hedge_after: ms(1000),
         endgame_chunks: 0,
         ..no_server()
     };
-    let mut s = Scheduler::new(4, Bitfield::new(4), cfg.clone(), 5);
-    let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(4))));
-    assert_eq!(queued.len(), 4);
-    assert_eq!(s.handle(ms(10), joined(2, Bitfield::full(4))), vec![]);
-    // Peer 1 works through its queue, one chunk every 900 ms: its other requests are
-    // older than hedge_after, but it is progressing, so nothing is duplicated.
-    for (i, (source, chunk)) in queued.iter().take(3).enumerate() {
-        let at = 900 * (i as u64 + 1);
-        assert_eq!(
-            requested(&s.handle(ms(at), arrived(source.clone(), *chunk))),
-            vec![],
-            "no hedge at {at} ms"
-        );
-    }
-    assert_eq!(s.handle(ms(2999), Event::Tick), vec![]);
-    // Three hedge delays old: hedged however its peer progresses.
-    assert_eq!(
-        s.handle(ms(3000), Event::Tick),
-        vec![request(P(2), queued[3].1)]
-    );
-    assert_eq!(s.stats().duplicates, 1);
-
-    // A peer that falls silent is hedged hedge_after after its last chunk.
     let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
     let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
     assert_eq!(queued.len(), 3);
     s.handle(ms(10), joined(2, Bitfield::full(3)));
-    assert_eq!(
-        s.handle(ms(900), arrived(queued[0].0.clone(), queued[0].1)),
-        vec![]
-    );
-    assert_eq!(s.handle(ms(1899), Event::Tick), vec![]);
-    let mut hedged = requested(&s.handle(ms(1900), Event::Tick));
+    assert_eq!(s.handle(ms(100), arrived(P(1), queued[0].1)), vec![]);
+    assert_eq!(s.handle(ms(1099), Event::Tick), vec![]);
+    let mut hedged = requested(&s.handle(ms(1100), Event::Tick));
     hedged.sort();
     let mut expect = vec![(P(2), queued[1].1), (P(2), queued[2].1)];
     expect.sort();
     assert_eq!(hedged, expect);
+}
+
+#[test]
+fn when_every_chunk_is_slow_hedges_wait_for_twice_the_usual_time() {
+    let cfg = SchedulerConfig {
+        hedge_after: ms(1000),
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
+    let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
+    assert_eq!(queued.len(), 3);
+    s.handle(ms(10), joined(2, Bitfield::full(3)));
+    // Chunks take 2 s here (an agent short of CPU): a peer silent for 1 s is not
+    // slower than the rest, and is hedged only after 4 s of silence.
+    assert_eq!(
+        requested(&s.handle(ms(2000), arrived(P(1), queued[0].1))),
+        vec![]
+    );
+    assert_eq!(s.handle(ms(5999), Event::Tick), vec![]);
+    assert_eq!(requested(&s.handle(ms(6000), Event::Tick)).len(), 2);
 }
 
 #[test]
@@ -629,6 +652,33 @@ fn the_endgame_duplicates_only_requests_overdue_for_their_peer() {
         vec![request(P(2), third[0].1)]
     );
     assert_eq!(s.stats().duplicates, 2);
+}
+
+#[test]
+fn late_chunks_narrow_the_window_once_per_round_and_never_widen_it() {
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 1,
+        hedge_after: ms(1000),
+        endgame_chunks: 0,
+        ..no_server()
+    };
+    let mut s = Scheduler::new(64, Bitfield::new(64), cfg, 8);
+    let mut sent = Vec::new();
+    for peer in 1..=20 {
+        sent.extend(requested(
+            &s.handle(ms(0), joined(peer, Bitfield::full(64))),
+        ));
+    }
+    assert_eq!((sent.len(), s.peer_window()), (20, 32));
+    // In time (under half the hedge delay): one wider, up to the limit.
+    s.handle(ms(100), arrived(sent[0].0.clone(), sent[0].1));
+    assert_eq!(s.peer_window(), 32);
+    // Late: a quarter off; another late chunk of the same round changes nothing.
+    s.handle(ms(600), arrived(sent[1].0.clone(), sent[1].1));
+    assert_eq!(s.peer_window(), 24);
+    s.handle(ms(650), arrived(sent[2].0.clone(), sent[2].1));
+    assert_eq!(s.peer_window(), 24);
+    assert_eq!(s.stats().late_chunks, 2);
 }
 
 #[test]
