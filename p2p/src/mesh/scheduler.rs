@@ -26,9 +26,11 @@
 //!   for about what they can send instead of replacing every refused request at once:
 //!   in a modelled fleet of 1,000, busy answers outnumbered the chunks delivered eleven
 //!   to one, and two to one with the window. (Halving, down to `max_inflight_per_peer`,
-//!   left uploads idle: 1.51 × the bound instead of 1.15.) A request outstanding for
-//!   half of `hedge_after` or longer no longer holds a place: it is presumed stalled
-//!   at a slow peer, and must not keep the agent from asking anyone else.
+//!   left uploads idle: 1.51 × the bound instead of 1.15.) A chunk that took half of
+//!   `hedge_after` or longer to arrive cuts the window the same way (more is asked than
+//!   arrives in time) and does not widen it. A request without progress for half the
+//!   hedge delay (below) no longer holds a place: it is presumed stalled at a slow
+//!   peer, and must not keep the agent from asking anyone else.
 //! - **Peers before the server.** The server is not asked for starved chunks while the
 //!   agent's peer requests fill its busy window: an agent busy with peers does not need
 //!   the coordinator, and in a large fleet every agent asking about every chunk its
@@ -41,8 +43,8 @@
 //!   chunk only when (a) no connected peer that may serve it has existed for
 //!   [`server_fallback_after`](SchedulerConfig::server_fallback_after) (the clock of a
 //!   chunk nobody holds at start starts at the first [`Scheduler::handle`]), or at once
-//!   when every peer that held it has failed it; (b) as the hedge of a request older
-//!   than [`hedge_after`](SchedulerConfig::hedge_after) when no other peer can take it;
+//!   when every peer that held it has failed it; (b) as the hedge of a stalled request
+//!   (see below) when no other connected peer holds the chunk;
 //!   (c) in the endgame, for a chunk whose only request is older than
 //!   `server_fallback_after` and no other peer can take it. After
 //!   [`Event::ServerBusy`] it is not asked again before `now + retry_after`.
@@ -50,14 +52,18 @@
 //!   [`endgame_chunks`](SchedulerConfig::endgame_chunks) are missing, each chunk with a
 //!   single request gets a duplicate at another holder with a free slot (or the server,
 //!   as above). When a chunk arrives every other request for it is cancelled.
-//! - **Hedging and timeouts.** A chunk whose only request is older than `hedge_after`
-//!   gets one duplicate at another source; a chunk never has more than two requests
+//! - **Hedging and timeouts.** A chunk whose only request went without progress for
+//!   the hedge delay — its peer delivered nothing since it was sent for
+//!   `max(hedge_after, 2 × the agent's usual request-to-arrival time)`, or it is
+//!   [`STALL_AGE_CAP`] hedge delays old — gets one duplicate at another source; the
+//!   endgame duplicates only requests older than twice their peer's usual time; a
+//!   chunk never has more than two requests
 //!   from hedging or the endgame. A request older than
 //!   [`request_timeout`](SchedulerConfig::request_timeout) is cancelled and counts as a
 //!   failure.
 //! - **Misbehaviour.** A bad chunk bans its peer at once. A failure or timeout is a
-//!   strike, and so is losing a race for a chunk after holding its request for
-//!   `hedge_after` or longer (a stalled or very slow peer: its request never times out
+//!   strike, and so is losing a race for a chunk after holding its request without
+//!   progress for the hedge delay (a stalled or very slow peer: its request never times out
 //!   because the hedge's win cancels it first);
 //!   [`max_strikes`](SchedulerConfig::max_strikes) strikes ban the peer. A
 //!   banned peer's bitfield and requests are forgotten and its later events ignored.
@@ -899,7 +905,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             if self.inflight_total >= self.config.max_inflight_total {
                 break;
             }
-            self.duplicate(now, c, true, out);
+            // The coordinator takes the hedge only of a chunk no other peer holds: when
+            // others do but are busy, the swarm will serve it, and in a starved fleet
+            // hedges sent to the coordinator made its egress 2 copies.
+            let server_ok = self.slots[c as usize].eligible <= 1;
+            self.duplicate(now, c, server_ok, out);
         }
         self.rescan_oldest(now);
     }

@@ -38,8 +38,10 @@
 //!   `uplink_free = start + c/up`). The host holds a slot while its node-wide upload
 //!   limiter (a token bucket with a 1 MiB burst, paid in debt) meters the chunk out, so
 //!   the model releases it when the bytes queued before it, less the burst, have left.
-//!   A cancelled peer request is not withdrawn from the uploader (libp2p
-//!   request-response cannot): it is sent and its answer dropped.
+//!   A cancelled peer request is withdrawn when the cancel reaches the uploader (one
+//!   latency later) before the limiter lets its chunk go, as the host does with the
+//!   cancels of `/arcade/have/1`: its slot and its share of the uplink are given back
+//!   and nothing is sent; later, it is sent and its answer dropped.
 //! - **Downlink: a FIFO in the order transfers leave their uplinks.** When the last byte
 //!   of a transfer leaves the uplink, the receiver's downlink absorbs it:
 //!   `down_free = max(down_free, start) + c/down`; the chunk arrives at
@@ -311,6 +313,8 @@ pub struct ModelStats {
     pub peer_requests: u64,
     /// Of those, refused busy (no upload slot).
     pub peer_busy: u64,
+    /// Peer requests withdrawn by a cancel before they were sent.
+    pub cancelled_at_holder: u64,
     /// Peer bans issued by schedulers.
     pub bans: u64,
     /// Connections made (hints and redirects).
@@ -331,6 +335,7 @@ impl ModelStats {
             ("server_skipped", self.server_skipped),
             ("peer_requests", self.peer_requests),
             ("peer_busy", self.peer_busy),
+            ("cancelled_at_holder", self.cancelled_at_holder),
             ("bans", self.bans),
             ("connections", self.connections),
             ("connections_refused", self.connections_refused),

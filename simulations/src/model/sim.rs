@@ -165,8 +165,15 @@ struct Transfer {
     bytes: u64,
     /// When its first byte left the uplink.
     up_start: u64,
-    /// When the sender learns it was cancelled (coordinator streams only).
+    /// When the sender learns it was cancelled.
     cancel_at: u64,
+    /// A peer took it into an upload slot.
+    admitted: bool,
+    /// When the uploader's limiter lets the chunk go (its slot is released then): a
+    /// cancel that reaches the uploader before this withdraws it.
+    slot_release: u64,
+    /// Withdrawn by a cancel before it was sent: nothing is sent or delivered.
+    withdrawn: bool,
     reply: Reply,
     /// Holders named by a redirect.
     holders: Vec<u32>,
@@ -498,6 +505,9 @@ impl<'a> Sim<'a> {
             bytes,
             up_start: 0,
             cancel_at: NEVER,
+            admitted: false,
+            slot_release: 0,
+            withdrawn: false,
             reply: Reply::Busy,
             holders: Vec::new(),
         };
@@ -619,8 +629,11 @@ impl<'a> Sim<'a> {
                 let out = &mut self.agents[a].runs[p].outstanding;
                 if let Some(i) = out.iter().position(|o| o.src == src && o.chunk == chunk) {
                     let o = out.swap_remove(i);
+                    let reaches = self.now + self.lat(a, src);
                     if src == SERVER {
-                        self.transfers[o.tid as usize].cancel_at = self.now + self.lat(a, SERVER);
+                        self.transfers[o.tid as usize].cancel_at = reaches;
+                    } else {
+                        self.withdraw(o.tid, reaches);
                     }
                 }
             }
@@ -905,6 +918,13 @@ impl<'a> Sim<'a> {
             return;
         }
         let now = self.now;
+        if self.transfers[tid as usize].cancel_at <= now {
+            // Cancelled on the requester's watch before it arrived (the host answers
+            // CANCELLED; the requester has dropped it already).
+            self.stats.cancelled_at_holder += 1;
+            self.release(tid);
+            return;
+        }
         let uploader = &mut self.agents[u];
         uploader.slots.retain(|&release| release > now);
         let burst = xfer_ns(self.opts.upload_burst, uploader.up_ns_per_byte);
@@ -921,9 +941,42 @@ impl<'a> Sim<'a> {
         let done = uploader.up_free;
         // The slot is held until the node-wide limiter lets the chunk go: when the
         // bytes queued before it, less the limiter's burst, have left.
-        uploader.slots.push(done.saturating_sub(burst).max(now));
-        self.transfers[tid as usize].up_start = start;
+        let release = done.saturating_sub(burst).max(now);
+        uploader.slots.push(release);
+        let t = &mut self.transfers[tid as usize];
+        t.up_start = start;
+        t.admitted = true;
+        t.slot_release = release;
+        let cancel_at = t.cancel_at;
+        if cancel_at != NEVER {
+            // A cancel is on its way.
+            self.withdraw(tid, cancel_at);
+        }
         self.push(done, Ev::UpDone(tid));
+    }
+
+    /// A cancel of peer transfer `tid` reaches its uploader at `at`, as the host's
+    /// `/arcade/have/1` cancels do: a request not taken yet is dropped when it arrives,
+    /// and one still waiting for the upload rate gives its slot and its reservation
+    /// back (later uploads may start sooner) and is never sent.
+    fn withdraw(&mut self, tid: u32, at: u64) {
+        let t = &mut self.transfers[tid as usize];
+        if !t.admitted {
+            t.cancel_at = at;
+            return;
+        }
+        if t.withdrawn || at >= t.slot_release {
+            return;
+        }
+        t.withdrawn = true;
+        let (from, bytes, release) = (t.from as usize, t.bytes, t.slot_release);
+        self.stats.cancelled_at_holder += 1;
+        let uploader = &mut self.agents[from];
+        if let Some(i) = uploader.slots.iter().position(|&r| r == release) {
+            uploader.slots.swap_remove(i);
+        }
+        let refund = xfer_ns(bytes, uploader.up_ns_per_byte);
+        uploader.up_free = uploader.up_free.saturating_sub(refund);
     }
 
     fn refused(&mut self, tid: u32) {
@@ -1005,6 +1058,10 @@ impl<'a> Sim<'a> {
             self.streams -= 1;
             self.server_sending = false;
         } else {
+            if self.transfers[tid as usize].withdrawn {
+                self.release(tid);
+                return;
+            }
             let uploader = &mut self.agents[from as usize];
             if uploader.left_at.is_some() {
                 self.release(tid);
@@ -1288,6 +1345,7 @@ impl<'a> Sim<'a> {
                 0.0
             },
             per_agent,
+            cancelled_requests: self.stats.cancelled_at_holder,
             counters: self.stats.counters(),
             ..FleetReport::default()
         };
