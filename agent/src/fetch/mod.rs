@@ -515,6 +515,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slow_uplinks_ask_the_coordinator_later_within_bounds() {
+        let ms = Duration::from_millis;
+        // Unlimited or fast: the default 100 ms.
+        assert_eq!(first_copy_delay(0, 1 << 20), ms(100));
+        assert_eq!(first_copy_delay(20 << 20, 1 << 20), ms(100));
+        // Two chunk-times of the uplink: 256 KiB at 1 MiB/s.
+        assert_eq!(first_copy_delay(1 << 20, 256 << 10), ms(500));
+        // Capped at 2 s however slow.
+        assert_eq!(first_copy_delay(1, 1 << 20), ms(2000));
+        assert_eq!(first_copy_delay(256 << 10, 1 << 20), ms(2000));
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let base = Duration::from_millis(100);
         for attempt in 0..20 {

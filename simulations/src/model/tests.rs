@@ -313,3 +313,31 @@ fn retrying_busy_peers_never_strikes_them() {
     assert!(m.stats.peer_busy > 0, "{:?}", m.stats);
     assert_eq!(m.stats.bans, 0, "{:?}", m.stats);
 }
+
+/// The slow-peers scenario's mechanism (`agent::fetch::first_copy_delay`): agents whose
+/// uplink is slow ask the coordinator later, so the first copies of every chunk go to
+/// agents that can pass them on, and the slow ones fetch everything from peers. Before
+/// the rule a quarter of the chunks had one holder at 0.25 MiB/s.
+#[test]
+fn slow_uplinks_leave_the_first_copies_to_fast_agents() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/slow-peers.toml");
+    let s = Scenario::load(&path).expect("slow-peers scenario");
+    let m = detailed(&s);
+    let r = &m.report;
+    assert_all_complete(r);
+    assert_eq!(r.completed, s.agents);
+    let plans = s.plan();
+    let slow: Vec<usize> = (0..s.agents)
+        .filter(|&a| plans[a].link.up_mibps < 1.0)
+        .collect();
+    assert_eq!(slow.len(), s.agents / 4);
+    for &a in &slow {
+        assert_eq!(
+            r.per_agent[a].server_bytes,
+            0,
+            "slow agent {a} took first copies from the coordinator\n{}",
+            r.table()
+        );
+    }
+    assert!(r.server_egress_ratio <= 1.05, "{}", r.table());
+}
