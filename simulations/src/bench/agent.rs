@@ -6,7 +6,10 @@
 //! 2. **Agent peak RSS** — for each plugin size a fresh agent *process* (this binary
 //!    re-executed as `arcade-sim agent …`, the same code as `arcade-agent`) fetches a
 //!    generated plugin of that size from an embedded coordinator and runs it; its
-//!    VmHWM is read from `/proc` when the job is done.
+//!    VmHWM is read from `/proc` when the job is done. With the mesh, an in-process seed
+//!    agent fetches and runs the plugin first, and the measured agent gets it from the
+//!    seed over libp2p (the coordinator points it there); the figure says how many bytes
+//!    the coordinator sent it.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use arcade_agent::config::AgentConfig;
 use arcade_agent::runtime::RunningAgent;
 use arcade_coordinator::RunningCoordinator;
 use arcade_coordinator::config::CoordinatorConfig;
+use arcade_coordinator::metrics::PluginVersionLabels;
 use arcade_p2p::ContentId;
 use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_proto::v1 as pb;
@@ -46,6 +50,10 @@ pub struct FetchRss {
     pub job_seconds: f64,
     /// Agent peak RSS (VmHWM), MiB.
     pub agent_peak_rss_mib: f64,
+    /// Fetched over the mesh from a seed agent (else from the coordinator).
+    pub mesh: bool,
+    /// Bytes the coordinator served to the measured agent (the seed's copy excluded).
+    pub coordinator_bytes: u64,
 }
 
 /// Everything `bench-agent` measures.
@@ -215,13 +223,53 @@ fn rss_of(pid: u32) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// Measures an agent process's peak RSS while it fetches and runs a plugin of `size`.
-pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
+/// Bytes the coordinator has served of `bench/big`.
+fn served(coordinator: &RunningCoordinator) -> u64 {
+    coordinator
+        .metrics()
+        .served_bytes
+        .get_or_create(&PluginVersionLabels {
+            plugin_id: "bench/big".into(),
+            version: "1.0.0".into(),
+        })
+        .get()
+}
+
+/// Measures an agent process's peak RSS while it fetches and runs a plugin of `size`,
+/// from the coordinator or (`mesh`) from a seed agent over the mesh.
+pub async fn fetch_rss(size: u64, mesh: bool) -> anyhow::Result<FetchRss> {
     let dir = tempfile::tempdir()?;
     let (coordinator, conn) = coordinator(dir.path(), ByteSize(size + (1 << 20))).await?;
     conn.push_generated("bench/big", "1.0.0", size, size)
         .await?;
-    let mut child = Command::new(std::env::current_exe()?)
+    let seed = if mesh {
+        let seed = RunningAgent::start(
+            crate::local::agent_config(&conn, dir.path(), "rss-seed").validate()?,
+        )
+        .await?;
+        let job = crate::local::pinned_job(
+            "seed",
+            "rss-seed",
+            "true",
+            &["bench/big"],
+            "1.0.0",
+            &[pb::Stage::Before],
+        );
+        let id = conn
+            .jobs(&conn.admin_token)
+            .await
+            .create_job(job)
+            .await?
+            .into_inner()
+            .job_id;
+        wait_jobs(&conn, &[id], Duration::from_secs(600)).await?;
+        Some(seed)
+    } else {
+        None
+    };
+    let served_before = served(&coordinator);
+    let mut child = Command::new(std::env::current_exe()?);
+    child
         .arg("agent")
         .args([
             "--id",
@@ -232,18 +280,28 @@ pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
             &conn.url,
         ])
         .env("ARCADE_MESH_LISTEN", r#"["/ip4/127.0.0.1/tcp/0"]"#)
+        .env("ARCADE_MESH_ALLOW_LOOPBACK", "true")
+        .args(["--label", "name=rss-agent"])
         .arg("--data-dir")
         .arg(dir.path().join("agent"))
         .env("ARCADE_ENROLL_TOKEN", &conn.enroll_token)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
+        .stdout(Stdio::null());
+    let mut child = child.spawn()?;
     let started = Instant::now();
+    let job = crate::local::pinned_job(
+        "measured",
+        "rss-agent",
+        "true",
+        &["bench/big"],
+        "1.0.0",
+        &[pb::Stage::Before],
+    );
     let id = conn
         .jobs(&conn.admin_token)
         .await
-        .create_job(job_request("bench/big", "1.0.0"))
+        .create_job(job)
         .await?
         .into_inner()
         .job_id;
@@ -252,12 +310,18 @@ pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
     let rss = rss_of(child.id());
     let _ = child.kill();
     let _ = child.wait();
+    let coordinator_bytes = served(&coordinator) - served_before;
+    if let Some(seed) = seed {
+        seed.shutdown().await?;
+    }
     coordinator.shutdown().await;
     outcome?;
     Ok(FetchRss {
         plugin_bytes: size,
         job_seconds: seconds,
         agent_peak_rss_mib: rss.unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        mesh,
+        coordinator_bytes,
     })
 }
 
@@ -265,8 +329,10 @@ pub async fn fetch_rss(size: u64) -> anyhow::Result<FetchRss> {
 pub async fn run(jobs: usize, sizes_mib: &[u64]) -> anyhow::Result<AgentFigures> {
     let start_latency = start_latency(jobs).await?;
     let mut fetch = Vec::new();
-    for &mib in sizes_mib {
-        fetch.push(fetch_rss(mib << 20).await?);
+    for mesh in [false, true] {
+        for &mib in sizes_mib {
+            fetch.push(fetch_rss(mib << 20, mesh).await?);
+        }
     }
     Ok(AgentFigures {
         start_latency,

@@ -80,7 +80,8 @@ enum Cmd {
         json: bool,
     },
     /// Job-start latency with a cached plugin (p50/p99) and agent peak RSS while
-    /// fetching plugins of growing size.
+    /// fetching plugins of growing size, from the coordinator and over the mesh from a
+    /// seed agent.
     BenchAgent {
         /// Jobs for the latency figure.
         #[arg(long, default_value_t = 1000)]
@@ -416,9 +417,19 @@ fn main() -> ExitCode {
                         "job received -> before started (cached plugin, {} jobs): p50 {} ms, p99 {} ms, max {} ms ({:.0} jobs/s)",
                         l.jobs, l.p50_ms, l.p99_ms, l.max_ms, l.jobs_per_s
                     );
-                    println!("{:>12} {:>10} {:>20}", "plugin MiB", "job s", "agent peak RSS MiB");
+                    println!(
+                        "{:>12} {:>12} {:>10} {:>20} {:>18}",
+                        "source", "plugin MiB", "job s", "agent peak RSS MiB", "coordinator MiB"
+                    );
                     for r in &f.fetch_rss {
-                        println!("{:>12} {:>10.2} {:>20.1}", r.plugin_bytes >> 20, r.job_seconds, r.agent_peak_rss_mib);
+                        println!(
+                            "{:>12} {:>12} {:>10.2} {:>20.1} {:>18.1}",
+                            if r.mesh { "mesh seed" } else { "coordinator" },
+                            r.plugin_bytes >> 20,
+                            r.job_seconds,
+                            r.agent_peak_rss_mib,
+                            r.coordinator_bytes as f64 / f64::from(1u32 << 20)
+                        );
                     }
                 }
                 Ok(())
