@@ -1391,6 +1391,21 @@ mod tests {
             .collect()
     }
 
+    /// Gives every host a one-minute ticket from `issuer` (unrestricted labels).
+    async fn vouch(issuer: &TicketIssuer, hosts: &[&MeshHandle]) {
+        let now = now_ms();
+        for h in hosts {
+            h.set_credentials(
+                issuer
+                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
+                    .unwrap(),
+                &issuer.public_key(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
     async fn host(store: MemStore, config: HostConfig) -> (MeshHandle, Vec<Multiaddr>) {
         let h = MeshHost::start(Keypair::generate_ed25519(), config, Arc::new(store))
             .await
@@ -1552,7 +1567,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outsiders_are_disconnected_and_their_provider_records_ignored() {
         let issuer = TicketIssuer::generate();
-        let key = issuer.public_key();
         let content = ContentId::of_bytes(b"c");
         let mut store = MemStore::default();
         store
@@ -1568,17 +1582,7 @@ mod tests {
         .await;
         let (b, _) = host(MemStore::default(), HostConfig::default()).await;
         let (outsider, _) = host(MemStore::default(), HostConfig::default()).await;
-        let now = now_ms();
-        for h in [&a, &b] {
-            h.set_credentials(
-                issuer
-                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
-                    .unwrap(),
-                &key,
-            )
-            .await
-            .unwrap();
-        }
+        vouch(&issuer, &[&a, &b]).await;
         // Both connect to A; only B shows a valid ticket.
         assert_eq!(
             refusal(
@@ -1631,7 +1635,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_larger_than_the_chunk_asked_for_is_not_read() {
         let issuer = TicketIssuer::generate();
-        let key = issuer.public_key();
         let content = ContentId::of_bytes(b"big");
         let mut store = MemStore::default();
         store
@@ -1639,17 +1642,7 @@ mod tests {
             .insert(content, (Labels::new(), vec![Some(vec![7u8; 10_000])]));
         let (a, a_addrs) = host(store, HostConfig::default()).await;
         let (b, _) = host(MemStore::default(), HostConfig::default()).await;
-        let now = now_ms();
-        for h in [&a, &b] {
-            h.set_credentials(
-                issuer
-                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
-                    .unwrap(),
-                &key,
-            )
-            .await
-            .unwrap();
-        }
+        vouch(&issuer, &[&a, &b]).await;
         let got = b
             .chunk_of_len(a.peer_id(), a_addrs.clone(), &content, 0, 10_000)
             .await
@@ -1668,7 +1661,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn busy_when_the_upload_rate_backlog_exceeds_max_upload_wait() {
         let issuer = TicketIssuer::generate();
-        let key = issuer.public_key();
         let content = ContentId::of_bytes(b"c");
         let mut store = MemStore::default();
         store.0.insert(
@@ -1690,17 +1682,7 @@ mod tests {
         )
         .await;
         let (b, _) = host(MemStore::default(), HostConfig::default()).await;
-        let now = now_ms();
-        for h in [&a, &b] {
-            h.set_credentials(
-                issuer
-                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
-                    .unwrap(),
-                &key,
-            )
-            .await
-            .unwrap();
-        }
+        vouch(&issuer, &[&a, &b]).await;
         // While the first chunk waits for its second of rate, a second request would
         // wait longer than max_upload_wait: it is refused busy, not queued.
         let (first, second) =
@@ -1718,7 +1700,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn busy_when_no_upload_slot_and_providers_found_through_the_dht() {
         let issuer = TicketIssuer::generate();
-        let key = issuer.public_key();
         let content = ContentId::of_bytes(b"c");
         let mut store = MemStore::default();
         store
@@ -1733,17 +1714,7 @@ mod tests {
         )
         .await;
         let (b, _) = host(MemStore::default(), HostConfig::default()).await;
-        let now = now_ms();
-        for h in [&a, &b] {
-            h.set_credentials(
-                issuer
-                    .issue(&h.peer_id(), "agent", &Labels::new(), now, 60_000)
-                    .unwrap(),
-                &key,
-            )
-            .await
-            .unwrap();
-        }
+        vouch(&issuer, &[&a, &b]).await;
         assert_eq!(
             refusal(b.chunk(a.peer_id(), a_addrs.clone(), &content, 0).await),
             pb::Refusal::Busy

@@ -230,6 +230,12 @@ impl RateLimiter {
         if self.inner.rate == 0 {
             return Duration::ZERO;
         }
+        self.with_bucket(TokenBucket::backlog)
+    }
+
+    /// Runs `f` on the bucket at the current time on the bucket's clock (the lock is
+    /// held only for `f`).
+    fn with_bucket<R>(&self, f: impl FnOnce(&mut TokenBucket, Duration) -> R) -> R {
         let mut state = self
             .inner
             .state
@@ -237,7 +243,7 @@ impl RateLimiter {
             .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let origin = *state.origin.get_or_insert(now);
-        state.bucket.backlog(now.saturating_duration_since(origin))
+        f(&mut state.bucket, now.saturating_duration_since(origin))
     }
 
     /// Waits until `bytes` may be sent, then returns; the caller sends right after.
@@ -249,18 +255,7 @@ impl RateLimiter {
         if self.inner.rate == 0 {
             return;
         }
-        let wait = {
-            let mut state = self
-                .inner
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let now = Instant::now();
-            let origin = *state.origin.get_or_insert(now);
-            state
-                .bucket
-                .take(now.saturating_duration_since(origin), bytes)
-        };
+        let wait = self.with_bucket(|bucket, now| bucket.take(now, bytes));
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }

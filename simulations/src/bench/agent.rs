@@ -235,6 +235,26 @@ fn served(coordinator: &RunningCoordinator) -> u64 {
         .get()
 }
 
+/// Creates a job for the agent named `agent` that runs `bench/big` in its `before`
+/// stage; returns the job id.
+async fn run_big_on(conn: &Conn, agent: &str) -> anyhow::Result<String> {
+    let job = crate::local::pinned_job(
+        agent,
+        agent,
+        "true",
+        &["bench/big"],
+        "1.0.0",
+        &[pb::Stage::Before],
+    );
+    Ok(conn
+        .jobs(&conn.admin_token)
+        .await
+        .create_job(job)
+        .await?
+        .into_inner()
+        .job_id)
+}
+
 /// Measures an agent process's peak RSS while it fetches and runs a plugin of `size`,
 /// from the coordinator or (`mesh`) from a seed agent over the mesh.
 pub async fn fetch_rss(size: u64, mesh: bool) -> anyhow::Result<FetchRss> {
@@ -247,21 +267,7 @@ pub async fn fetch_rss(size: u64, mesh: bool) -> anyhow::Result<FetchRss> {
             crate::local::agent_config(&conn, dir.path(), "rss-seed").validate()?,
         )
         .await?;
-        let job = crate::local::pinned_job(
-            "seed",
-            "rss-seed",
-            "true",
-            &["bench/big"],
-            "1.0.0",
-            &[pb::Stage::Before],
-        );
-        let id = conn
-            .jobs(&conn.admin_token)
-            .await
-            .create_job(job)
-            .await?
-            .into_inner()
-            .job_id;
+        let id = run_big_on(&conn, "rss-seed").await?;
         wait_jobs(&conn, &[id], Duration::from_secs(600)).await?;
         Some(seed)
     } else {
@@ -290,21 +296,7 @@ pub async fn fetch_rss(size: u64, mesh: bool) -> anyhow::Result<FetchRss> {
         .stdout(Stdio::null());
     let mut child = child.spawn()?;
     let started = Instant::now();
-    let job = crate::local::pinned_job(
-        "measured",
-        "rss-agent",
-        "true",
-        &["bench/big"],
-        "1.0.0",
-        &[pb::Stage::Before],
-    );
-    let id = conn
-        .jobs(&conn.admin_token)
-        .await
-        .create_job(job)
-        .await?
-        .into_inner()
-        .job_id;
+    let id = run_big_on(&conn, "rss-agent").await?;
     let outcome = wait_jobs(&conn, &[id], Duration::from_secs(600)).await;
     let seconds = started.elapsed().as_secs_f64();
     let rss = rss_of(child.id());

@@ -585,8 +585,9 @@ fn a_peer_that_keeps_delivering_is_hedged_only_past_the_age_cap() {
     assert_eq!(s.stats().duplicates, 1);
 }
 
-#[test]
-fn a_silent_peer_is_hedged_one_hedge_delay_after_its_last_chunk() {
+/// Three chunks all asked of peer 1 at 0 ms (hedge_after 1 s, no endgame, no server);
+/// peer 2, holding all, joins at 10 ms with nothing to do. Returns the requests.
+fn three_queued_at_one_peer() -> (Scheduler<Peer>, Vec<(Source<Peer>, u32)>) {
     let cfg = SchedulerConfig {
         hedge_after: ms(1000),
         endgame_chunks: 0,
@@ -595,7 +596,13 @@ fn a_silent_peer_is_hedged_one_hedge_delay_after_its_last_chunk() {
     let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
     let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
     assert_eq!(queued.len(), 3);
-    s.handle(ms(10), joined(2, Bitfield::full(3)));
+    assert_eq!(s.handle(ms(10), joined(2, Bitfield::full(3))), vec![]);
+    (s, queued)
+}
+
+#[test]
+fn a_silent_peer_is_hedged_one_hedge_delay_after_its_last_chunk() {
+    let (mut s, queued) = three_queued_at_one_peer();
     assert_eq!(s.handle(ms(100), arrived(P(1), queued[0].1)), vec![]);
     assert_eq!(s.handle(ms(1099), Event::Tick), vec![]);
     let mut hedged = requested(&s.handle(ms(1100), Event::Tick));
@@ -607,15 +614,7 @@ fn a_silent_peer_is_hedged_one_hedge_delay_after_its_last_chunk() {
 
 #[test]
 fn when_every_chunk_is_slow_hedges_wait_for_twice_the_usual_time() {
-    let cfg = SchedulerConfig {
-        hedge_after: ms(1000),
-        endgame_chunks: 0,
-        ..no_server()
-    };
-    let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 6);
-    let queued = requested(&s.handle(ms(0), joined(1, Bitfield::full(3))));
-    assert_eq!(queued.len(), 3);
-    s.handle(ms(10), joined(2, Bitfield::full(3)));
+    let (mut s, queued) = three_queued_at_one_peer();
     // Chunks take 2 s here (an agent short of CPU): a peer silent for 1 s is not
     // slower than the rest, and is hedged only after 4 s of silence.
     assert_eq!(
