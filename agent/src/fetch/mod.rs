@@ -134,7 +134,8 @@ pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
 /// How long a fetch leaves chunks that no peer shows to peers before it asks the
 /// coordinator for them, for an agent that uploads `upload_rate` bytes/s (0 =
 /// unlimited) and a content of `chunk_bytes` chunks: twice the time its uplink takes to
-/// pass one chunk on, between [`scheduler_config`]'s 100 ms and 2 s.
+/// pass one chunk on, at least `floor` (the scheduler's `server_fallback_after`) and at
+/// most 2 s.
 ///
 /// The coordinator's herd protection hands each chunk to its first askers and points
 /// everyone else at them. An agent with a slow uplink that asked as early as the rest
@@ -142,14 +143,13 @@ pub fn scheduler_config(download: &DownloadConfig) -> SchedulerConfig {
 /// its rate (a quarter of the fleet at 0.25 MiB/s took 19 × the bound in the model);
 /// asking later, it finds those chunks already handed to agents that can pass them on,
 /// and fetches them from those.
-pub fn first_copy_delay(upload_rate: u64, chunk_bytes: u64) -> Duration {
-    const FASTEST: Duration = Duration::from_millis(100);
+pub fn first_copy_delay(floor: Duration, upload_rate: u64, chunk_bytes: u64) -> Duration {
     const SLOWEST: Duration = Duration::from_secs(2);
     if upload_rate == 0 {
-        return FASTEST;
+        return floor;
     }
-    let secs = 2.0 * chunk_bytes as f64 / upload_rate as f64;
-    Duration::from_secs_f64(secs.min(SLOWEST.as_secs_f64())).clamp(FASTEST, SLOWEST)
+    let chunk_times = 2.0 * chunk_bytes as f64 / upload_rate as f64;
+    Duration::from_secs_f64(chunk_times.min(SLOWEST.as_secs_f64())).max(floor)
 }
 
 /// Fetches plugins into the cache. Cheap to clone.
@@ -436,12 +436,16 @@ impl Fetcher {
             scheduler: Scheduler::new(
                 manifest.chunk_count(),
                 held,
-                SchedulerConfig {
-                    server_fallback_after: first_copy_delay(
-                        self.mesh.as_ref().map_or(0, MeshNode::upload_rate),
-                        u64::from(manifest.chunk_size()),
-                    ),
-                    ..scheduler_config(&self.config)
+                {
+                    let config = scheduler_config(&self.config);
+                    SchedulerConfig {
+                        server_fallback_after: first_copy_delay(
+                            config.server_fallback_after,
+                            self.mesh.as_ref().map_or(0, MeshNode::upload_rate),
+                            u64::from(manifest.chunk_size()),
+                        ),
+                        ..config
+                    }
                 },
                 rand::rng().random(),
             ),
@@ -517,14 +521,16 @@ mod tests {
     #[test]
     fn slow_uplinks_ask_the_coordinator_later_within_bounds() {
         let ms = Duration::from_millis;
-        // Unlimited or fast: the default 100 ms.
-        assert_eq!(first_copy_delay(0, 1 << 20), ms(100));
-        assert_eq!(first_copy_delay(20 << 20, 1 << 20), ms(100));
+        let floor = scheduler_config(&DownloadConfig::default()).server_fallback_after;
+        assert_eq!(floor, ms(100));
+        // Unlimited or fast: the scheduler's own fallback delay.
+        assert_eq!(first_copy_delay(floor, 0, 1 << 20), floor);
+        assert_eq!(first_copy_delay(floor, 20 << 20, 1 << 20), floor);
         // Two chunk-times of the uplink: 256 KiB at 1 MiB/s.
-        assert_eq!(first_copy_delay(1 << 20, 256 << 10), ms(500));
+        assert_eq!(first_copy_delay(floor, 1 << 20, 256 << 10), ms(500));
         // Capped at 2 s however slow.
-        assert_eq!(first_copy_delay(1, 1 << 20), ms(2000));
-        assert_eq!(first_copy_delay(256 << 10, 1 << 20), ms(2000));
+        assert_eq!(first_copy_delay(floor, 1, 1 << 20), ms(2000));
+        assert_eq!(first_copy_delay(floor, 256 << 10, 1 << 20), ms(2000));
     }
 
     #[test]

@@ -334,7 +334,8 @@ pub struct SchedulerStats {
     pub server_busy: u64,
     /// [`Event::PeerBusy`] answers received.
     pub peer_busy: u64,
-    /// Strikes for losing a race after holding a request for `hedge_after` or longer.
+    /// Strikes for losing a race after holding a request without progress for the hedge
+    /// delay.
     pub slow_strikes: u64,
     /// Chunks from peers that took half of `hedge_after` or longer (each round of them
     /// cut the busy window).
@@ -384,8 +385,8 @@ struct PeerSlot {
 /// chunks 50 to 1.
 pub const BUSY_MAX_DOUBLINGS: u32 = 4;
 
-/// A request this many times `hedge_after` old is stalled even at a peer that still
-/// delivers other chunks (see `Scheduler::stalled_for`).
+/// A request this many hedge delays old is stalled even at a peer that still delivers
+/// other chunks (see `Scheduler::stalled_for`).
 pub const STALL_AGE_CAP: u32 = 3;
 
 /// `(eligible holders, random key, chunk)`: the rarest-first order.
@@ -541,12 +542,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             } => {
                 if let Some(sent) = self.drop_request(chunk, &Source::Peer(peer.clone())) {
                     self.stats.peer_busy += 1;
-                    if sent >= self.window_cut_at {
-                        // A quarter off, down to two peers' worth of requests.
-                        let floor = 2 * self.config.max_inflight_per_peer;
-                        self.window = (self.window * 3 / 4).max(floor).min(self.window);
-                        self.window_cut_at = now;
-                    }
+                    self.narrow_window(sent, now);
                     // Answers to requests sent before the current pause are one round.
                     if let Some(slot) = self.peers.get_mut(&peer)
                         && slot.busy_until <= now
@@ -721,26 +717,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
                 if let Some(slot) = self.peers.get_mut(&peer) {
                     slot.busy_streak = 0;
                     slot.delivered_at = now;
-                    // An exponentially weighted mean, 1/4 for the newest sample.
-                    slot.latency = Some(match slot.latency {
-                        Some(mean) => (mean * 3 + took) / 4,
-                        None => took,
-                    });
+                    slot.latency = Some(smoothed(slot.latency, took, 4));
                 }
-                self.latency = Some(match self.latency {
-                    Some(mean) => (mean * 7 + took) / 8,
-                    None => took,
-                });
+                self.latency = Some(smoothed(self.latency, took, 8));
                 if took >= self.config.hedge_after / 2 {
                     // Late: more is asked than arrives in time (an agent short of CPU or
                     // bandwidth). A quarter off the window, once per round, as for a
                     // busy answer; a late chunk never widens it.
                     self.stats.late_chunks += 1;
-                    if sent_at >= self.window_cut_at {
-                        let floor = 2 * self.config.max_inflight_per_peer;
-                        self.window = (self.window * 3 / 4).max(floor).min(self.window);
-                        self.window_cut_at = now;
-                    }
+                    self.narrow_window(sent_at, now);
                 } else {
                     self.window = (self.window + 1).min(self.config.max_inflight_total);
                 }
@@ -1169,9 +1154,20 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         }
     }
 
+    /// Cuts the busy window by a quarter, down to two peers' worth of requests, for an
+    /// answer (busy, or a late chunk) to a request sent at `sent`: answers to requests
+    /// sent before the last cut are the same round and do not cut again.
+    fn narrow_window(&mut self, sent: Duration, now: Duration) {
+        if sent >= self.window_cut_at {
+            let floor = 2 * self.config.max_inflight_per_peer;
+            self.window = (self.window * 3 / 4).max(floor).min(self.window);
+            self.window_cut_at = now;
+        }
+    }
+
     /// Outstanding peer requests that hold a place in the busy window: all but those
-    /// without progress for half `hedge_after` (see [`Self::stalled_for`]). Those are
-    /// presumed stalled (a slow or overloaded peer; they are hedged at `hedge_after`):
+    /// without progress for half the hedge delay (see [`Self::stalled_for`]). Those are
+    /// presumed stalled (a slow or overloaded peer; they are hedged at the hedge delay):
     /// with a window cut down by busy answers, a few requests stuck at slow peers
     /// otherwise kept an agent from asking anyone else (the slow-peers scenario went
     /// from 6 to 61 x its bound). Requests at peers that keep delivering still count:
@@ -1208,7 +1204,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
     /// peer last delivered a chunk, whichever is later — a peer that keeps delivering is
     /// working through a queue, not stalled, and hedging its queued requests only sent
     /// every chunk twice to CPU-starved fleets (a quarter of the bytes in fleet (c)). A
-    /// request older than [`STALL_AGE_CAP`] times `hedge_after` counts as stalled however
+    /// request older than [`STALL_AGE_CAP`] hedge delays counts as stalled however
     /// its peer progresses, so a peer that trickles one chunk and sits on the others is
     /// still routed around.
     fn stalled_for(&self, now: Duration, r: &Outstanding<P>) -> Duration {
@@ -1319,6 +1315,15 @@ impl SplitMix64 {
     /// Uniform in `0..n` (Lemire's multiply-shift; `n > 0`).
     fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// An exponentially weighted mean with `1/weight` for the newest `sample`; the first
+/// sample is the mean.
+fn smoothed(mean: Option<Duration>, sample: Duration, weight: u32) -> Duration {
+    match mean {
+        Some(mean) => (mean * (weight - 1) + sample) / weight,
+        None => sample,
     }
 }
 

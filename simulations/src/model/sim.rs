@@ -659,8 +659,10 @@ impl<'a> Sim<'a> {
         let up_bps = 1e9 / self.agents[a].up_ns_per_byte;
         let upload_rate = if up_bps.is_finite() { up_bps as u64 } else { 0 };
         let config = SchedulerConfig {
-            server_fallback_after: self.opts.scheduler.server_fallback_after.max(
-                arcade_agent::fetch::first_copy_delay(upload_rate, self.chunk_bytes),
+            server_fallback_after: arcade_agent::fetch::first_copy_delay(
+                self.opts.scheduler.server_fallback_after,
+                upload_rate,
+                self.chunk_bytes,
             ),
             ..self.opts.scheduler.clone()
         };
