@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("arcade_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // A chunk received from a peer is decoded as a slice of the read buffer
+        // instead of a copy of it.
+        .bytes(".arcade.v1.ChunkData.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -49,7 +49,7 @@ pub(super) enum Outcome {
     Chunk {
         source: Source<PeerId>,
         index: u32,
-        result: Result<Vec<u8>, SourceError>,
+        result: Result<bytes::Bytes, SourceError>,
     },
     Held {
         peer: PeerId,
@@ -469,7 +469,7 @@ impl FetchRun<'_> {
         &mut self,
         source: Source<PeerId>,
         index: u32,
-        data: Vec<u8>,
+        data: bytes::Bytes,
     ) -> Result<Vec<Action<PeerId>>, FetchError> {
         let now = self.now();
         let k = kind(&source);

@@ -18,7 +18,7 @@ pub struct RawChunk {
     /// Chunk index.
     pub index: u32,
     /// Its bytes.
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 /// A source failed.
@@ -155,7 +155,7 @@ impl ChunkSource for CoordinatorSource {
         Ok(Box::pin(stream.map(|item| {
             item.map(|m| RawChunk {
                 index: m.chunk_index,
-                data: m.data,
+                data: m.data.into(),
             })
             .map_err(SourceError::from)
         })))

@@ -1,4 +1,5 @@
-//! The agent's libp2p host: TCP + noise + yamux, identify, Kademlia in server mode (the
+//! The agent's libp2p host: TCP + TLS 1.3 ([`super::tls`], AES-GCM first; noise for
+//! peers that offer only noise) + yamux, identify, Kademlia in server mode (the
 //! DHT key of a content is its SHA-256), the `/arcade/chunks/1` request-response
 //! protocol and `/arcade/have/1` subscriptions ([`super::have`]: announcements of
 //! verified chunks, and cancels of waiting requests), each served in its own task.
@@ -480,7 +481,9 @@ impl MeshHost {
             .with_tokio()
             .with_tcp(
                 tcp::Config::default().nodelay(true),
-                noise::Config::new,
+                // TLS with AES-GCM first (cheaper per byte here); noise for peers
+                // that offer only noise.
+                (super::tls::Config::new, noise::Config::new),
                 yamux::Config::default,
             )
             .map_err(|e| start(&e))?
@@ -1081,7 +1084,7 @@ impl Actor {
                                 pb::ChunkResponse {
                                     kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                                         index,
-                                        data,
+                                        data: data.into(),
                                     })),
                                 }
                             } else {
@@ -1253,7 +1256,7 @@ impl MeshHandle {
         addrs: Vec<Multiaddr>,
         content: &ContentId,
         index: u32,
-    ) -> Result<Vec<u8>, MeshError> {
+    ) -> Result<bytes::Bytes, MeshError> {
         self.chunk_of_len(peer, addrs, content, index, 0).await
     }
 
@@ -1266,7 +1269,7 @@ impl MeshHandle {
         content: &ContentId,
         index: u32,
         len: u32,
-    ) -> Result<Vec<u8>, MeshError> {
+    ) -> Result<bytes::Bytes, MeshError> {
         match self
             .request(
                 peer,
@@ -1454,7 +1457,7 @@ mod tests {
         );
     }
 
-    fn refusal(r: Result<Vec<u8>, MeshError>) -> pb::Refusal {
+    fn refusal(r: Result<bytes::Bytes, MeshError>) -> pb::Refusal {
         match r {
             Err(MeshError::Refused { reason, .. }) => reason,
             other => panic!("expected a refusal, got {other:?}"),
@@ -1504,7 +1507,7 @@ mod tests {
             b.chunk(a.peer_id(), a_addrs.clone(), &open, 1)
                 .await
                 .unwrap(),
-            b"c1"
+            &b"c1"[..]
         );
         assert_eq!(
             refusal(b.chunk(a.peer_id(), a_addrs.clone(), &open, 2).await),

@@ -8,6 +8,7 @@
 //!   back to the coordinator), driven by the agent runtime and by the simulator alike.
 //! - [`limiter`] — the node-wide upload/download rate limiter and upload slots.
 //! - [`ticket`] — coordinator-signed tickets that admit a peer to the mesh.
+//! - [`tls`] — transport security: libp2p's TLS handshake with AES-GCM first.
 
 pub mod bitfield;
 pub mod have;
@@ -16,3 +17,4 @@ pub mod limiter;
 pub mod protocol;
 pub mod scheduler;
 pub mod ticket;
+pub mod tls;

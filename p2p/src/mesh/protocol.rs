@@ -87,7 +87,7 @@ fn chunk_response_head(index: u32, data_len: usize) -> Vec<u8> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let fields = pb::ChunkData {
         index,
-        data: Vec::new(),
+        data: bytes::Bytes::new(),
     }
     .encode_to_vec();
     let data_key = if data_len == 0 {
@@ -288,7 +288,7 @@ mod tests {
             let res = pb::ChunkResponse {
                 kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                     index,
-                    data: (0..len).map(|i| i as u8).collect(),
+                    data: (0..len).map(|i| i as u8).collect::<Vec<u8>>().into(),
                 })),
             };
             let mut ours = Cursor::new(Vec::new());

@@ -469,7 +469,7 @@ async fn transfer(
 }
 
 /// Chunk requests in flight: (index, answer).
-type ChunkTasks = JoinSet<(u32, Result<Vec<u8>, MeshError>)>;
+type ChunkTasks = JoinSet<(u32, Result<bytes::Bytes, MeshError>)>;
 
 /// One fetch of every chunk.
 struct Fetched {

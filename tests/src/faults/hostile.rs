@@ -631,7 +631,7 @@ impl Claim {
         let chunk = |fill: u8| pb::ChunkResponse {
             kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                 index,
-                data: vec![fill; len],
+                data: vec![fill; len].into(),
             })),
         };
         match contact.misbehaviour {
