@@ -37,8 +37,8 @@ where
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    // Decoding from `Bytes` hands byte fields out as slices of `buf`: a chunk is copied
-    // once (into its field), not twice.
+    // Decoding from `Bytes` hands `bytes` fields declared as `Bytes` (a chunk's data,
+    // see proto/build.rs) out as slices of `buf`: the chunk is not copied again.
     M::decode(bytes::Bytes::from(buf)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
