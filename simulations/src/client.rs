@@ -46,6 +46,9 @@ pub struct Conn {
     pub admin_token: String,
     /// Enrollment token.
     pub enroll_token: String,
+    /// Plaintext gRPC to an address that is not loopback is allowed: only for a
+    /// coordinator in a network namespace of this process's own ([`crate::netns`]).
+    pub insecure: bool,
 }
 
 impl Conn {
@@ -56,14 +59,20 @@ impl Conn {
             metrics_addr: running.metrics_addr,
             admin_token: running.admin_token.clone(),
             enroll_token: running.enroll_token.clone(),
+            insecure: false,
         }
     }
 
     /// A channel to the gRPC port; it connects on first use, so an unreachable
     /// coordinator shows up as an `UNAVAILABLE` status of the call.
     pub async fn channel(&self) -> Channel {
-        // The URL comes from a started coordinator (`http://ADDR`), so it parses.
-        arcade_proto::client_endpoint(&self.url)
+        // The URL comes from a started coordinator (`http://ADDR`), so it parses, and
+        // plaintext to a non-loopback ADDR is refused unless `insecure` says otherwise.
+        let tls = arcade_proto::ClientTls {
+            insecure: self.insecure,
+            ..Default::default()
+        };
+        arcade_proto::client_endpoint_with(&self.url, &tls)
             .expect("coordinator URL is http://ADDR")
             .connect_lazy()
     }

@@ -25,6 +25,7 @@ pub mod demo;
 pub mod fleet;
 pub mod local;
 pub mod model;
+pub mod netns;
 pub mod process;
 pub mod report;
 pub mod sample;

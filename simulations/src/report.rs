@@ -33,6 +33,9 @@ pub struct AgentOutcome {
 pub struct FleetReport {
     /// `real` or `model`.
     pub engine: String,
+    /// The real engine's network: `loopback` or `netns` (empty for the model).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub network: String,
     /// Scenario name.
     pub scenario: String,
     /// Mesh on?
@@ -170,7 +173,11 @@ impl FleetReport {
              t_all {t_all:.2} s · p50 {p50:.2} s · p99 {p99:.2} s · bound {bound:.2} s · t_all/bound {ratio:.2}\n\
              coordinator egress {egress:.1} MiB = {er:.2} × S · from peers {peers:.1} MiB · duplicates {dup:.1} % · CPU {cpu:.1} s/GiB · wall {wall:.1} s\n",
             dup = self.duplicate_ratio * 100.0,
-            engine = self.engine,
+            engine = if self.network.is_empty() {
+                self.engine.clone()
+            } else {
+                format!("{} ({})", self.engine, self.network)
+            },
             scenario = self.scenario,
             n = self.agents,
             size = mib(self.size_bytes),

@@ -9,6 +9,8 @@
 //! ```toml
 //! name = "uniform"
 //! engine = "real"            # "real" (default) or "model": what `arcade-sim run` uses
+//! network = "loopback"       # real engine: "loopback" (default; our limiters shape) or
+//!                            # "netns" (a namespace per agent, tc tbf shapes as well)
 //! agents = 32
 //! seed = 1
 //! p2p = true                 # false: everything from the coordinator (the seed design)
@@ -19,7 +21,7 @@
 //! latency_ms = 1             # one-way (model only)
 //! [agent]
 //! up_mibps = 10              # every agent's upload cap
-//! down_mibps = 0             # download cap, 0 = unlimited (model only)
+//! down_mibps = 0             # download cap, 0 = unlimited (model and netns)
 //! latency_ms = 1             # one-way (model only)
 //! [[group]]                  # a share of the fleet with other links (heterogeneous, slow peers)
 //! fraction = 0.25
@@ -46,6 +48,19 @@ pub enum Engine {
     Real,
     /// The discrete-event model.
     Model,
+}
+
+/// How the real engine's agents are connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Everything on loopback in one namespace; links shaped only by the project's own
+    /// limiters (coordinator egress, agent upload).
+    #[default]
+    Loopback,
+    /// A network namespace per agent behind a veth pair, links shaped by `tc tbf` as
+    /// well (upload and download), see [`crate::netns`]. Needs root.
+    Netns,
 }
 
 /// One plugin of the job.
@@ -139,6 +154,9 @@ pub struct Scenario {
     /// Which engine `arcade-sim run` uses.
     #[serde(default)]
     pub engine: Engine,
+    /// How the real engine connects its agents.
+    #[serde(default)]
+    pub network: Network,
     /// Fleet size.
     pub agents: usize,
     /// Seed for every random choice.
@@ -233,6 +251,7 @@ impl Scenario {
             name: "uniform".into(),
             description: String::new(),
             engine: Engine::Real,
+            network: Network::Loopback,
             agents,
             seed: 1,
             p2p: true,

@@ -7,8 +7,12 @@
 //!
 //! Bandwidth is shaped by the project's own limiters: the coordinator's
 //! `serve.egress_rate` (the server link's `up_mibps`) and each agent's
-//! `mesh.upload_rate` (its link's `up_mibps`). Loopback itself is not shaped: there is
-//! no download cap and no latency in this engine (the model has both). Churn: late
+//! `mesh.upload_rate` (its link's `up_mibps`). With `network = "loopback"` (the default)
+//! nothing else shapes: no download cap, no latency. With `network = "netns"` every
+//! agent runs in its own network namespace and runtime ([`crate::netns`]) and the
+//! kernel shapes the links as well (`tc tbf`: uploads, downloads, the coordinator's
+//! egress), as a real network would behind the same settings. Latency is the model's
+//! only. Churn: late
 //! joiners start `late_after_s` after the jobs are created; leavers are dropped (stopped
 //! at once, connections reset, like a killed process) `leave_after_s` after.
 //!
@@ -29,8 +33,9 @@ use arcade_proto::v1 as pb;
 
 use crate::client::Conn;
 use crate::local;
+use crate::netns::{self, Namespaces};
 use crate::report::{AgentOutcome, FleetReport, cpu_seconds};
-use crate::scenario::Scenario;
+use crate::scenario::{Network, Scenario};
 
 /// Most agents the real engine starts (ports, file descriptors and two cores).
 pub const MAX_REAL_AGENTS: usize = 256;
@@ -51,6 +56,80 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         "the real stack runs at most {MAX_REAL_AGENTS} agents on one machine; use `arcade-sim model` for {}",
         scenario.agents
     );
+    match scenario.network {
+        Network::Loopback => run_on(scenario, None).await,
+        Network::Netns => {
+            let server = scenario.server.clone();
+            let links: Vec<_> = scenario.plan().into_iter().map(|p| p.link).collect();
+            let ns = std::sync::Arc::new(
+                tokio::task::spawn_blocking(move || Namespaces::create(&server, &links)).await??,
+            );
+            // The coordinator and this harness live in the hub namespace.
+            let hub = netns::runtime_in(&ns.hub(), 2)?;
+            let (s, n) = (scenario.clone(), ns.clone());
+            let report = hub.spawn(async move { run_on(&s, Some(&n)).await }).await;
+            hub.shutdown_background();
+            tokio::task::spawn_blocking(move || drop(ns)).await?;
+            report?
+        }
+    }
+}
+
+/// One agent of the run and, in a namespace, the runtime its tasks run on.
+struct Member {
+    /// Present until [`Member::shutdown`].
+    agent: Option<RunningAgent>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Member {
+    async fn start(
+        config: arcade_agent::config::ValidConfig,
+        ns: Option<(&Namespaces, usize)>,
+    ) -> anyhow::Result<Self> {
+        let Some((ns, n)) = ns else {
+            return Ok(Self {
+                agent: Some(RunningAgent::start(config).await?),
+                runtime: None,
+            });
+        };
+        let runtime = netns::runtime_in(&ns.agent(n), 1)?;
+        // Spawned, not `block_on`: the agent's sockets are made on the runtime's own
+        // threads, inside its namespace.
+        let agent = runtime.spawn(RunningAgent::start(config)).await??;
+        Ok(Self {
+            agent: Some(agent),
+            runtime: Some(runtime),
+        })
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(agent) = self.agent.take() {
+            agent.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Member {
+    type Target = RunningAgent;
+
+    fn deref(&self) -> &RunningAgent {
+        self.agent.as_ref().expect("present until shutdown")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // The agent first (it cancels its tasks), then the runtime they ran on.
+        drop(self.agent.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<FleetReport> {
     let mib = 1u64 << 20;
     let sizes = scenario.plugin_bytes();
     let total = scenario.total_bytes();
@@ -60,8 +139,16 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     cc.plugin.chunk_size = ByteSize(scenario.chunk_bytes());
     cc.serve.egress_rate = mib_rate(scenario.server.up_mibps);
     cc.jobs.lease_ttl = Seconds::secs(120);
+    if ns.is_some() {
+        // Plaintext gRPC, as on loopback: the hub's bridge is private to this run.
+        cc.listen = format!("{}:0", netns::HUB_IP);
+        cc.tls.insecure = true;
+    }
     let coordinator = RunningCoordinator::start(cc.validate()?).await?;
-    let conn = Conn::of(&coordinator);
+    let conn = Conn {
+        insecure: ns.is_some(),
+        ..Conn::of(&coordinator)
+    };
 
     let mut plugins = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
@@ -83,14 +170,18 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         c.mesh.enabled = scenario.p2p;
         c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
         c.mesh.max_uploads = 16;
+        if ns.is_some() {
+            c.mesh.listen = vec![format!("/ip4/{}/tcp/0", netns::agent_ip(n))];
+            c.tls.insecure = true;
+        }
         Ok(c.validate()?)
     };
-    let mut agents: Vec<Option<RunningAgent>> = Vec::new();
+    let mut agents: Vec<Option<Member>> = Vec::new();
     for (n, plan) in plans.iter().enumerate() {
         agents.push(if plan.start_s > 0.0 {
             None
         } else {
-            Some(RunningAgent::start(agent_config(n)?).await?)
+            Some(Member::start(agent_config(n)?, ns.map(|ns| (ns, n))).await?)
         });
     }
     // Let every agent register before the herd arrives.
@@ -134,7 +225,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
         let t = started.elapsed().as_secs_f64();
         for (n, plan) in plans.iter().enumerate() {
             if plan.start_s > 0.0 && agents[n].is_none() && !done[n] && t >= plan.start_s {
-                agents[n] = Some(RunningAgent::start(agent_config(n)?).await?);
+                agents[n] = Some(Member::start(agent_config(n)?, ns.map(|ns| (ns, n))).await?);
             }
             if let Some(leave) = plan.leave_s
                 && t >= leave
@@ -228,6 +319,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<FleetReport> {
     let delivered: u64 = outcomes.iter().map(|o| o.peer_bytes + o.server_bytes).sum();
     let mut report = FleetReport {
         engine: "real".into(),
+        network: if ns.is_some() { "netns" } else { "loopback" }.into(),
         scenario: scenario.name.clone(),
         p2p: scenario.p2p,
         seed: scenario.seed,

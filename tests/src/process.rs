@@ -72,6 +72,7 @@ impl CoordinatorProcess {
             metrics_addr: inner.metrics_addr,
             admin_token: ADMIN.into(),
             enroll_token: ENROLL.into(),
+            insecure: false,
         };
         Ok(Self { inner, conn })
     }

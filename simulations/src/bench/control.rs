@@ -176,6 +176,7 @@ async fn scrape(addr: std::net::SocketAddr) -> (u64, u64) {
         metrics_addr: Some(addr),
         admin_token: String::new(),
         enroll_token: String::new(),
+        insecure: false,
     }
     .metrics_text()
     .await;

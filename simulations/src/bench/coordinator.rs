@@ -71,6 +71,7 @@ async fn one(size: u64) -> anyhow::Result<SizeFigures> {
         metrics_addr: None,
         admin_token: ADMIN.into(),
         enroll_token: ENROLL.into(),
+        insecure: false,
     };
 
     // The expected SHA-256, computed from the generator (a second pass, untimed).

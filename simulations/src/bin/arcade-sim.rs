@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use arcade_simulations::fleet;
 use arcade_simulations::model::ModelOptions;
-use arcade_simulations::scenario::{Engine, Scenario};
+use arcade_simulations::scenario::{Engine, Network, Scenario};
 use clap::{Parser, Subcommand};
 
 /// Arcade Mesh demo, simulations and benchmarks.
@@ -99,6 +99,13 @@ enum Cmd {
     Swarm {
         #[command(flatten)]
         fleet: FleetArgs,
+        /// `loopback` (links shaped by the project's limiters only) or `netns` (a
+        /// network namespace per agent, links shaped by `tc tbf` as well; needs root).
+        #[arg(long, value_parser = parse_network, default_value = "loopback")]
+        network: Network,
+        /// Each agent's download cap, MiB/s (0 = unlimited; `netns` only).
+        #[arg(long, default_value_t = 0.0)]
+        peer_down_mibps: f64,
     },
     /// The discrete-event model: simulated links driving the real swarm scheduler and
     /// coordinator admission policy, for fleets far beyond one machine.
@@ -122,6 +129,9 @@ enum Cmd {
         /// Override the scenario's engine.
         #[arg(long, value_parser = parse_engine)]
         engine: Option<Engine>,
+        /// Override the scenario's network (real engine): `loopback` or `netns`.
+        #[arg(long, value_parser = parse_network)]
+        network: Option<Network>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -235,6 +245,14 @@ impl FleetArgs {
         s.p2p = !self.no_p2p;
         s.seed = self.seed;
         s
+    }
+}
+
+fn parse_network(s: &str) -> Result<Network, String> {
+    match s {
+        "loopback" => Ok(Network::Loopback),
+        "netns" => Ok(Network::Netns),
+        _ => Err(format!("network must be `loopback` or `netns`, not `{s}`")),
     }
 }
 
@@ -434,8 +452,14 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Cmd::Swarm { fleet } => {
-                let scenario = fleet.scenario("swarm");
+            Cmd::Swarm {
+                fleet,
+                network,
+                peer_down_mibps,
+            } => {
+                let mut scenario = fleet.scenario("swarm");
+                scenario.network = network;
+                scenario.agent.down_mibps = peer_down_mibps;
                 fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
             }
             Cmd::Model {
@@ -457,9 +481,11 @@ fn main() -> ExitCode {
             Cmd::Run {
                 file,
                 engine,
+                network,
                 output,
             } => {
-                let scenario = Scenario::load(&file)?;
+                let mut scenario = Scenario::load(&file)?;
+                scenario.network = network.unwrap_or(scenario.network);
                 let engine = engine.unwrap_or(scenario.engine);
                 fleet_run(scenario, engine, ModelOptions::default(), &output).await
             }

@@ -1157,6 +1157,7 @@ async fn bad_input() -> anyhow::Result<Outcome> {
         metrics_addr: None,
         admin_token: ADMIN.into(),
         enroll_token: ENROLL.into(),
+        insecure: false,
     };
     let agent_token = conn
         .register_with("prober", &[], vec![], false)
