@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use arcade_p2p::labels::Labels;
 use arcade_p2p::mesh::bitfield::Bitfield;
+use arcade_p2p::mesh::buffers::BufferPool;
 use arcade_p2p::mesh::host::{ChunkStore, HostConfig, MeshError, MeshHandle, MeshHost, Multiaddr};
 use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
@@ -78,7 +79,7 @@ impl ChunkStore for CacheChunks {
         Some(held)
     }
 
-    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<bytes::Bytes>> {
         use std::os::unix::fs::FileExt as _;
         let Some(manifest) = self
             .known
@@ -100,13 +101,14 @@ impl ChunkStore for CacheChunks {
         } else {
             return Ok(None);
         };
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        // A reused buffer: `read_exact_at` overwrites every byte or fails.
+        let mut buf = BufferPool::shared().take((range.end - range.start) as usize);
         std::fs::File::open(path)?.read_exact_at(&mut buf, range.start)?;
         // Never hand out bytes that would fail the requester's check.
         if manifest.verify_chunk(index, &buf).is_err() {
             return Ok(None);
         }
-        Ok(Some(buf))
+        Ok(Some(buf.freeze()))
     }
 }
 

@@ -19,7 +19,7 @@ impl ChunkStore for Nothing {
     fn held(&self, _: &ContentId) -> Option<Bitfield> {
         None
     }
-    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<bytes::Bytes>> {
         Ok(None)
     }
 }

@@ -154,8 +154,10 @@ impl ChunkStore for Liar {
     fn held(&self, _: &ContentId) -> Option<Bitfield> {
         Some(Bitfield::full(self.chunks))
     }
-    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(self.garbage.then(|| vec![0xAA; CS as usize]))
+    fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<bytes::Bytes>> {
+        Ok(self
+            .garbage
+            .then(|| bytes::Bytes::from(vec![0xAA; CS as usize])))
     }
 }
 

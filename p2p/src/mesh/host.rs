@@ -58,8 +58,9 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// The chunks of `content` this node holds.
     fn held(&self, content: &ContentId) -> Option<Bitfield>;
     /// Reads one held chunk (blocking; called off the async runtime). `Ok(None)` when
-    /// the chunk is not held.
-    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>>;
+    /// the chunk is not held. A store reads into a [`super::buffers::BufferPool`]
+    /// buffer, so serving does not allocate a zeroed buffer per chunk.
+    fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<bytes::Bytes>>;
 }
 
 /// Host settings.
@@ -1084,7 +1085,7 @@ impl Actor {
                                 pb::ChunkResponse {
                                     kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                                         index,
-                                        data: data.into(),
+                                        data,
                                     })),
                                 }
                             } else {
@@ -1379,11 +1380,16 @@ mod tests {
             let (_, chunks) = self.0.get(content)?;
             Some(bitfield_of(chunks))
         }
-        fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+        fn read_chunk(
+            &self,
+            content: &ContentId,
+            index: u32,
+        ) -> std::io::Result<Option<bytes::Bytes>> {
             Ok(self
                 .0
                 .get(content)
-                .and_then(|(_, c)| c.get(index as usize).cloned().flatten()))
+                .and_then(|(_, c)| c.get(index as usize).cloned().flatten())
+                .map(bytes::Bytes::from))
         }
     }
 
@@ -1428,7 +1434,7 @@ mod tests {
         fn held(&self, _: &ContentId) -> Option<Bitfield> {
             None
         }
-        fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<Vec<u8>>> {
+        fn read_chunk(&self, _: &ContentId, _: u32) -> std::io::Result<Option<bytes::Bytes>> {
             Ok(None)
         }
     }
@@ -1662,6 +1668,40 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn received_chunks_reuse_buffers_and_keep_their_own_bytes() {
+        use super::super::buffers::BufferPool;
+        let issuer = TicketIssuer::generate();
+        let content = ContentId::of_bytes(b"pooled");
+        // Sixteen 256 KiB chunks, each of its own byte, so a reused buffer that kept
+        // an earlier chunk's bytes would show.
+        let chunks: Vec<Option<Vec<u8>>> = (0..16u8).map(|i| Some(vec![i; 256 << 10])).collect();
+        let mut store = MemStore::default();
+        store.0.insert(content, (Labels::new(), chunks));
+        let (a, a_addrs) = host(store, HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        vouch(&issuer, &[&a, &b]).await;
+        let before = BufferPool::shared().stats().reused;
+        for i in 0..16u32 {
+            let got = b
+                .chunk_of_len(a.peer_id(), a_addrs.clone(), &content, i, 256 << 10)
+                .await
+                .unwrap();
+            assert!(got.iter().all(|&x| x == i as u8), "chunk {i} bytes");
+            drop(got);
+        }
+        // Each response after the first is read into the buffer the one before it
+        // gave back (other tests share the pool: they can only add reuses).
+        let reused = BufferPool::shared().stats().reused - before;
+        assert!(
+            reused >= 15,
+            "only {reused} of 16 responses reused a buffer"
+        );
+        for h in [a, b] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn busy_when_the_upload_rate_backlog_exceeds_max_upload_wait() {
         let issuer = TicketIssuer::generate();
         let content = ContentId::of_bytes(b"c");
@@ -1758,11 +1798,16 @@ mod tests {
         fn held(&self, content: &ContentId) -> Option<Bitfield> {
             Some(bitfield_of(self.0.lock().unwrap().get(content)?))
         }
-        fn read_chunk(&self, content: &ContentId, index: u32) -> std::io::Result<Option<Vec<u8>>> {
+        fn read_chunk(
+            &self,
+            content: &ContentId,
+            index: u32,
+        ) -> std::io::Result<Option<bytes::Bytes>> {
             let chunks = self.0.lock().unwrap();
             Ok(chunks
                 .get(content)
-                .and_then(|c| c.get(index as usize).cloned().flatten()))
+                .and_then(|c| c.get(index as usize).cloned().flatten())
+                .map(bytes::Bytes::from))
         }
     }
 

@@ -1,6 +1,7 @@
 //! The mesh: agents fetching plugin chunks from each other.
 //!
 //! - [`bitfield`] — which chunks a peer holds, and its wire form.
+//! - [`buffers`] — reused chunk buffers (no zeroed allocation per chunk).
 //! - [`have`] — the `/arcade/have/1` protocol: chunk announcements and cancels.
 //! - [`host`] — the libp2p host: transport, DHT, and serving/requesting chunks.
 //! - [`protocol`] — the `/arcade/chunks/1` wire format and its limits.
@@ -11,6 +12,7 @@
 //! - [`tls`] — transport security: libp2p's TLS handshake with AES-GCM first.
 
 pub mod bitfield;
+pub mod buffers;
 pub mod have;
 pub mod host;
 pub mod limiter;

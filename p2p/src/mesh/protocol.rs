@@ -35,11 +35,13 @@ where
             format!("message of {len} bytes exceeds the {max}-byte limit"),
         ));
     }
-    let mut buf = vec![0u8; len];
+    // A chunk-sized message is read into a reused buffer (every byte is overwritten).
+    let mut buf = super::buffers::BufferPool::shared().take(len);
     io.read_exact(&mut buf).await?;
     // Decoding from `Bytes` hands `bytes` fields declared as `Bytes` (a chunk's data,
-    // see proto/build.rs) out as slices of `buf`: the chunk is not copied again.
-    M::decode(bytes::Bytes::from(buf)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    // see proto/build.rs) out as slices of `buf`: the chunk is not copied again, and the
+    // buffer returns to the pool when the chunk is dropped.
+    M::decode(buf.freeze()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one length-prefixed message (refusing to send more than `max` bytes) and
