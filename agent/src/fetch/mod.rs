@@ -352,6 +352,7 @@ impl Fetcher {
                     requests_to_peers = st.requests_to_peers,
                     requests_to_server = st.requests_to_server,
                     duplicates = st.duplicates,
+                    endgame_duplicates = st.endgame_duplicates,
                     cancels = st.cancels,
                     timeouts = st.timeouts,
                     failures = st.failures,

@@ -51,7 +51,10 @@
 //! - **Endgame.** When every missing chunk is in flight and at most
 //!   [`endgame_chunks`](SchedulerConfig::endgame_chunks) are missing, each chunk with a
 //!   single request gets a duplicate at another holder with a free slot (or the server,
-//!   as above). When a chunk arrives every other request for it is cancelled.
+//!   as above), at most [`endgame_budget_percent`](SchedulerConfig::endgame_budget_percent)
+//!   of the content's chunks in one fetch besides those rescued from a slow peer (more
+//!   than twice as slow as the agent's peers together, or silent for longer). When a
+//!   chunk arrives every other request for it is cancelled.
 //! - **Hedging and timeouts.** A chunk whose only request went without progress for
 //!   the hedge delay — its peer delivered nothing since it was sent for
 //!   `max(hedge_after, 2 × the agent's usual request-to-arrival time)`, or it is
@@ -118,6 +121,14 @@ pub struct SchedulerConfig {
     /// When no unrequested chunk is left and at most this many are missing, in-flight
     /// requests are duplicated to other holders (default 8; 0 disables the endgame).
     pub endgame_chunks: u32,
+    /// Most endgame duplicates one fetch sends, as a percentage of the content's chunks
+    /// (rounded up, at least one; default 3). Under CPU starvation every request looks
+    /// overdue and an unbounded endgame sent 8–16 % of a fleet's bytes twice without
+    /// finishing sooner. Hedges of stalled requests, and duplicates of requests at a
+    /// peer usually more than twice as slow as the agent's peers together, or never
+    /// heard from in more than twice their usual time (a slow holder, which the
+    /// endgame is for), do not count against it.
+    pub endgame_budget_percent: u32,
     /// A missing chunk that no connected peer may serve for this long goes to the server
     /// (default 500 ms).
     pub server_fallback_after: Duration,
@@ -136,6 +147,7 @@ impl Default for SchedulerConfig {
             request_timeout: Duration::from_secs(10),
             hedge_after: Duration::from_secs(3),
             endgame_chunks: 8,
+            endgame_budget_percent: 3,
             server_fallback_after: Duration::from_millis(500),
             server_allowed: true,
             max_strikes: 3,
@@ -155,6 +167,13 @@ pub enum SchedulerConfigError {
     /// The request timeout is zero: every request would time out at once.
     #[error("scheduler setting request_timeout must be longer than zero")]
     ZeroTimeout,
+}
+
+/// The endgame duplicates a fetch of `chunks` chunks may send: `percent` of them,
+/// rounded up, at least one.
+fn endgame_budget(chunks: u32, percent: u32) -> u32 {
+    let share = (u64::from(chunks) * u64::from(percent)).div_ceil(100);
+    u32::try_from(share).unwrap_or(u32::MAX).max(1)
 }
 
 impl SchedulerConfig {
@@ -322,6 +341,8 @@ pub struct SchedulerStats {
     pub requests_to_server: u64,
     /// Duplicate requests issued by hedging or the endgame.
     pub duplicates: u64,
+    /// Of [`duplicates`](Self::duplicates), those the endgame issued.
+    pub endgame_duplicates: u64,
     /// [`Action::Cancel`]s issued (losers of a duplicate race, timeouts, server busy).
     pub cancels: u64,
     /// Peers banned.
@@ -434,6 +455,8 @@ pub struct Scheduler<P> {
     starved: BTreeSet<StarvedKey>,
     started: bool,
     done_emitted: bool,
+    /// Endgame duplicates this fetch may still send.
+    endgame_left: u32,
     stats: SchedulerStats,
 }
 
@@ -454,6 +477,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
         );
         let mut rng = SplitMix64(seed);
         let key_seed = rng.next_u64();
+        let endgame_left = endgame_budget(chunks, config.endgame_budget_percent);
         Self {
             window: config.max_inflight_total.max(1),
             config: config.sanitized(),
@@ -483,6 +507,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             starved: BTreeSet::new(),
             started: false,
             done_emitted: false,
+            endgame_left,
             stats: SchedulerStats::default(),
         }
     }
@@ -1028,20 +1053,39 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             let age = now.saturating_sub(reqs[0].sent);
             // Only a request that takes longer than its peer usually does: one on its
             // way is left to finish (the duplicates of an endgame that raced every
-            // request were a quarter of a 32-chunk plugin's bytes).
-            let overdue = match &reqs[0].source {
-                Source::Peer(peer) => self
-                    .peers
-                    .get(peer)
-                    .and_then(|slot| slot.latency)
-                    .map(|l| l.max(self.latency.unwrap_or_default()))
-                    .is_none_or(|usual| age >= usual * 2),
-                Source::Server => true,
+            // request were a quarter of a 32-chunk plugin's bytes). A request at a peer
+            // that is slow for this agent — usually more than twice as slow as its peers
+            // together, or never heard from and holding the request over twice their
+            // usual time — is rescued outside the budget: that is the slow holder the
+            // endgame is for, whereas on a uniformly slow (CPU-starved) fleet a
+            // duplicate only races an equal.
+            let agent = self.latency;
+            let (overdue, slow_peer) = match &reqs[0].source {
+                Source::Peer(peer) => {
+                    let own = self.peers.get(peer).and_then(|slot| slot.latency);
+                    let overdue = own
+                        .map(|l| l.max(agent.unwrap_or_default()))
+                        .is_none_or(|usual| age >= usual * 2);
+                    let slow = match (own, agent) {
+                        (Some(o), Some(a)) => o > a * 2,
+                        (None, Some(a)) => age > a * 2,
+                        _ => false,
+                    };
+                    (overdue, slow)
+                }
+                Source::Server => (true, false),
             };
-            if overdue {
+            if overdue && (slow_peer || self.endgame_left > 0) {
                 let late =
                     age >= self.config.server_fallback_after && now >= self.fallback_paced_until;
+                let before = self.stats.duplicates;
                 self.duplicate(now, c, late, out);
+                if self.stats.duplicates > before {
+                    self.stats.endgame_duplicates += 1;
+                    if !slow_peer {
+                        self.endgame_left -= 1;
+                    }
+                }
             }
         }
     }

@@ -483,6 +483,7 @@ fn server_gets_exactly_the_chunks_no_peer_has() {
 fn endgame_duplicates_to_other_holders_and_cancels_the_losers() {
     let cfg = SchedulerConfig {
         max_inflight_per_peer: 2,
+        endgame_budget_percent: 100,
         ..no_server()
     };
     let mut s = Scheduler::new(2, Bitfield::new(2), cfg, 9);
@@ -629,6 +630,7 @@ fn when_every_chunk_is_slow_hedges_wait_for_twice_the_usual_time() {
 fn the_endgame_duplicates_only_requests_overdue_for_their_peer() {
     let cfg = SchedulerConfig {
         max_inflight_per_peer: 2,
+        endgame_budget_percent: 100,
         ..no_server()
     };
     let mut s = Scheduler::new(3, Bitfield::new(3), cfg, 7);
@@ -651,6 +653,71 @@ fn the_endgame_duplicates_only_requests_overdue_for_their_peer() {
         vec![request(P(2), third[0].1)]
     );
     assert_eq!(s.stats().duplicates, 2);
+}
+
+#[test]
+fn the_endgame_sends_at_most_its_budget_of_duplicates() {
+    // 100 chunks at 3 %: three endgame duplicates in the whole fetch, however many
+    // requests are overdue; a hedge of a stalled request still goes out after that.
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 8,
+        endgame_chunks: 8,
+        hedge_after: ms(10_000),
+        request_timeout: ms(60_000),
+        ..no_server()
+    };
+    let mut s = Scheduler::new(100, bits(100, 0..92), cfg, 11);
+    let first = requested(&s.handle(ms(0), joined(1, Bitfield::full(100))));
+    assert_eq!(first.len(), 8);
+    // Peer 2 holds everything: every one of the 8 requests is overdue (no usual time
+    // yet), but only 3 are duplicated.
+    let dups = requested(&s.handle(ms(10), joined(2, Bitfield::full(100))));
+    assert_eq!(dups.len(), 3);
+    assert!(dups.iter().all(|(src, _)| *src == P(2)));
+    assert_eq!(requested(&s.handle(ms(5_000), Event::Tick)), vec![]);
+    let st = s.stats();
+    assert_eq!((st.duplicates, st.endgame_duplicates), (3, 3));
+    // The rest stay with peer 1 until they stall for the hedge delay: hedged then.
+    let hedged = requested(&s.handle(ms(10_010), Event::Tick));
+    assert_eq!(hedged.len(), 5);
+    assert_eq!(s.stats().endgame_duplicates, 3);
+}
+
+#[test]
+fn requests_at_a_slow_holder_are_rescued_beyond_the_endgame_budget() {
+    // 10 chunks at 3 %: a budget of one duplicate.
+    let cfg = SchedulerConfig {
+        max_inflight_per_peer: 3,
+        endgame_chunks: 10,
+        hedge_after: ms(60_000),
+        request_timeout: ms(120_000),
+        ..no_server()
+    };
+    let mut s = Scheduler::new(10, Bitfield::new(10), cfg, 5);
+    let mut at_fast = requested(&s.handle(ms(0), joined(1, Bitfield::full(10))));
+    let at_slow = requested(&s.handle(ms(0), joined(3, Bitfield::full(10))));
+    assert_eq!((at_fast.len(), at_slow.len()), (3, 3));
+    // The fast peer delivers every 100 ms and is handed the rest.
+    let mut dups = Vec::new();
+    for t in [100, 200, 300] {
+        for (src, c) in std::mem::take(&mut at_fast) {
+            for (s2, c2) in requested(&s.handle(ms(t), arrived(src, c))) {
+                if at_slow.iter().any(|(_, x)| *x == c2) {
+                    dups.push(c2);
+                } else {
+                    at_fast.push((s2, c2));
+                }
+            }
+        }
+    }
+    // Peer 3 has delivered nothing while holding its requests for more than twice this
+    // agent's usual 100 ms: a slow holder. Each of its three requests is duplicated at
+    // the fast peer, beyond the budget of one.
+    dups.sort_unstable();
+    let mut slow: Vec<u32> = at_slow.iter().map(|(_, c)| *c).collect();
+    slow.sort_unstable();
+    assert_eq!(dups, slow);
+    assert_eq!(s.stats().endgame_duplicates, 3);
 }
 
 #[test]
