@@ -166,11 +166,13 @@ pub fn runtime_in(ns: &str, workers: usize) -> anyhow::Result<tokio::runtime::Ru
 /// outright: single segments cost the kernel so much more per byte that they doubled
 /// the CPU of whole fleets, which share two cores with it.
 fn shape(ns: &str, dev: &str, mibps: f64) -> anyhow::Result<()> {
+    /// Packets queue at most this long at a shaper.
+    const QUEUE_MS: u32 = 200;
     if !(mibps > 0.0 && mibps.is_finite()) {
         return Ok(());
     }
     let bytes_per_s = mibps * (1u64 << 20) as f64;
-    let queue = bytes_per_s * 0.2;
+    let queue = bytes_per_s * f64::from(QUEUE_MS) / 1000.0;
     let batch = (queue / 4.0).clamp(4096.0, 65536.0) as u64;
     if batch < 65536 {
         ip(&[
@@ -189,7 +191,7 @@ fn shape(ns: &str, dev: &str, mibps: f64) -> anyhow::Result<()> {
     let burst = burst.to_string();
     let status = Command::new("tc")
         .args(["-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate"])
-        .args([&rate, "burst", &burst, "latency", "200ms"])
+        .args([&rate, "burst", &burst, "latency", &format!("{QUEUE_MS}ms")])
         .output()
         .context("running `tc` (iproute2)")?;
     anyhow::ensure!(

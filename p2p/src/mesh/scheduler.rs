@@ -1078,9 +1078,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             if overdue && (slow_peer || self.endgame_left > 0) {
                 let late =
                     age >= self.config.server_fallback_after && now >= self.fallback_paced_until;
-                let before = self.stats.duplicates;
-                self.duplicate(now, c, late, out);
-                if self.stats.duplicates > before {
+                if self.duplicate(now, c, late, out) {
                     self.stats.endgame_duplicates += 1;
                     if !slow_peer {
                         self.endgame_left -= 1;
@@ -1092,10 +1090,17 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
 
     // ----- requests -----------------------------------------------------------------
 
-    /// A second request for `c` at another holder, else (if `server_ok`) the server.
-    fn duplicate(&mut self, now: Duration, c: u32, server_ok: bool, out: &mut Vec<Action<P>>) {
+    /// A second request for `c` at another holder, else (if `server_ok`) the server;
+    /// whether one was sent.
+    fn duplicate(
+        &mut self,
+        now: Duration,
+        c: u32,
+        server_ok: bool,
+        out: &mut Vec<Action<P>>,
+    ) -> bool {
         if self.inflight_total >= self.config.max_inflight_total {
-            return;
+            return false;
         }
         let source = match self.pick_peer(now, c) {
             Some(peer) => Source::Peer(peer),
@@ -1105,10 +1110,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Scheduler<P> {
             {
                 Source::Server
             }
-            None => return,
+            None => return false,
         };
         self.stats.duplicates += 1;
         self.request(now, c, source, out);
+        true
     }
 
     /// The least-loaded connected peer that announced `c`, did not fail it, has a free
