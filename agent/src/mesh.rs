@@ -171,6 +171,7 @@ impl MeshNode {
             request_timeout: config.raw.download.request_timeout.get(),
             max_connections: m.max_connections as usize,
             unvouched_timeout: m.unvouched_timeout.get(),
+            dht: m.dht,
             provider_ttl: m.provider_ttl.get(),
             provider_republish: m.provider_republish.get(),
             ..HostConfig::default()

@@ -40,6 +40,9 @@ pub struct FleetReport {
     pub scenario: String,
     /// Mesh on?
     pub p2p: bool,
+    /// Agents ran the Kademlia DHT (real engine).
+    #[serde(default)]
+    pub dht: bool,
     /// Seed of every random choice.
     pub seed: u64,
     /// Fleet size (leavers included).
@@ -92,6 +95,10 @@ pub struct FleetReport {
     pub wall_s: f64,
     /// CPU seconds (user + system) of this process per GiB delivered to agents.
     pub cpu_s_per_gib: f64,
+    /// CPU milliseconds per agent per second while the fleet sits idle after its fetch,
+    /// every connection still open (real stack only; 0 for the model).
+    #[serde(default)]
+    pub idle_cpu_ms_per_agent_s: f64,
     /// Per agent, in agent order.
     pub per_agent: Vec<AgentOutcome>,
     /// The engine's own counters (the model: `events`, `peer_requests`, `peer_busy`,
@@ -171,7 +178,8 @@ impl FleetReport {
             "{engine} · {scenario} · {n} agents · {size:.0} MiB · mesh {mesh}\n\
              completed {c}/{n} (failed {f}, left {l}) · verified {v}\n\
              t_all {t_all:.2} s · p50 {p50:.2} s · p99 {p99:.2} s · bound {bound:.2} s · t_all/bound {ratio:.2}\n\
-             coordinator egress {egress:.1} MiB = {er:.2} × S · from peers {peers:.1} MiB · duplicates {dup:.1} % · CPU {cpu:.1} s/GiB · wall {wall:.1} s\n",
+             coordinator egress {egress:.1} MiB = {er:.2} × S · from peers {peers:.1} MiB · duplicates {dup:.1} % · CPU {cpu:.1} s/GiB · idle {idle:.2} CPU ms per agent-second · wall {wall:.1} s\n",
+            idle = self.idle_cpu_ms_per_agent_s,
             dup = self.duplicate_ratio * 100.0,
             engine = if self.network.is_empty() {
                 self.engine.clone()
@@ -181,7 +189,11 @@ impl FleetReport {
             scenario = self.scenario,
             n = self.agents,
             size = mib(self.size_bytes),
-            mesh = if self.p2p { "on" } else { "off" },
+            mesh = match (self.p2p, self.dht) {
+                (false, _) => "off",
+                (true, false) => "on",
+                (true, true) => "on, with the DHT",
+            },
             c = self.completed,
             f = self.failed,
             l = self.left,

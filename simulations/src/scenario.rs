@@ -14,6 +14,7 @@
 //! agents = 32
 //! seed = 1
 //! p2p = true                 # false: everything from the coordinator (the seed design)
+//! dht = false                # real engine: agents also run the Kademlia DHT (mesh.dht)
 //! chunk_kib = 256            # chunk size; the model uses it too
 //! plugins = [{ size_mib = 64 }]        # several entries = several plugins in one job
 //! [server]
@@ -165,6 +166,10 @@ pub struct Scenario {
     /// Mesh on (false = every byte from the coordinator).
     #[serde(default = "default_true")]
     pub p2p: bool,
+    /// Real engine: agents also run the Kademlia DHT (`mesh.dht`; off by default as in
+    /// the agent).
+    #[serde(default)]
+    pub dht: bool,
     /// Chunk size, KiB (power of two, 1 KiB–64 MiB).
     #[serde(default = "default_chunk_kib")]
     pub chunk_kib: u64,
@@ -255,6 +260,7 @@ impl Scenario {
             agents,
             seed: 1,
             p2p: true,
+            dht: false,
             chunk_kib: default_chunk_kib(),
             plugins: vec![PluginSpec { size_mib }],
             server: Link {

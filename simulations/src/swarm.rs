@@ -129,6 +129,10 @@ impl Drop for Member {
     }
 }
 
+/// How long a fleet sits idle after its fetch while its CPU is measured
+/// ([`FleetReport::idle_cpu_ms_per_agent_s`]).
+const IDLE_WINDOW: Duration = Duration::from_secs(2);
+
 async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<FleetReport> {
     let mib = 1u64 << 20;
     let sizes = scenario.plugin_bytes();
@@ -170,6 +174,7 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         c.mesh.enabled = scenario.p2p;
         c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
         c.mesh.max_uploads = 16;
+        c.mesh.dht = scenario.dht;
         if ns.is_some() {
             c.mesh.listen = vec![format!("/ip4/{}/tcp/0", netns::agent_ip(n))];
             c.tls.insecure = true;
@@ -291,6 +296,13 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
     }
     let cpu = cpu_seconds() - cpu_before;
     let wall = started.elapsed().as_secs_f64();
+    // What the fleet costs doing nothing, connections and all: timers, heartbeats,
+    // announcements, libp2p's per-connection work. Charged per agent-second, so a
+    // cost that grows with N shows apart from the per-byte cost.
+    let idle_before = cpu_seconds();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_cpu = cpu_seconds() - idle_before;
+    let online = agents.iter().flatten().count().max(1);
 
     let mut egress = 0;
     for (id, _) in &plugins {
@@ -339,6 +351,7 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         network: if ns.is_some() { "netns" } else { "loopback" }.into(),
         scenario: scenario.name.clone(),
         p2p: scenario.p2p,
+        dht: scenario.dht,
         seed: scenario.seed,
         agents: scenario.agents,
         size_bytes: total,
@@ -346,6 +359,7 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         server_egress_bytes: egress,
         wall_s: wall,
         cpu_s_per_gib: cpu / (delivered as f64 / (1u64 << 30) as f64).max(1e-9),
+        idle_cpu_ms_per_agent_s: idle_cpu * 1000.0 / (online as f64 * IDLE_WINDOW.as_secs_f64()),
         per_agent: outcomes,
         cancelled_requests: cancelled,
         ..Default::default()

@@ -37,7 +37,7 @@ use futures::StreamExt;
 pub use libp2p::Multiaddr;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{PeerId, Swarm, identify, noise, tcp, yamux};
 use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, oneshot};
@@ -84,6 +84,9 @@ pub struct HostConfig {
     /// queued for the upload rate is answered busy instead of queued (zero: no limit
     /// but `max_uploads`).
     pub max_upload_wait: Duration,
+    /// Run Kademlia (provider records, lookups). Off, holders come from coordinator
+    /// hints, announcements and askers only; see the mesh DESIGN for what the DHT cost.
+    pub dht: bool,
     /// Provider record TTL.
     pub provider_ttl: Duration,
     /// Provider republish interval.
@@ -110,6 +113,7 @@ impl Default for HostConfig {
             upload_burst: 1 << 20,
             max_uploads: 8,
             max_upload_wait: Duration::from_secs(1),
+            dht: false,
             provider_ttl: Duration::from_secs(15 * 60),
             provider_republish: Duration::from_secs(5 * 60),
             max_connections: 256,
@@ -233,7 +237,7 @@ struct Behaviour {
     chunks: request_response::Behaviour<ChunkCodec>,
     streams: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    kad: Toggle<kad::Behaviour<MemoryStore>>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, MeshError>>;
@@ -477,7 +481,7 @@ impl MeshHost {
         let start = |e: &dyn std::fmt::Display| MeshError::Start(e.to_string());
         let request_timeout = config.request_timeout;
         let streams = config.max_concurrent_streams;
-        let (ttl, republish) = (config.provider_ttl, config.provider_republish);
+        let (dht, ttl, republish) = (config.dht, config.provider_ttl, config.provider_republish);
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(
@@ -507,9 +511,15 @@ impl MeshHost {
                         ..Default::default()
                     },
                 );
-                let mut kad =
-                    kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
-                kad.set_mode(Some(kad::Mode::Server));
+                // Off by default: Kademlia bootstraps by itself whenever its routing
+                // table is small, which cost a 64-agent fleet 40 % of its CPU and found
+                // no holder the coordinator's hints did not (mesh DESIGN, Measured).
+                let kad = dht.then(|| {
+                    let mut kad =
+                        kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
+                    kad.set_mode(Some(kad::Mode::Server));
+                    kad
+                });
                 Behaviour {
                     streams: libp2p_stream::Behaviour::new(),
                     chunks: request_response::Behaviour::with_codec(
@@ -523,7 +533,7 @@ impl MeshHost {
                         "/arcade/1".into(),
                         key.public(),
                     )),
-                    kad,
+                    kad: kad.into(),
                 }
             })
             .map_err(|e| start(&e))?
@@ -724,15 +734,20 @@ impl Actor {
             }
             Command::Provide(content, on) => {
                 let key = kad::RecordKey::new(content.as_bytes());
-                let kad = &mut self.swarm.behaviour_mut().kad;
+                let kad = self.swarm.behaviour_mut().kad.as_mut();
                 if on {
-                    if let Err(e) = kad.start_providing(key) {
-                        tracing::warn!(content = %content, error = %e, "cannot provide content");
-                    } else {
-                        self.provided.insert(content);
+                    match kad.map(|kad| kad.start_providing(key)) {
+                        Some(Err(e)) => {
+                            tracing::warn!(content = %content, error = %e, "cannot provide content");
+                        }
+                        Some(Ok(_)) | None => {
+                            self.provided.insert(content);
+                        }
                     }
                 } else {
-                    kad.stop_providing(&key);
+                    if let Some(kad) = kad {
+                        kad.stop_providing(&key);
+                    }
                     self.provided.remove(&content);
                 }
                 self.stats.provided.store(
@@ -741,12 +756,16 @@ impl Actor {
                 );
             }
             Command::Providers(content, reply) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(kad::RecordKey::new(content.as_bytes()));
-                self.queries.insert(id, (Vec::new(), reply));
+                match self.swarm.behaviour_mut().kad.as_mut() {
+                    Some(kad) => {
+                        let id = kad.get_providers(kad::RecordKey::new(content.as_bytes()));
+                        self.queries.insert(id, (Vec::new(), reply));
+                    }
+                    // No DHT: no providers beyond hints, announcements and askers.
+                    None => {
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                }
             }
             Command::Askers(content, reply) => {
                 let askers = self.askers.get(&content);
@@ -810,10 +829,10 @@ impl Actor {
                 info,
                 ..
             })) => {
-                if self.trusted.contains(&peer_id) {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+                if !self.swarm.behaviour().kad.is_enabled() {
+                    // Addresses are kept only for the DHT's routing table.
+                } else if self.trusted.contains(&peer_id) {
+                    self.route(peer_id, info.listen_addrs);
                 } else if self.pending_addrs.len() < MAX_TRUSTED {
                     let mut addrs = info.listen_addrs;
                     addrs.truncate(16);
@@ -828,12 +847,12 @@ impl Actor {
             })) => {
                 if self.trusted.contains(&record.provider) {
                     use kad::store::RecordStore as _;
-                    if let Err(e) = self
+                    if let Some(Err(e)) = self
                         .swarm
                         .behaviour_mut()
                         .kad
-                        .store_mut()
-                        .add_provider(record)
+                        .as_mut()
+                        .map(|kad| kad.store_mut().add_provider(record))
                     {
                         tracing::debug!(error = %e, "provider record not stored");
                     }
@@ -934,9 +953,16 @@ impl Actor {
         if self.trusted.add(peer) {
             self.unvouched.remove(&peer);
             if let Some(addrs) = self.pending_addrs.remove(&peer) {
-                for addr in addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
-                }
+                self.route(peer, addrs);
+            }
+        }
+    }
+
+    /// Adds a trusted peer's addresses to the DHT's routing table (when the DHT runs).
+    fn route(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            for addr in addrs {
+                kad.add_address(&peer, addr);
             }
         }
     }
@@ -1424,6 +1450,13 @@ mod tests {
         (h, addrs)
     }
 
+    fn with_dht() -> HostConfig {
+        HostConfig {
+            dht: true,
+            ..HostConfig::default()
+        }
+    }
+
     /// A store that takes a while to drop and says when it is gone.
     struct SlowDrop(Arc<std::sync::atomic::AtomicBool>);
 
@@ -1585,12 +1618,13 @@ mod tests {
             store,
             HostConfig {
                 unvouched_timeout: Duration::from_secs(2),
+                dht: true,
                 ..HostConfig::default()
             },
         )
         .await;
-        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
-        let (outsider, _) = host(MemStore::default(), HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), with_dht()).await;
+        let (outsider, _) = host(MemStore::default(), with_dht()).await;
         vouch(&issuer, &[&a, &b]).await;
         // Both connect to A; only B shows a valid ticket.
         assert_eq!(
@@ -1752,11 +1786,12 @@ mod tests {
             store,
             HostConfig {
                 max_uploads: 0,
+                dht: true,
                 ..HostConfig::default()
             },
         )
         .await;
-        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), with_dht()).await;
         vouch(&issuer, &[&a, &b]).await;
         assert_eq!(
             refusal(b.chunk(a.peer_id(), a_addrs.clone(), &content, 0).await),
@@ -1783,6 +1818,34 @@ mod tests {
             found.contains(&a.peer_id()),
             "DHT lists A as a provider: {found:?}"
         );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn without_the_dht_a_host_serves_but_publishes_and_finds_no_providers() {
+        let issuer = TicketIssuer::generate();
+        let content = ContentId::of_bytes(b"c");
+        let mut store = MemStore::default();
+        store
+            .0
+            .insert(content, (Labels::new(), vec![Some(b"x".to_vec())]));
+        let (a, a_addrs) = host(store, HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        vouch(&issuer, &[&a, &b]).await;
+        // Connected and trusted both ways, as in the test above, where the DHT found A.
+        assert_eq!(
+            &b.chunk(a.peer_id(), a_addrs.clone(), &content, 0)
+                .await
+                .unwrap()[..],
+            b"x"
+        );
+        a.provide(content, true).await.unwrap();
+        for _ in 0..10 {
+            let found = b.providers(content).await.unwrap();
+            assert!(found.is_empty(), "no DHT, yet providers: {found:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         a.shutdown().await;
         b.shutdown().await;
     }

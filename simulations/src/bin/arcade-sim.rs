@@ -106,6 +106,9 @@ enum Cmd {
         /// Each agent's download cap, MiB/s (0 = unlimited; `netns` only).
         #[arg(long, default_value_t = 0.0)]
         peer_down_mibps: f64,
+        /// Agents also run the Kademlia DHT (`mesh.dht`, off by default).
+        #[arg(long)]
+        dht: bool,
     },
     /// The discrete-event model: simulated links driving the real swarm scheduler and
     /// coordinator admission policy, for fleets far beyond one machine.
@@ -456,9 +459,11 @@ fn main() -> ExitCode {
                 fleet,
                 network,
                 peer_down_mibps,
+                dht,
             } => {
                 let mut scenario = fleet.scenario("swarm");
                 scenario.network = network;
+                scenario.dht = dht;
                 scenario.agent.down_mibps = peer_down_mibps;
                 fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
             }
