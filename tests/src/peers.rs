@@ -1,5 +1,6 @@
 //! Bare libp2p peers for the end-to-end tests: a real mesh host that holds nothing and
-//! only asks (outsiders, thieves, label-restricted requesters).
+//! only asks (outsiders, thieves, label-restricted requesters). It runs the DHT
+//! (`HostConfig::dht`), so it can look up providers where agents run it too.
 
 use std::sync::Arc;
 
@@ -36,7 +37,11 @@ pub async fn bare_peer_as(agent_id: &str) -> anyhow::Result<MeshHandle> {
 }
 
 async fn start(key: libp2p_identity::Keypair) -> anyhow::Result<MeshHandle> {
-    MeshHost::start(key, HostConfig::default(), Arc::new(Nothing))
+    let config = HostConfig {
+        dht: true,
+        ..HostConfig::default()
+    };
+    MeshHost::start(key, config, Arc::new(Nothing))
         .await
         .context("start a bare libp2p peer")
 }

@@ -43,6 +43,7 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
     let red = c.grant(&[("team", "red")]).await.unwrap();
     let _a = TestAgent::start(&c.url, &red, "holder", |cfg, _| {
         cfg.labels.insert("team".into(), "red".into());
+        cfg.mesh.dht = true;
     })
     .await;
     for p in ["mesh/open", "mesh/secret"] {
@@ -119,7 +120,7 @@ async fn agent_serves_vouched_peers_what_their_labels_allow() {
         got.extend(chunk);
     }
     assert_eq!(got, open);
-    // The holder announced the content in the DHT.
+    // The holder announced the content in the DHT (`mesh.dht` on).
     let providers = eventually(Duration::from_secs(10), || async {
         let p = blue.providers(sha).await.ok()?;
         p.contains(&holder_peer).then_some(p)
