@@ -28,7 +28,7 @@ pub mod settings;
 pub mod shutdown;
 
 pub use manifest::{ContentId, Manifest, ManifestBuilder, VerifyError};
-pub use plugin_ref::{PluginId, PluginRef, PluginRefError};
+pub use plugin_ref::{PluginId, PluginRef, PluginRefError, PluginSelector, VersionSelector};
 
 /// Unix time in milliseconds (0 if the clock is before 1970): the time of tickets and
 /// registration proofs.

@@ -5,7 +5,9 @@
 //! - no segment is `.` or `..`, no leading or trailing `/`, no empty segment;
 //! - at most [`MAX_PLUGIN_ID_LEN`] bytes;
 //! - a version is a semantic version (`1.2.3`, `1.0.0-rc.1`), at most
-//!   [`MAX_VERSION_LEN`] bytes.
+//!   [`MAX_VERSION_LEN`] bytes;
+//! - a job may name a [`VersionSelector`] instead: an exact version, a semver range that
+//!   starts with an operator (`^1.2`, `~1.2.3`, `>=1.2, <2`) or `latest`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -60,6 +62,16 @@ pub enum PluginRefError {
     VersionTooLong {
         /// Its length.
         len: usize,
+    },
+    /// A version selector that is neither a version, a range nor `latest`.
+    #[error(
+        "version selector {selector:?} is not a version (1.2.3), a range starting with an operator (^1.2, ~1.2.3, >=1.2, <2) or `latest`: {reason}"
+    )]
+    BadSelector {
+        /// The offending selector (truncated).
+        selector: String,
+        /// Why.
+        reason: String,
     },
     /// A reference without `@`.
     #[error("plugin reference {got:?} must be ID@VERSION, e.g. notify/slack@1.0.0")]
@@ -177,6 +189,125 @@ impl FromStr for PluginRef {
     }
 }
 
+/// Which version of a plugin a job wants: resolved by the coordinator against the
+/// enabled versions when the job is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionSelector {
+    /// This version and no other (`1.2.3`).
+    Exact(semver::Version),
+    /// The highest version in a semver range (`^1.2`, `~1.2.3`, `>=1.2, <2`). Cargo's
+    /// rules: a pre-release matches only when the range names a pre-release of the same
+    /// `major.minor.patch`.
+    Range(semver::VersionReq),
+    /// The highest version that is not a pre-release.
+    Latest,
+}
+
+impl VersionSelector {
+    /// Parses a selector. A bare `1.2` is refused rather than read as `^1.2`: a job
+    /// names either one version or a range, never something that looks like both.
+    pub fn parse(selector: &str) -> Result<Self, PluginRefError> {
+        if selector.len() > MAX_VERSION_LEN {
+            return Err(PluginRefError::VersionTooLong {
+                len: selector.len(),
+            });
+        }
+        let bad = |reason: String| PluginRefError::BadSelector {
+            selector: shown(selector),
+            reason,
+        };
+        if selector == "latest" {
+            return Ok(Self::Latest);
+        }
+        if let Ok(v) = semver::Version::parse(selector) {
+            return Ok(Self::Exact(v));
+        }
+        if !selector.starts_with(['^', '~', '=', '>', '<', '*']) {
+            return Err(bad("it starts with no range operator".into()));
+        }
+        semver::VersionReq::parse(selector)
+            .map(Self::Range)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Whether it names one version.
+    pub fn is_exact(&self) -> bool {
+        matches!(self, Self::Exact(_))
+    }
+
+    /// Whether `version` satisfies it.
+    pub fn matches(&self, version: &semver::Version) -> bool {
+        match self {
+            Self::Exact(v) => v == version,
+            Self::Range(req) => req.matches(version),
+            Self::Latest => version.pre.is_empty(),
+        }
+    }
+
+    /// The highest of `versions` it accepts.
+    pub fn pick<'a>(
+        &self,
+        versions: impl IntoIterator<Item = &'a semver::Version>,
+    ) -> Option<&'a semver::Version> {
+        versions.into_iter().filter(|v| self.matches(v)).max()
+    }
+}
+
+impl fmt::Display for VersionSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(v) => write!(f, "{v}"),
+            Self::Range(req) => write!(f, "{req}"),
+            Self::Latest => f.write_str("latest"),
+        }
+    }
+}
+
+impl FromStr for VersionSelector {
+    type Err = PluginRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// A validated `id@selector` (`notify/slack@^1.2`, `notify/slack@latest`, or an exact
+/// `id@version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSelector {
+    /// The plugin id.
+    pub id: PluginId,
+    /// Which of its versions.
+    pub selector: VersionSelector,
+}
+
+impl PluginSelector {
+    /// Validates an id and a selector given separately.
+    pub fn new(id: &str, selector: &str) -> Result<Self, PluginRefError> {
+        Ok(Self {
+            id: PluginId::parse(id)?,
+            selector: VersionSelector::parse(selector)?,
+        })
+    }
+}
+
+impl fmt::Display for PluginSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.id, self.selector)
+    }
+}
+
+impl FromStr for PluginSelector {
+    type Err = PluginRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, selector) = s
+            .split_once('@')
+            .ok_or_else(|| PluginRefError::MissingAt { got: shown(s) })?;
+        Self::new(id, selector)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +376,79 @@ mod tests {
         assert!(matches!(
             parse_version(&"1".repeat(100)),
             Err(PluginRefError::VersionTooLong { .. })
+        ));
+    }
+
+    fn versions(list: &[&str]) -> Vec<semver::Version> {
+        list.iter().map(|v| v.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn selectors_pick_the_highest_match_and_pre_releases_only_when_asked() {
+        let all = versions(&[
+            "1.0.0",
+            "1.2.0",
+            "1.2.5",
+            "1.3.0-rc.1",
+            "1.3.0",
+            "1.4.0-beta.2",
+            "2.0.0",
+            "3.0.0-alpha.1",
+        ]);
+        let pick = |s: &str| {
+            VersionSelector::parse(s)
+                .unwrap()
+                .pick(&all)
+                .map(|v| v.to_string())
+        };
+        assert_eq!(pick("^1.2").as_deref(), Some("1.3.0"));
+        assert_eq!(pick("~1.2.3").as_deref(), Some("1.2.5"));
+        assert_eq!(pick("~1.2").as_deref(), Some("1.2.5"));
+        assert_eq!(pick(">=1.2, <2").as_deref(), Some("1.3.0"));
+        assert_eq!(pick("latest").as_deref(), Some("2.0.0"));
+        assert_eq!(pick("*").as_deref(), Some("2.0.0"));
+        // Asked for: a pre-release of the same major.minor.patch.
+        assert_eq!(pick("^1.4.0-beta.1").as_deref(), Some("1.4.0-beta.2"));
+        assert_eq!(pick("1.3.0-rc.1").as_deref(), Some("1.3.0-rc.1"));
+        assert_eq!(pick("^3").as_deref(), None);
+        assert_eq!(pick("1.1.0").as_deref(), None);
+        assert!(VersionSelector::parse("1.2.3").unwrap().is_exact());
+        assert!(!VersionSelector::parse("^1.2.3").unwrap().is_exact());
+    }
+
+    #[test]
+    fn bad_selectors_say_what_a_selector_is() {
+        for bad in [
+            "1.2",
+            "1",
+            "v1.2.3",
+            "",
+            "newest",
+            "^x",
+            "~",
+            "1.2.3 || 2",
+            "^1.2 garbage",
+        ] {
+            let e = VersionSelector::parse(bad).unwrap_err();
+            assert!(
+                matches!(e, PluginRefError::BadSelector { .. }),
+                "{bad}: {e}"
+            );
+            assert!(e.to_string().contains("latest"), "{e}");
+        }
+        assert!(matches!(
+            VersionSelector::parse(&format!("^{}", "1".repeat(100))),
+            Err(PluginRefError::VersionTooLong { .. })
+        ));
+        let s: PluginSelector = "notify/slack@^1.2".parse().unwrap();
+        assert_eq!(s.to_string(), "notify/slack@^1.2");
+        assert_eq!(
+            "a@latest".parse::<PluginSelector>().unwrap().selector,
+            VersionSelector::Latest
+        );
+        assert!(matches!(
+            "notify/slack".parse::<PluginSelector>(),
+            Err(PluginRefError::MissingAt { .. })
         ));
     }
 

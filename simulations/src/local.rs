@@ -66,6 +66,7 @@ pub fn pinned_job(
                 plugin_id: (*id).into(),
                 version: version.into(),
                 stages: stages.iter().map(|s| *s as i32).collect(),
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

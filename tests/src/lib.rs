@@ -115,6 +115,7 @@ pub async fn create_job(
             plugin_id: plugin.into(),
             version: version.into(),
             stages: vec![],
+            ..Default::default()
         }],
     )
     .await

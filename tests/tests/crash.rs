@@ -110,6 +110,7 @@ async fn kill_9_during_pushes_loses_no_acknowledged_push() {
                     plugin_id: "crash/p".into(),
                     version: format!("1.{round}.0"),
                     stages: vec![],
+                    ..Default::default()
                 }],
                 ..Default::default()
             })

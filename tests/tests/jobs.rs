@@ -16,6 +16,7 @@ fn required(id: &str, version: &str, stages: Vec<pb::Stage>) -> pb::RequiredPlug
         plugin_id: id.into(),
         version: version.into(),
         stages: stages.into_iter().map(|s| s as i32).collect(),
+        ..Default::default()
     }
 }
 
@@ -536,6 +537,7 @@ async fn bad_job_requests_are_invalid_arguments() {
                 plugin_id: "ok/p".into(),
                 version: "1.0.0".into(),
                 stages: vec![42],
+                ..Default::default()
             }],
             ..Default::default()
         },
@@ -629,4 +631,109 @@ async fn register_issues_a_mesh_ticket_bound_to_the_peer_and_renews_it() {
     verifier
         .verify(&hb.mesh_ticket, &peer, now)
         .expect("renewed ticket signed by the same key");
+}
+
+/// A runnable plugin: a shell script that exits 0, padded with `seed`'s bytes.
+fn script(seed: u8) -> Vec<u8> {
+    let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
+    p.extend(content(50_000, seed));
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_selectors_resolve_among_enabled_versions_when_the_job_is_created() {
+    let c = TestCoordinator::start(|_| {}).await;
+    for (i, v) in ["1.0.0", "1.2.0", "1.2.7", "1.3.0-rc.1", "1.4.0", "2.0.0"]
+        .into_iter()
+        .enumerate()
+    {
+        c.push("sel/p", v, &script(i as u8), Default::default())
+            .await
+            .unwrap();
+    }
+    c.plugins(ADMIN)
+        .await
+        .set_plugin_enabled(pb::SetPluginEnabledRequest {
+            plugin_id: "sel/p".into(),
+            version: "1.4.0".into(),
+            enabled: false,
+        })
+        .await
+        .unwrap();
+    let create = |version: &'static str| {
+        let c = &c;
+        async move {
+            c.jobs(ADMIN)
+                .await
+                .create_job(pb::CreateJobRequest {
+                    commands: vec!["true".into()],
+                    required_plugins: vec![required("sel/p", version, vec![])],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().job_id)
+        }
+    };
+    // Resolved to the highest enabled match; pre-releases only when the range names one.
+    for (selector, resolved) in [
+        ("^1.0", "1.2.7"),
+        ("~1.2.0", "1.2.7"),
+        (">=1.0.0, <1.2.5", "1.2.0"),
+        ("latest", "2.0.0"),
+        ("^1.3.0-rc.1", "1.3.0-rc.1"),
+        ("1.2.0", "1.2.0"),
+    ] {
+        let id = create(selector).await.unwrap();
+        let rp = &job(&c, &id).await.required_plugins[0];
+        assert_eq!(rp.version, resolved, "{selector}");
+        let requested = if selector == "1.2.0" { "" } else { selector };
+        assert_eq!(rp.requested, requested, "{selector}");
+    }
+    // Nothing enabled matches: a clear refusal naming what is enabled.
+    let err = create("^1.4").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("no enabled version of sel/p matches ^1.4")
+            && err.message().contains("2.0.0, 1.3.0-rc.1, 1.2.7"),
+        "{}",
+        err.message()
+    );
+    let err = create("1.2").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("range"), "{}", err.message());
+    let err = c
+        .jobs(ADMIN)
+        .await
+        .create_job(pb::CreateJobRequest {
+            commands: vec!["true".into()],
+            required_plugins: vec![required("sel/none", "latest", vec![])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+
+    // The version is fixed when the job is created: a newer push does not move it, and
+    // the agent runs what was resolved.
+    let id = create("^1").await.unwrap();
+    c.push("sel/p", "1.9.0", &script(9), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(job(&c, &id).await.required_plugins[0].version, "1.2.7");
+    let _agent =
+        arcade_tests::agents::TestAgent::start(&c.url, arcade_tests::ENROLL, "runner", |_, _| {})
+            .await;
+    let done = arcade_tests::wait_job(&c, &id).await;
+    assert_eq!(
+        done.status(),
+        pb::JobStatus::Succeeded,
+        "{}",
+        done.error_message
+    );
+    assert!(
+        !done.plugin_results.is_empty() && done.plugin_results.iter().all(|r| r.version == "1.2.7"),
+        "{:?}",
+        done.plugin_results
+    );
 }

@@ -348,6 +348,7 @@ async fn disable_hides_and_delete_removes_content() {
                 plugin_id: "d/p".into(),
                 version: "1.0.0".into(),
                 stages: vec![],
+                ..Default::default()
             }],
             ..Default::default()
         })

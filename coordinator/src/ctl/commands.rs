@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use arcade_p2p::PluginRef;
+use arcade_p2p::{PluginRef, PluginSelector};
 use arcade_proto::v1 as pb;
 
 use super::error::CtlError;
@@ -139,14 +139,15 @@ async fn plugin_delete(ctx: &Ctx, reference: &str) -> Result<(), CtlError> {
     ))
 }
 
-/// Parses `ID@V[:stage,stage]`.
+/// Parses `ID@SELECTOR[:stage,stage]` (an exact version, `^1.2`, `~1.2.3`, `latest`, …;
+/// the coordinator resolves selectors).
 fn required_plugin(spec: &str) -> Result<pb::RequiredPlugin, CtlError> {
     let bad = |msg: String| CtlError::Usage(format!("--plugin {spec:?}: {msg}"));
     let (reference, stages) = match spec.split_once(':') {
         Some((r, s)) => (r, Some(s)),
         None => (spec, None),
     };
-    let r: PluginRef = reference
+    let r: PluginSelector = reference
         .parse()
         .map_err(|e: arcade_p2p::PluginRefError| bad(e.to_string()))?;
     let mut list = Vec::new();
@@ -169,8 +170,9 @@ fn required_plugin(spec: &str) -> Result<pb::RequiredPlugin, CtlError> {
     }
     Ok(pb::RequiredPlugin {
         plugin_id: r.id.to_string(),
-        version: r.version.to_string(),
+        version: r.selector.to_string(),
         stages: list,
+        requested: String::new(),
     })
 }
 

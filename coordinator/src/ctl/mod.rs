@@ -275,7 +275,9 @@ pub enum JobCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// A plugin the job needs: `ID@V[:stage,stage]` with stages among before,
-    /// on_success, on_failure, after (none = all). Repeatable.
+    /// on_success, on_failure, after (none = all). `V` is a version or a selector the
+    /// coordinator resolves among enabled versions: `^1.2`, `~1.2.3`, `>=1.2, <2`,
+    /// `latest`. Repeatable.
     #[arg(long, value_name = "ID@V[:STAGES]")]
     pub plugin: Vec<String>,
     /// Only agents with this label may run the job (repeatable).

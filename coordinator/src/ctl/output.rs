@@ -63,8 +63,10 @@ impl From<pb::PluginVersion> for PluginJson {
 pub struct RequiredPluginJson {
     /// Plugin id.
     pub id: String,
-    /// Version.
+    /// Version (what the coordinator resolved a selector to).
     pub version: String,
+    /// The selector the job named (`^1.2`, `latest`, …); empty when it named `version`.
+    pub requested: String,
     /// Stage names (`before`, `on_success`, `on_failure`, `after`).
     pub stages: Vec<String>,
 }
@@ -155,6 +157,7 @@ impl From<pb::JobDetail> for JobJson {
                 .map(|r| RequiredPluginJson {
                     id: r.plugin_id,
                     version: r.version,
+                    requested: r.requested,
                     stages: r.stages.into_iter().map(stage_name).collect(),
                 })
                 .collect(),
@@ -432,7 +435,14 @@ pub fn job_details(j: &JobJson) -> String {
     let plugins = j
         .required_plugins
         .iter()
-        .map(|r| format!("{}@{}:{}", r.id, r.version, r.stages.join(",")))
+        .map(|r| {
+            let asked = if r.requested.is_empty() {
+                String::new()
+            } else {
+                format!(" (asked for @{})", r.requested)
+            };
+            format!("{}@{}{asked}:{}", r.id, r.version, r.stages.join(","))
+        })
         .collect::<Vec<_>>()
         .join(" ");
     let mut out = String::new();
@@ -573,6 +583,7 @@ mod tests {
                 plugin_id: "a".into(),
                 version: "1.0.0".into(),
                 stages: vec![pb::Stage::OnFailure as i32, 9],
+                requested: "^1".into(),
             }],
             ..Default::default()
         });
@@ -581,6 +592,12 @@ mod tests {
         assert_eq!(
             v["required_plugins"][0]["stages"],
             serde_json::json!(["on_failure", "stage_9"])
+        );
+        assert_eq!(v["required_plugins"][0]["requested"], "^1");
+        let shown = job_details(&j);
+        assert!(
+            shown.contains("a@1.0.0 (asked for @^1):on_failure,stage_9"),
+            "{shown}"
         );
     }
 }

@@ -2,8 +2,8 @@
 
 use std::collections::HashSet;
 
-use arcade_p2p::PluginRef;
 use arcade_p2p::labels;
+use arcade_p2p::{PluginRef, PluginSelector, VersionSelector};
 use arcade_proto::v1 as pb;
 use arcade_proto::v1::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
@@ -24,6 +24,51 @@ pub(crate) struct JobsService(pub(crate) SharedRef);
 
 /// Turns a stage list into the stored form: empty means all four; duplicates and
 /// `STAGE_UNSPECIFIED` are rejected.
+/// The version a job gets for `wanted`: itself when exact (its enabled state is
+/// checked by the caller, as before selectors), else the highest enabled version the
+/// selector accepts.
+async fn resolve(s: &super::Shared, wanted: &PluginSelector) -> Result<PluginRef, Status> {
+    if let VersionSelector::Exact(version) = &wanted.selector {
+        return Ok(PluginRef {
+            id: wanted.id.clone(),
+            version: version.clone(),
+        });
+    }
+    let versions = s.store.versions_of(wanted.id.as_str()).await?;
+    if versions.is_empty() {
+        return Err(Status::not_found(format!(
+            "plugin {} has no versions",
+            wanted.id
+        )));
+    }
+    let enabled: Vec<semver::Version> = versions
+        .iter()
+        .filter(|p| p.enabled)
+        .filter_map(|p| p.version.parse().ok())
+        .collect();
+    match wanted.selector.pick(&enabled) {
+        Some(v) => Ok(PluginRef {
+            id: wanted.id.clone(),
+            version: v.clone(),
+        }),
+        None => {
+            let mut shown: Vec<&semver::Version> = enabled.iter().collect();
+            shown.sort();
+            let shown: Vec<String> = shown.iter().rev().take(10).map(|v| v.to_string()).collect();
+            Err(Status::failed_precondition(format!(
+                "no enabled version of {} matches {} (enabled, newest first: {})",
+                wanted.id,
+                wanted.selector,
+                if shown.is_empty() {
+                    "none".to_owned()
+                } else {
+                    shown.join(", ")
+                }
+            )))
+        }
+    }
+}
+
 fn normalise_stages(key: &str, stages: &[i32]) -> Result<Vec<i32>, Status> {
     if stages.is_empty() {
         return Ok(vec![
@@ -104,8 +149,9 @@ impl Jobs for JobsService {
         let mut acls = Vec::with_capacity(req.required_plugins.len());
         let mut required = Vec::with_capacity(req.required_plugins.len());
         for rp in &req.required_plugins {
-            let r = PluginRef::new(&rp.plugin_id, &rp.version)
+            let wanted = PluginSelector::new(&rp.plugin_id, &rp.version)
                 .map_err(|e| Status::invalid_argument(format!("required_plugins: {e}")))?;
+            let r = resolve(s, &wanted).await?;
             let key = r.key();
             if !seen.insert(key.clone()) {
                 return Err(Status::invalid_argument(format!(
@@ -123,6 +169,11 @@ impl Jobs for JobsService {
                 plugin_id: r.id.to_string(),
                 version: r.version.to_string(),
                 stages: normalise_stages(&key, &rp.stages)?,
+                requested: if wanted.selector.is_exact() {
+                    String::new()
+                } else {
+                    wanted.selector.to_string()
+                },
             });
         }
         let job = pb::JobDetail {

@@ -303,6 +303,8 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn get_plugin(&self, key: &str) -> Result<Option<pb::PluginVersion>, StoreError>;
     /// Every plugin version (optionally of one type), ordered by id@version.
     async fn list_plugins(&self, plugin_type: &str) -> Result<Vec<pb::PluginVersion>, StoreError>;
+    /// Every version of one plugin id (enabled or not), in no particular order.
+    async fn versions_of(&self, plugin_id: &str) -> Result<Vec<pb::PluginVersion>, StoreError>;
     /// Plugin versions whose content is `id`.
     async fn plugins_with_content(
         &self,

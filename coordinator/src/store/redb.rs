@@ -413,6 +413,22 @@ impl MetaStore for RedbStore {
         self.read(move |tx| list_plugins(tx, &plugin_type)).await
     }
 
+    async fn versions_of(&self, plugin_id: &str) -> Result<Vec<pb::PluginVersion>, StoreError> {
+        // Keys are `id@version` and ids hold no `@`: one range, `id@` up to `id` + the
+        // character after `@`.
+        let (from, to) = (format!("{plugin_id}@"), format!("{plugin_id}A"));
+        self.read(move |tx| {
+            let plugins = tx.open_table(PLUGINS)?;
+            let mut out = Vec::new();
+            for entry in plugins.range(from.as_str()..to.as_str())? {
+                let (k, v) = entry?;
+                out.push(decode(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn plugins_with_content(
         &self,
         id: ContentId,
@@ -1038,6 +1054,40 @@ mod tests {
             s.use_enroll_grant("g1", 10).await,
             Err(StoreError::EnrollTokenNotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn versions_of_lists_one_id_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = open(dir.path());
+        for (id, version) in [
+            ("a", "1.0.0"),
+            ("a", "2.0.0-rc.1"),
+            ("ab", "1.0.0"),
+            ("a/b", "1.0.0"),
+            ("a-b", "3.0.0"),
+            ("0", "1.0.0"),
+        ] {
+            let bytes = format!("{id} {version}").into_bytes();
+            let manifest = Arc::new(Manifest::from_reader(&bytes[..], 1024).unwrap());
+            let plugin = pb::PluginVersion {
+                plugin_id: id.into(),
+                version: version.into(),
+                sha256: manifest.content_id().to_hex(),
+                ..Default::default()
+            };
+            s.put_plugin(plugin, manifest).await.unwrap();
+        }
+        let mut got: Vec<String> = s
+            .versions_of("a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| format!("{}@{}", p.plugin_id, p.version))
+            .collect();
+        got.sort();
+        assert_eq!(got, ["a@1.0.0", "a@2.0.0-rc.1"]);
+        assert!(s.versions_of("b").await.unwrap().is_empty());
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn job_request(plugin: &str, version: &str) -> pb::CreateJobRequest {
             plugin_id: plugin.into(),
             version: version.into(),
             stages: vec![pb::Stage::Before as i32],
+            ..Default::default()
         }],
         ..Default::default()
     }

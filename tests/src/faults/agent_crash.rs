@@ -76,6 +76,7 @@ async fn agent_kill9() -> anyhow::Result<Outcome> {
                 plugin_id: "big/plugin".into(),
                 version: "1.0.0".into(),
                 stages: vec![pb::Stage::Before as i32],
+                ..Default::default()
             }],
             ..Default::default()
         })

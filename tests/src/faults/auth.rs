@@ -456,6 +456,7 @@ async fn job_with(
                     plugin_id: p.into(),
                     version: "1.0.0".into(),
                     stages: vec![],
+                    ..Default::default()
                 })
                 .into_iter()
                 .collect(),

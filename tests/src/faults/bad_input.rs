@@ -940,6 +940,7 @@ async fn plugin_rpcs(
                 plugin_id: id,
                 version,
                 stages: vec![],
+                ..Default::default()
             }],
             ..Default::default()
         })

@@ -193,6 +193,7 @@ async fn coordinator_kill9() -> anyhow::Result<Outcome> {
                     plugin_id: "ci/noop".into(),
                     version: "1.0.0".into(),
                     stages: vec![pb::Stage::Before as i32],
+                    ..Default::default()
                 }],
                 ..Default::default()
             })
