@@ -54,8 +54,21 @@ pub struct AgentConfig {
     pub mesh: MeshConfig,
     /// `[tls]`: how the coordinator's TLS is checked.
     pub tls: TlsConfig,
+    /// `[trust]`: which publishers' signatures this agent accepts.
+    pub trust: TrustConfig,
     /// `[[builtin]]`: pre-installed plugins, `plugin = "id@version"`, `file` under `builtin/`.
     pub builtin: Vec<BuiltinPlugin>,
+}
+
+/// `[trust]`: publisher signatures (`arcade_p2p::publisher`), checked against these keys
+/// and never against the coordinator's word.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Publisher public keys, `ed25519:<64 hex digits>` (`arcadectl key generate`).
+    pub publisher_keys: Vec<String>,
+    /// Refuse to run a plugin that is unsigned or signed by a key not listed here.
+    pub require_signature: bool,
 }
 
 /// `[tls]`: TLS towards the coordinator (an `https://` URL).
@@ -250,6 +263,7 @@ impl Default for AgentConfig {
             jobs: JobsConfig::default(),
             mesh: MeshConfig::default(),
             tls: TlsConfig::default(),
+            trust: TrustConfig::default(),
             builtin: Vec::new(),
         }
     }
@@ -378,6 +392,14 @@ key = ""
 # cross the network in clear).
 insecure = false
 
+[trust]
+# Publisher public keys (ed25519:<hex>, printed by `arcadectl key generate`). A plugin
+# signed by one of them must verify, or it is refused.
+publisher_keys = []
+# Also refuse plugins that are unsigned or signed by a key not listed above, even when
+# the coordinator serves them.
+require_signature = false
+
 [mesh]
 # Run the libp2p host and serve cached chunks to peers the coordinator vouched for.
 enabled = true
@@ -432,6 +454,8 @@ pub struct ValidConfig {
     /// Where the agent's key is kept: its identity at the coordinator and its libp2p
     /// peer id (`crate::identity`).
     pub mesh_identity: PathBuf,
+    /// `[trust]`, parsed.
+    pub trust: arcade_p2p::publisher::TrustPolicy,
 }
 
 fn home_dir() -> PathBuf {
@@ -662,7 +686,19 @@ impl AgentConfig {
         } else {
             self.plugins.directory.clone()
         };
+        let trust = arcade_p2p::publisher::TrustPolicy::new(
+            self.trust.publisher_keys.iter().map(String::as_str),
+            self.trust.require_signature,
+        )
+        .map_err(|e| bad("trust.publisher_keys", e.to_string()))?;
+        if self.trust.require_signature && self.trust.publisher_keys.is_empty() {
+            return Err(bad(
+                "trust.require_signature",
+                "no plugin could run: list the publishers' keys in trust.publisher_keys",
+            ));
+        }
         Ok(ValidConfig {
+            trust,
             id,
             labels,
             plugin_dir,

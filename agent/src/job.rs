@@ -1,6 +1,7 @@
-//! Running one job: pin and fetch its plugins (with the configured fallback), then
-//! every plugin's `before` → the job's commands → `on_success` or `on_failure` →
-//! `after`, each plugin × stage as a child process, and build the report.
+//! Running one job: check its plugins' publisher signatures (`[trust]`), pin and fetch
+//! them (with the configured fallback), then every plugin's `before` → the job's
+//! commands → `on_success` or `on_failure` → `after`, each plugin × stage as a child
+//! process, and build the report.
 //!
 //! A failing `before` fails the job and skips the commands (the `on_failure` and
 //! `after` stages still run, so notification plugins see the failure). Failures in later
@@ -80,7 +81,27 @@ pub async fn run_job(
         report
     };
 
-    // 1. Plugins: pinned for the whole job, fetched (concurrently, bounded by the fetcher).
+    // 1. Publisher signatures, against this agent's own keys: a refused plugin fails
+    //    the job before anything is fetched or run.
+    for info in &job.plugins {
+        if let Err(message) = check_signature(&ctx.config.trust, info) {
+            tracing::warn!(job = %job.job_id, plugin = %info.plugin_id, version = %info.version, %message, "plugin refused");
+            results.push(pb::PluginExecutionResult {
+                plugin_id: info.plugin_id.clone(),
+                plugin_name: info.name.clone(),
+                version: info.version.clone(),
+                stage: "signature".into(),
+                success: false,
+                error_message: message.clone(),
+                start_time: started_at,
+                end_time: now_ms(),
+                ..Default::default()
+            });
+            return fail(report, results, message);
+        }
+    }
+
+    // 2. Plugins: pinned for the whole job, fetched (concurrently, bounded by the fetcher).
     let fetches = job
         .plugins
         .iter()
@@ -115,7 +136,7 @@ pub async fn run_job(
         }
     }
 
-    // 2. Working directory.
+    // 3. Working directory.
     let workdir = ctx.config.jobs_dir.join(sanitize(&job.job_id));
     if let Err(e) = fresh_dir(&workdir).await {
         return fail(
@@ -125,7 +146,7 @@ pub async fn run_job(
         );
     }
 
-    // 3. Stages and commands.
+    // 4. Stages and commands.
     let mut failed = false;
     let mut why = String::new();
     for r in &ready {
@@ -218,6 +239,29 @@ pub async fn run_job(
 
 /// Fetches (or finds) one plugin, applying the fallback policy. Returns the ready
 /// plugin and, when a fallback was used, the result that records it.
+/// Checks `info`'s publisher signature under `trust`; the error says why it is refused.
+fn check_signature(
+    trust: &arcade_p2p::publisher::TrustPolicy,
+    info: &pb::PluginInfo,
+) -> Result<(), String> {
+    let refused =
+        |why: String| format!("plugin {}@{} refused: {why}", info.plugin_id, info.version);
+    let content: arcade_p2p::ContentId = info
+        .checksum
+        .parse()
+        .map_err(|e| refused(format!("its sha256 {:?} is invalid: {e}", info.checksum)))?;
+    let statement = arcade_p2p::publisher::statement(
+        &info.plugin_id,
+        &info.version,
+        &content,
+        u64::try_from(info.size).unwrap_or(u64::MAX),
+    );
+    trust
+        .check(&info.signer, &info.signature, &statement)
+        .map(|_| ())
+        .map_err(|e| refused(e.to_string()))
+}
+
 async fn ensure_plugin(
     ctx: &JobContext,
     info: &pb::PluginInfo,
@@ -367,4 +411,60 @@ fn tail(s: &str, max: usize) -> String {
         start += 1;
     }
     s[start..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arcade_p2p::ContentId;
+    use arcade_p2p::publisher::{PublisherKey, TrustPolicy, statement};
+
+    /// What a coordinator (or its storage) could change after a publisher signed:
+    /// every field the signature covers is checked by the agent itself.
+    #[test]
+    fn a_record_altered_after_signing_is_refused() {
+        let key = PublisherKey::generate();
+        let content = ContentId::of_bytes(b"#!/bin/sh\n");
+        let signed = pb::PluginInfo {
+            plugin_id: "a/p".into(),
+            version: "1.0.0".into(),
+            checksum: content.to_hex(),
+            size: 10,
+            signer: key.id().as_bytes().to_vec(),
+            signature: key.sign(&statement("a/p", "1.0.0", &content, 10)),
+            ..Default::default()
+        };
+        let trust = TrustPolicy::new([key.id().to_string().as_str()], true).unwrap();
+        assert_eq!(check_signature(&trust, &signed), Ok(()));
+        let other = ContentId::of_bytes(b"#!/bin/sh\nrm -rf /\n").to_hex();
+        for altered in [
+            pb::PluginInfo {
+                checksum: other,
+                ..signed.clone()
+            },
+            pb::PluginInfo {
+                size: 11,
+                ..signed.clone()
+            },
+            pb::PluginInfo {
+                version: "1.0.1".into(),
+                ..signed.clone()
+            },
+            pb::PluginInfo {
+                plugin_id: "a/q".into(),
+                ..signed.clone()
+            },
+        ] {
+            let why = check_signature(&trust, &altered).unwrap_err();
+            assert!(why.contains("does not match"), "{why}");
+        }
+        let unsigned = pb::PluginInfo {
+            signer: Vec::new(),
+            signature: Vec::new(),
+            ..signed
+        };
+        let why = check_signature(&trust, &unsigned).unwrap_err();
+        assert!(why.contains("refused: the plugin is not signed"), "{why}");
+        assert_eq!(check_signature(&TrustPolicy::default(), &unsigned), Ok(()));
+    }
 }

@@ -595,3 +595,56 @@ fn coordinator_cli_config_and_flags() {
     assert_eq!(bad.code, Some(2), "{bad:?}");
     assert!(bad.stderr.contains("listen"), "{bad:?}");
 }
+
+#[test]
+fn key_generate_and_signed_push() {
+    let c = Coordinator::start();
+    let key = c.path("publisher.key");
+    let key_arg = key.to_str().expect("utf-8 path");
+    let public = c.ok(&["key", "generate", "--out", key_arg]);
+    let public = public.trim();
+    assert!(
+        public.starts_with("ed25519:") && public.len() == 8 + 64,
+        "{public}"
+    );
+    // Never overwritten.
+    c.ctl(&["key", "generate", "--out", key_arg])
+        .assert_failed_with("publisher key file");
+
+    let file = c.path("signed.sh");
+    write_script(&file, 1000);
+    let file_arg = file.to_str().expect("utf-8 path");
+    let push = |id: &str, key: &str| {
+        c.ctl(&[
+            "plugin",
+            "push",
+            file_arg,
+            "--id",
+            id,
+            "--version",
+            "1.0.0",
+            "--sign-key",
+            key,
+        ])
+    };
+    let out = push("signed/x", key_arg);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let got = c.json(&["plugin", "get", "signed/x@1.0.0", "--json"]);
+    assert_eq!(got["signed_by"], public);
+    assert!(
+        c.ok(&["plugin", "get", "signed/x@1.0.0"])
+            .contains(&format!("signed by       {public}")),
+    );
+    // A file that is no key: a usage error before anything is sent.
+    push("signed/y", file_arg).assert_failed_with("--sign-key: publisher key file");
+    let unsigned = c.json(&["plugin", "list", "--json"]);
+    assert_eq!(find(&unsigned, "id", "signed/x")["signed_by"], public);
+    assert!(
+        unsigned
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|p| p["id"] != "signed/y"),
+        "{unsigned}"
+    );
+}

@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod mesh;
 pub mod metrics_http;
 pub mod plugin_ref;
+pub mod publisher;
 pub mod settings;
 pub mod shutdown;
 

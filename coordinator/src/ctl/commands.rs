@@ -12,7 +12,9 @@ use super::output::{
     AgentJson, JobJson, PluginJson, agent_table, emit, emit_json, job_details, job_table,
     plugin_details, plugin_table,
 };
-use super::{AgentCommand, Command, CreateArgs, Ctx, JobCommand, PluginCommand, StatusArg};
+use super::{
+    AgentCommand, Command, CreateArgs, Ctx, JobCommand, KeyCommand, PluginCommand, StatusArg,
+};
 
 /// How often `job wait` polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
@@ -48,7 +50,19 @@ pub(super) async fn dispatch(ctx: &Ctx, command: Command) -> Result<(), CtlError
         Command::Agent(AgentCommand::List { json }) => agent_list(ctx, json).await,
         Command::Agent(AgentCommand::Remove { id }) => agent_remove(ctx, id).await,
         Command::Enroll(command) => super::enroll::run(ctx, command).await,
+        Command::Key(KeyCommand::Generate { out }) => key_generate(&out),
     }
+}
+
+fn key_generate(out: &std::path::Path) -> Result<(), CtlError> {
+    let key = arcade_p2p::publisher::PublisherKey::generate();
+    key.save(out).map_err(|e| CtlError::Usage(e.to_string()))?;
+    println!("{}", key.id());
+    eprintln!(
+        "wrote {}: keep it secret; put the public key above in agents' [trust] publisher_keys",
+        out.display()
+    );
+    Ok(())
 }
 
 fn plugin_ref(reference: &str) -> Result<PluginRef, CtlError> {

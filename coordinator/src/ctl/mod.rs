@@ -112,6 +112,21 @@ pub enum Command {
     /// Enrolment tokens that grant labels: create, list, revoke.
     #[command(subcommand)]
     Enroll(EnrollCommand),
+    /// Publisher signing keys: generate.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `arcadectl key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an ed25519 publisher key in a new file (owner-only, never overwritten)
+    /// and print its public key (`ed25519:<hex>`) for agents' `[trust] publisher_keys`.
+    Generate {
+        /// The key file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 /// `arcadectl enroll …`.
@@ -222,6 +237,10 @@ pub struct PushArgs {
     /// Description.
     #[arg(long, value_name = "D")]
     pub description: Option<String>,
+    /// Sign the plugin (id, version, SHA-256, size) with this publisher key
+    /// (`arcadectl key generate`); agents with `[trust] publisher_keys` check it.
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
     /// Print the plugin as JSON.
     #[arg(long)]
     pub json: bool,

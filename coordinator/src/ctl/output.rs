@@ -37,6 +37,8 @@ pub struct PluginJson {
     pub enabled: bool,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// The publisher key that signed it (`ed25519:<hex>`), empty when unsigned.
+    pub signed_by: String,
 }
 
 impl From<pb::PluginVersion> for PluginJson {
@@ -52,6 +54,9 @@ impl From<pb::PluginVersion> for PluginJson {
             chunk_size: p.chunk_size,
             chunks: p.chunks,
             allowed_labels: label_map(p.allowed_labels),
+            signed_by: arcade_p2p::publisher::PublisherId::from_bytes(&p.signer)
+                .map(|k| k.to_string())
+                .unwrap_or_default(),
             enabled: p.enabled,
             created_at: p.created_at,
         }
@@ -402,6 +407,7 @@ pub fn plugin_details(p: &PluginJson) -> String {
         ("chunks", format!("{} x {} bytes", p.chunks, p.chunk_size)),
         ("allowed labels", labels_text(&p.allowed_labels)),
         ("enabled", if p.enabled { "yes" } else { "no" }.into()),
+        ("signed by", or_dash(&p.signed_by)),
         ("created", time(p.created_at)),
     ] {
         out.push_str(&format!("{k:<15} {v}\n"));

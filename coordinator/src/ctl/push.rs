@@ -144,7 +144,26 @@ pub(super) async fn push(ctx: &Ctx, args: PushArgs) -> Result<(), CtlError> {
         Some(h) => h,
         None => hash_file(args.file.clone(), meta.len()).await?,
     };
+    let (signer, signature) = match &args.sign_key {
+        Some(path) => {
+            let key = arcade_p2p::publisher::PublisherKey::load(path)
+                .map_err(|e| CtlError::Usage(format!("--sign-key: {e}")))?;
+            let content: ContentId = sha256
+                .parse()
+                .map_err(|e| CtlError::Usage(format!("--sha256: {e}")))?;
+            let statement = arcade_p2p::publisher::statement(
+                r.id.as_str(),
+                &r.version.to_string(),
+                &content,
+                meta.len(),
+            );
+            (key.id().as_bytes().to_vec(), key.sign(&statement))
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     let header = pb::PushPluginHeader {
+        signer,
+        signature,
         plugin_id: r.id.to_string(),
         version: r.version.to_string(),
         plugin_type: args.plugin_type.unwrap_or_default(),

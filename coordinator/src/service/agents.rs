@@ -167,6 +167,8 @@ impl Shared {
             manifest: Some(manifest.to_proto()),
             peer_hints: hints,
             allowed_labels: plugin.allowed_labels.clone(),
+            signer: plugin.signer.clone(),
+            signature: plugin.signature.clone(),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arcade_p2p::labels;
+use arcade_p2p::publisher::{self, PublisherId};
 use arcade_p2p::{ContentId, ManifestBuilder, PluginRef};
 use arcade_proto::v1 as pb;
 use arcade_proto::v1::plugin_admin_server::PluginAdmin;
@@ -152,6 +153,20 @@ impl PluginAdminService {
                 )));
             }
         }
+        if !header.signer.is_empty() || !header.signature.is_empty() {
+            // Agents check signatures against their own keys; the coordinator refuses a
+            // signature that cannot be the publisher's for these bytes, so a mistake shows
+            // at push time, not as jobs refused across the fleet.
+            let signer = PublisherId::from_bytes(&header.signer)
+                .map_err(|e| Status::invalid_argument(format!("signer: {e}")))?;
+            let statement =
+                publisher::statement(r.id.as_str(), &r.version.to_string(), &id, manifest.size());
+            if !signer.verifies(&statement, &header.signature) {
+                return Err(Status::invalid_argument(format!(
+                    "the signature by {signer} does not match {key} with sha256 {id}; nothing stored"
+                )));
+            }
+        }
         if !s.config.raw.plugin.security.allow_unsafe && !looks_executable(&head) {
             return Err(Status::invalid_argument(format!(
                 "plugin {key} is neither an ELF executable nor a script starting with `#!`; set [plugin.security] allow_unsafe = true to accept other content"
@@ -191,6 +206,8 @@ impl PluginAdminService {
             allowed_labels: labels::to_proto(&allowed),
             enabled: true,
             created_at: now_ms(),
+            signer: header.signer.clone(),
+            signature: header.signature.clone(),
         };
         let _guard = s.content_lock.lock().await;
         staged.commit(&id).await.map_err(|e| not_stored(&key, e))?;
