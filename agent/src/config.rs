@@ -69,6 +69,8 @@ pub struct TrustConfig {
     pub publisher_keys: Vec<String>,
     /// Refuse to run a plugin that is unsigned or signed by a key not listed here.
     pub require_signature: bool,
+    /// The same, for plugin ids starting with one of these prefixes only (`deploy/`).
+    pub require_signature_for: Vec<String>,
 }
 
 /// `[tls]`: TLS towards the coordinator (an `https://` URL).
@@ -399,6 +401,8 @@ publisher_keys = []
 # Also refuse plugins that are unsigned or signed by a key not listed above, even when
 # the coordinator serves them.
 require_signature = false
+# The same for plugin ids starting with one of these prefixes only, e.g. ["deploy/"].
+require_signature_for = []
 
 [mesh]
 # Run the libp2p host and serve cached chunks to peers the coordinator vouched for.
@@ -690,8 +694,22 @@ impl AgentConfig {
             self.trust.publisher_keys.iter().map(String::as_str),
             self.trust.require_signature,
         )
-        .map_err(|e| bad("trust.publisher_keys", e.to_string()))?;
-        if self.trust.require_signature && self.trust.publisher_keys.is_empty() {
+        .map_err(|e| bad("trust.publisher_keys", e.to_string()))?
+        .require_for(self.trust.require_signature_for.iter().cloned());
+        if let Some(p) = self
+            .trust
+            .require_signature_for
+            .iter()
+            .find(|p| p.is_empty())
+        {
+            return Err(bad(
+                "trust.require_signature_for",
+                format!("{p:?}: an empty prefix matches every plugin; use require_signature"),
+            ));
+        }
+        if (self.trust.require_signature || !self.trust.require_signature_for.is_empty())
+            && self.trust.publisher_keys.is_empty()
+        {
             return Err(bad(
                 "trust.require_signature",
                 "no plugin could run: list the publishers' keys in trust.publisher_keys",

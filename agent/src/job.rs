@@ -257,7 +257,7 @@ fn check_signature(
         u64::try_from(info.size).unwrap_or(u64::MAX),
     );
     trust
-        .check(&info.signer, &info.signature, &statement)
+        .check(&info.plugin_id, &info.signer, &info.signature, &statement)
         .map(|_| ())
         .map_err(|e| refused(e.to_string()))
 }

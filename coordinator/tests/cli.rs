@@ -449,7 +449,7 @@ fn job_create_get_list_wait_and_agents() {
     assert_eq!(job["timeout_seconds"], 60);
     assert_eq!(
         job["required_plugins"],
-        serde_json::json!([{"id": "notify/x", "version": "1.0.0", "stages": ["before", "after"]}])
+        serde_json::json!([{"id": "notify/x", "version": "1.0.0", "requested": "", "stages": ["before", "after"]}])
     );
     assert_eq!(job["attempts"], 0);
     assert_eq!(job["plugin_results"], serde_json::json!([]));

@@ -169,15 +169,17 @@ impl PublisherKey {
     }
 }
 
-/// Which publishers an agent trusts, and whether it runs unsigned plugins.
+/// Which publishers an agent trusts, and which plugins it runs only signed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustPolicy {
     keys: HashSet<PublisherId>,
     require: bool,
+    require_for: Vec<String>,
 }
 
 impl TrustPolicy {
-    /// `keys` as written in configuration (`ed25519:<hex>`).
+    /// `keys` as written in configuration (`ed25519:<hex>`); `require`: every plugin
+    /// must be signed by one of them (see also [`Self::require_for`]).
     pub fn new<'a>(
         keys: impl IntoIterator<Item = &'a str>,
         require: bool,
@@ -185,42 +187,51 @@ impl TrustPolicy {
         Ok(Self {
             keys: keys.into_iter().map(str::parse).collect::<Result<_, _>>()?,
             require,
+            require_for: Vec::new(),
         })
     }
 
-    /// Whether unsigned plugins and unknown signers are refused.
-    pub fn requires_signature(&self) -> bool {
-        self.require
+    /// Also requires signatures for plugin ids starting with any of `prefixes`.
+    pub fn require_for(mut self, prefixes: impl IntoIterator<Item = String>) -> Self {
+        self.require_for.extend(prefixes);
+        self
     }
 
-    /// Checks a plugin's signature. `Ok(Some(key))`: signed by a trusted key. `Ok(None)`:
-    /// unsigned or signed by an unknown key, and no signature is required. A signature
-    /// by a trusted key that does not verify is refused whatever the policy.
+    /// Whether plugin `id` must be signed by a trusted key.
+    pub fn requires_signature(&self, id: &str) -> bool {
+        self.require || self.require_for.iter().any(|p| id.starts_with(p.as_str()))
+    }
+
+    /// Checks plugin `id`'s signature. `Ok(Some(key))`: signed by a trusted key.
+    /// `Ok(None)`: unsigned or signed by an unknown key, and `id` needs no signature.
+    /// A signature by a trusted key that does not verify is refused whatever the policy.
     pub fn check(
         &self,
+        id: &str,
         signer: &[u8],
         signature: &[u8],
         statement: &[u8],
     ) -> Result<Option<PublisherId>, SignatureError> {
+        let require = self.requires_signature(id);
         if signer.is_empty() && signature.is_empty() {
-            return if self.require {
+            return if require {
                 Err(SignatureError::Unsigned)
             } else {
                 Ok(None)
             };
         }
-        let id = PublisherId::from_bytes(signer)?;
-        if !self.keys.contains(&id) {
-            return if self.require {
-                Err(SignatureError::UnknownSigner(id))
+        let key = PublisherId::from_bytes(signer)?;
+        if !self.keys.contains(&key) {
+            return if require {
+                Err(SignatureError::UnknownSigner(key))
             } else {
                 Ok(None)
             };
         }
-        if id.verifies(statement, signature) {
-            Ok(Some(id))
+        if key.verifies(statement, signature) {
+            Ok(Some(key))
         } else {
-            Err(SignatureError::BadSignature(id))
+            Err(SignatureError::BadSignature(key))
         }
     }
 }
@@ -246,7 +257,9 @@ mod tests {
         let id = key.id();
         let policy = TrustPolicy::new([id.to_string().as_str()], true).unwrap();
         assert_eq!(
-            policy.check(id.as_bytes(), &sig, &signed).unwrap(),
+            policy
+                .check("notify/x", id.as_bytes(), &sig, &signed)
+                .unwrap(),
             Some(id.clone())
         );
         for other in [
@@ -256,7 +269,7 @@ mod tests {
             statement("notify/y", "1.0.0", &ContentId::of_bytes(b"abc"), 3),
         ] {
             assert_eq!(
-                policy.check(id.as_bytes(), &sig, &other),
+                policy.check("notify/x", id.as_bytes(), &sig, &other),
                 Err(SignatureError::BadSignature(id.clone()))
             );
         }
@@ -264,7 +277,7 @@ mod tests {
         let lenient = TrustPolicy::new([id.to_string().as_str()], false).unwrap();
         assert!(
             lenient
-                .check(id.as_bytes(), &sig, &stmt("2.0.0", b"abc"))
+                .check("notify/x", id.as_bytes(), &sig, &stmt("2.0.0", b"abc"))
                 .is_err()
         );
     }
@@ -277,23 +290,32 @@ mod tests {
         let required = TrustPolicy::new([trusted.id().to_string().as_str()], true).unwrap();
         let optional = TrustPolicy::new([trusted.id().to_string().as_str()], false).unwrap();
         assert_eq!(
-            required.check(&[], &[], &signed),
+            required.check("notify/x", &[], &[], &signed),
             Err(SignatureError::Unsigned)
         );
-        assert_eq!(optional.check(&[], &[], &signed), Ok(None));
+        assert_eq!(optional.check("notify/x", &[], &[], &signed), Ok(None));
         let sig = stranger.sign(&signed);
         assert_eq!(
-            required.check(stranger.id().as_bytes(), &sig, &signed),
+            required.check("notify/x", stranger.id().as_bytes(), &sig, &signed),
             Err(SignatureError::UnknownSigner(stranger.id()))
         );
         assert_eq!(
-            optional.check(stranger.id().as_bytes(), &sig, &signed),
+            optional.check("notify/x", stranger.id().as_bytes(), &sig, &signed),
             Ok(None)
         );
         assert!(matches!(
-            required.check(&[1, 2, 3], &sig, &signed),
+            required.check("notify/x", &[1, 2, 3], &sig, &signed),
             Err(SignatureError::BadKey(_))
         ));
+        // Required for some ids only.
+        let prefixed = optional.clone().require_for(["deploy/".to_owned()]);
+        assert_eq!(
+            prefixed.check("deploy/prod", &[], &[], &signed),
+            Err(SignatureError::Unsigned)
+        );
+        assert_eq!(prefixed.check("notify/x", &[], &[], &signed), Ok(None));
+        assert!(prefixed.requires_signature("deploy/x"));
+        assert!(!prefixed.requires_signature("deployx"));
     }
 
     #[test]
