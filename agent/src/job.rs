@@ -86,17 +86,7 @@ pub async fn run_job(
     for info in &job.plugins {
         if let Err(message) = check_signature(&ctx.config.trust, info) {
             tracing::warn!(job = %job.job_id, plugin = %info.plugin_id, version = %info.version, %message, "plugin refused");
-            results.push(pb::PluginExecutionResult {
-                plugin_id: info.plugin_id.clone(),
-                plugin_name: info.name.clone(),
-                version: info.version.clone(),
-                stage: "signature".into(),
-                success: false,
-                error_message: message.clone(),
-                start_time: started_at,
-                end_time: now_ms(),
-                ..Default::default()
-            });
+            results.push(not_ready(info, "signature", &message, started_at));
             return fail(report, results, message);
         }
     }
@@ -120,17 +110,7 @@ pub async fn run_job(
                 ready.push(r);
             }
             Err(message) => {
-                results.push(pb::PluginExecutionResult {
-                    plugin_id: info.plugin_id.clone(),
-                    plugin_name: info.name.clone(),
-                    version: info.version.clone(),
-                    stage: "fetch".into(),
-                    success: false,
-                    error_message: message.clone(),
-                    start_time: started_at,
-                    end_time: now_ms(),
-                    ..Default::default()
-                });
+                results.push(not_ready(info, "fetch", &message, started_at));
                 return fail(report, results, message);
             }
         }
@@ -239,6 +219,27 @@ pub async fn run_job(
 
 /// Fetches (or finds) one plugin, applying the fallback policy. Returns the ready
 /// plugin and, when a fallback was used, the result that records it.
+/// The result of a plugin that could not be made ready at `stage` (`signature`,
+/// `fetch`): it fails the job before anything runs.
+fn not_ready(
+    info: &pb::PluginInfo,
+    stage: &str,
+    message: &str,
+    started_at: i64,
+) -> pb::PluginExecutionResult {
+    pb::PluginExecutionResult {
+        plugin_id: info.plugin_id.clone(),
+        plugin_name: info.name.clone(),
+        version: info.version.clone(),
+        stage: stage.into(),
+        success: false,
+        error_message: message.into(),
+        start_time: started_at,
+        end_time: now_ms(),
+        ..Default::default()
+    }
+}
+
 /// Checks `info`'s publisher signature under `trust`; the error says why it is refused.
 fn check_signature(
     trust: &arcade_p2p::publisher::TrustPolicy,
