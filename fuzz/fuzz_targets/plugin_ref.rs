@@ -7,14 +7,17 @@
 //! so it is a safe relative path; a version is semver of at most `MAX_VERSION_LEN`
 //! bytes; and every `Display` form parses back to an equal value.
 //!
-//! The text goes to `PluginId::parse`, `parse_version` and `PluginRef::from_str` whole,
-//! and to `PluginRef::new` split at its first newline (id, then version).
+//! The text goes to `PluginId::parse`, `parse_version`, `PluginRef::from_str`,
+//! `VersionSelector::parse` and `PluginSelector::from_str` whole, and to `PluginRef::new`
+//! split at its first newline (id, then version). An accepted selector shows as text
+//! that parses back to an equal selector (what `arcadectl` sends and the coordinator
+//! records), and an exact one matches its version only.
 #![no_main]
 
 use std::path::{Component, Path};
 
 use arcade_p2p::plugin_ref::{MAX_PLUGIN_ID_LEN, MAX_VERSION_LEN, parse_version};
-use arcade_p2p::{PluginId, PluginRef};
+use arcade_p2p::{PluginId, PluginRef, PluginSelector, VersionSelector};
 use libfuzzer_sys::fuzz_target;
 
 fn check_id(input: &str, id: &PluginId) {
@@ -93,6 +96,24 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let _ = e.to_string();
         }
+    }
+    match VersionSelector::parse(s) {
+        Ok(sel) => {
+            let shown = sel.to_string();
+            assert!(shown.len() <= MAX_VERSION_LEN, "{shown:?}");
+            assert_eq!(VersionSelector::parse(&shown).as_ref(), Ok(&sel), "{shown:?}");
+            if let VersionSelector::Exact(v) = &sel {
+                assert!(sel.is_exact() && sel.matches(v));
+                check_version(v);
+            }
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+    if let Ok(p) = s.parse::<PluginSelector>() {
+        check_id(p.id.as_str(), &p.id);
+        assert_eq!(p.to_string().parse::<PluginSelector>().as_ref(), Ok(&p));
     }
     let (id, version) = s.split_once('\n').unwrap_or((s, ""));
     if let Ok(r) = PluginRef::new(id, version) {

@@ -197,8 +197,10 @@ pub enum VersionSelector {
     Exact(semver::Version),
     /// The highest version in a semver range (`^1.2`, `~1.2.3`, `>=1.2, <2`). Cargo's
     /// rules: a pre-release matches only when the range names a pre-release of the same
-    /// `major.minor.patch`.
-    Range(semver::VersionReq),
+    /// `major.minor.patch`. Kept with the text it was parsed from, which is what it
+    /// shows (semver's own form may differ, e.g. `1.*` for `=1.*`, and would not
+    /// parse back as a selector).
+    Range(semver::VersionReq, String),
     /// The highest version that is not a pre-release.
     Latest,
 }
@@ -226,7 +228,7 @@ impl VersionSelector {
             return Err(bad("it starts with no range operator".into()));
         }
         semver::VersionReq::parse(selector)
-            .map(Self::Range)
+            .map(|req| Self::Range(req, selector.to_owned()))
             .map_err(|e| bad(e.to_string()))
     }
 
@@ -239,7 +241,7 @@ impl VersionSelector {
     pub fn matches(&self, version: &semver::Version) -> bool {
         match self {
             Self::Exact(v) => v == version,
-            Self::Range(req) => req.matches(version),
+            Self::Range(req, _) => req.matches(version),
             Self::Latest => version.pre.is_empty(),
         }
     }
@@ -257,7 +259,7 @@ impl fmt::Display for VersionSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Exact(v) => write!(f, "{v}"),
-            Self::Range(req) => write!(f, "{req}"),
+            Self::Range(_, text) => f.write_str(text),
             Self::Latest => f.write_str("latest"),
         }
     }
@@ -440,6 +442,12 @@ mod tests {
             VersionSelector::parse(&format!("^{}", "1".repeat(100))),
             Err(PluginRefError::VersionTooLong { .. })
         ));
+        // Shown as written: semver's own form of `=1.*` is `1.*`, not a selector.
+        for text in ["=1.*", ">=1,<2", "~1", "*"] {
+            let sel = VersionSelector::parse(text).unwrap();
+            assert_eq!(sel.to_string(), text);
+            assert_eq!(VersionSelector::parse(&sel.to_string()), Ok(sel));
+        }
         let s: PluginSelector = "notify/slack@^1.2".parse().unwrap();
         assert_eq!(s.to_string(), "notify/slack@^1.2");
         assert_eq!(
@@ -468,6 +476,10 @@ mod tests {
             let _ = PluginId::parse(&s);
             let _ = parse_version(&s);
             let _ = s.parse::<PluginRef>();
+            if let Ok(sel) = VersionSelector::parse(&s) {
+                prop_assert_eq!(VersionSelector::parse(&sel.to_string()), Ok(sel));
+            }
+            let _ = s.parse::<PluginSelector>();
         }
 
         #[test]

@@ -861,6 +861,11 @@ fn bad_versions() -> Vec<String> {
         "1.0.0 ",
         "latest",
         "../1.0.0",
+        "^",
+        "~x",
+        ">=1.0.0 <",
+        "^1.2 || 2",
+        "=1.0.0\0",
     ]
     .map(String::from)
     .to_vec();
@@ -969,8 +974,15 @@ async fn hostile_ids(
     for (id, version) in &pairs {
         n += 1;
         let shown: String = format!("{id:?}@{version:?}").chars().take(60).collect();
+        // A job may name a selector (`latest`): valid there, and this plugin has none.
+        let selector = arcade_p2p::PluginSelector::new(id, version).is_ok();
         for (rpc, got) in plugin_rpcs(conn, agent_token, id, version).await {
-            tally.status(&format!("{rpc} {shown}"), &[Code::InvalidArgument], got);
+            let expected = if rpc == "CreateJob" && selector {
+                Code::NotFound
+            } else {
+                Code::InvalidArgument
+            };
+            tally.status(&format!("{rpc} {shown}"), &[expected], got);
         }
     }
     // Content ids.
