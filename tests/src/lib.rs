@@ -73,9 +73,16 @@ impl TestCoordinator {
 
     /// Stops the coordinator (graceful) and starts it again on the same data.
     pub async fn restart(&mut self) {
+        self.restart_after(|_| {}).await;
+    }
+
+    /// Stops the coordinator (graceful), hands its data directory to `while_stopped`
+    /// (to tamper with its files, as a compromised host would), and starts it again.
+    pub async fn restart_after(&mut self, while_stopped: impl FnOnce(&Path)) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
+        while_stopped(&self.config.data_dir);
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".into();
         let running = RunningCoordinator::start(config.validate().expect("valid config"))

@@ -1,7 +1,9 @@
 //! Publisher-signed plugins: an agent with `[trust] require_signature` runs only what a
 //! key it lists signed — whatever the coordinator serves — and says why in the job
-//! result; the coordinator refuses a signature that does not match the pushed bytes.
-//! Real coordinator and agent over gRPC on loopback.
+//! result; the coordinator refuses a signature that does not match the pushed bytes;
+//! and a coordinator whose store was rewritten (a signed name pointed at other bytes,
+//! a signature stripped) cannot make an agent run them. Real coordinator and agent over
+//! gRPC on loopback, the store tampered with in its redb file while stopped.
 
 use std::path::Path;
 
@@ -123,4 +125,109 @@ async fn agents_run_only_what_a_trusted_publisher_signed() {
             "{plugin_id} ran"
         );
     }
+}
+
+/// Rewrites the stored record of `key` (`id@version`) in a stopped coordinator's redb
+/// file, as someone with the coordinator host's disk could.
+fn tamper(data_dir: &Path, key: &str, change: impl FnOnce(&mut pb::PluginVersion)) {
+    use prost::Message as _;
+    use redb::ReadableTable as _;
+    let plugins: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("plugins");
+    let db = redb::Database::open(data_dir.join("coordinator.redb")).expect("open the store");
+    let tx = db.begin_write().unwrap();
+    {
+        let mut table = tx.open_table(plugins).unwrap();
+        let mut record =
+            pb::PluginVersion::decode(table.get(key).unwrap().expect("stored").value()).unwrap();
+        change(&mut record);
+        table
+            .insert(key, record.encode_to_vec().as_slice())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// The attack the signatures are for: the coordinator's store is rewritten so that a
+/// signed plugin's record names other bytes, or loses its signature. The coordinator
+/// serves what its store says; the agent refuses it and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_coordinator_store_cannot_make_agents_run_other_code() {
+    let mut c = TestCoordinator::start(|_| {}).await;
+    let publisher = PublisherKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = |name: &str| dir.path().join(name);
+    let good = plugin(&marker("good"));
+    let evil = plugin(&marker("evil"));
+    for id in ["sig/swapped", "sig/stripped"] {
+        c.push(
+            id,
+            "1.0.0",
+            &good,
+            signed_header(&publisher, id, "1.0.0", &good),
+        )
+        .await
+        .unwrap();
+    }
+    // The attacker's bytes reach the store the ordinary way, unsigned.
+    let evil_record = c
+        .push("x/evil", "1.0.0", &evil, Default::default())
+        .await
+        .unwrap()
+        .plugin
+        .unwrap();
+    c.restart_after(|data| {
+        tamper(data, "sig/swapped@1.0.0", |r| {
+            r.sha256 = evil_record.sha256.clone();
+            r.size = evil_record.size;
+            r.chunks = evil_record.chunks;
+            r.chunk_size = evil_record.chunk_size;
+        });
+        tamper(data, "sig/stripped@1.0.0", |r| {
+            r.sha256 = evil_record.sha256.clone();
+            r.size = evil_record.size;
+            r.chunks = evil_record.chunks;
+            r.chunk_size = evil_record.chunk_size;
+            r.signer.clear();
+            r.signature.clear();
+        });
+    })
+    .await;
+    // The coordinator now describes the attacker's bytes under the signed names.
+    let listed = c
+        .plugins(arcade_tests::ADMIN)
+        .await
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "sig/swapped".into(),
+            version: "1.0.0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(listed.sha256, evil_record.sha256);
+
+    let key = publisher.id().to_string();
+    let _agent = TestAgent::start(&c.url, ENROLL, "strict", |cfg, _| {
+        cfg.trust.publisher_keys = vec![key.clone()];
+        cfg.trust.require_signature = true;
+    })
+    .await;
+    for (id, why) in [
+        (
+            "sig/swapped",
+            "does not match this plugin's id, version and content",
+        ),
+        ("sig/stripped", "is not signed"),
+    ] {
+        let job = wait_job(&c, &create_job(&c, id, "1.0.0", "true", &[]).await).await;
+        assert_eq!(job.status(), pb::JobStatus::Failed, "{id}");
+        assert!(
+            job.error_message.contains(why),
+            "{id}: {}",
+            job.error_message
+        );
+        assert_eq!(job.plugin_results[0].stage, "signature", "{id}");
+    }
+    assert!(!marker("evil").exists(), "the attacker's plugin ran");
 }
