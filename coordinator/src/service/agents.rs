@@ -1,24 +1,23 @@
 //! `Agent`: what agents call — register, heartbeat, long-poll for jobs, report results,
-//! manifests and the plugin list (`DownloadPlugin` is in `downloads.rs`).
+//! manifests and the plugin list (`DownloadPlugin` is in `downloads.rs`, the long-poll's
+//! hand-out in `long_poll.rs`, what agents are told about plugins in
+//! `agent_plugins.rs`).
 //!
 //! Costs per call are bounded by the calling agent's own state: a heartbeat touches only
 //! memory (its installed list is written when it changes); a `FetchJob` takes a job from
 //! the in-memory dispatch or waits to be handed one, and a lease is one store write.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use arcade_p2p::labels;
-use arcade_p2p::{ContentId, Manifest, PluginRef};
+use arcade_p2p::{ContentId, PluginRef};
 use arcade_proto::v1 as pb;
 use arcade_proto::v1::agent_server::Agent;
 use rand::RngCore as _;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::downloads::{self, DownloadStream};
 use super::{Shared, SharedRef, keep_tail, now_ms, shown, token_hash};
-use crate::dispatch::{QueuedJob, WaiterId};
 use crate::store::{AgentRecord, Installed, JobOutcome};
 
 /// Most plugin results in one job report, and the largest `result` of one (agents learn
@@ -92,249 +91,6 @@ fn stage_names() -> [pb::Stage; 4] {
         pb::Stage::OnFailure,
         pb::Stage::After,
     ]
-}
-
-/// A job taken from the dispatch but not yet leased in the store: given back to the
-/// queue, at its old place, unless [`Reserved::leased`] is called (also when the call
-/// is dropped half-way because the agent hung up).
-struct Reserved<'a> {
-    shared: &'a Shared,
-    job: Option<QueuedJob>,
-}
-
-impl Reserved<'_> {
-    fn job_id(&self) -> &str {
-        self.job.as_ref().map(|j| j.job_id.as_str()).unwrap_or("")
-    }
-
-    /// The store has decided (leased, or skipped: cancelled or taken elsewhere).
-    fn settled(mut self) {
-        self.job = None;
-    }
-}
-
-impl Drop for Reserved<'_> {
-    fn drop(&mut self) {
-        if let Some(job) = self.job.take() {
-            let mut d = self.shared.dispatch.lock().expect("dispatch lock");
-            d.restore(job);
-            self.shared.sync_dispatch_gauges(&d);
-        }
-    }
-}
-
-/// A waiting `FetchJob`: on drop it leaves the waiters, and a job handed to it in the
-/// meantime goes back to the queue (the hand-off and this happen under the dispatch
-/// lock, so a job is never lost between them).
-struct Waiting<'a> {
-    shared: &'a Shared,
-    id: WaiterId,
-    rx: Option<oneshot::Receiver<QueuedJob>>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let mut d = self.shared.dispatch.lock().expect("dispatch lock");
-        d.stop_waiting(self.id);
-        if let Some(mut rx) = self.rx.take() {
-            rx.close();
-            if let Ok(job) = rx.try_recv() {
-                d.restore(job);
-            }
-        }
-        self.shared.sync_dispatch_gauges(&d);
-    }
-}
-
-impl Shared {
-    pub(crate) fn plugin_info(
-        &self,
-        plugin: &pb::PluginVersion,
-        manifest: &Manifest,
-        stages: Vec<i32>,
-        hints: Vec<pb::PeerHint>,
-    ) -> pb::PluginInfo {
-        pb::PluginInfo {
-            plugin_id: plugin.plugin_id.clone(),
-            name: plugin.name.clone(),
-            version: plugin.version.clone(),
-            checksum: plugin.sha256.clone(),
-            size: plugin.size as i64,
-            download_url: String::new(),
-            location: pb::PluginLocation::Server as i32,
-            plugin_type: plugin.plugin_type.clone(),
-            stages,
-            manifest: Some(manifest.to_proto()),
-            peer_hints: hints,
-            allowed_labels: plugin.allowed_labels.clone(),
-            signer: plugin.signer.clone(),
-            signature: plugin.signature.clone(),
-        }
-    }
-
-    /// Resolves a plugin version or a content id for an agent, checking access.
-    pub(crate) async fn resolve_for_agent(
-        &self,
-        agent: &AgentRecord,
-        plugin_id: &str,
-        version: &str,
-        sha256: &str,
-    ) -> Result<(pb::PluginVersion, Arc<Manifest>), Status> {
-        let plugin = if !plugin_id.is_empty() {
-            let r = PluginRef::new(plugin_id, version)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let p = self.plugin(&r.key()).await?;
-            Self::check_acl(agent, &p)?;
-            if !p.enabled {
-                return Err(Status::failed_precondition(format!(
-                    "plugin {} is disabled: it is no longer served; enable it or use another version",
-                    r.key()
-                )));
-            }
-            p
-        } else if !sha256.is_empty() {
-            let id: ContentId = sha256
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("sha256: {e}")))?;
-            let candidates = self.store.plugins_with_content(id).await?;
-            if candidates.is_empty() {
-                return Err(Status::not_found(format!("no plugin has content {id}")));
-            }
-            let mut last = None;
-            let mut found = None;
-            if candidates.iter().all(|p| !p.enabled) {
-                return Err(Status::failed_precondition(format!(
-                    "every plugin version with content {id} is disabled: it is no longer served"
-                )));
-            }
-            for p in candidates.into_iter().filter(|p| p.enabled) {
-                match Self::check_acl(agent, &p) {
-                    Ok(()) => {
-                        found = Some(p);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            match (found, last) {
-                (Some(p), _) => p,
-                (None, Some(e)) => return Err(e),
-                (None, None) => {
-                    return Err(Status::not_found(format!("no plugin has content {id}")));
-                }
-            }
-        } else {
-            return Err(Status::invalid_argument(
-                "give plugin_id and version, or sha256",
-            ));
-        };
-        let id: ContentId = plugin
-            .sha256
-            .parse()
-            .map_err(|_| Status::internal("stored plugin has a bad sha256"))?;
-        let manifest = self.manifest(id).await?;
-        Ok((plugin, manifest))
-    }
-
-    /// Builds the agent-facing job: plugin infos with manifests and peer hints.
-    async fn job_for_agent(
-        &self,
-        agent: &AgentRecord,
-        detail: pb::JobDetail,
-    ) -> Result<pb::Job, Status> {
-        let mut plugins = Vec::with_capacity(detail.required_plugins.len());
-        for req in &detail.required_plugins {
-            let (plugin, manifest) = self
-                .resolve_for_agent(agent, &req.plugin_id, &req.version, "")
-                .await?;
-            let hints = self.peer_hints(agent, &plugin);
-            plugins.push(self.plugin_info(&plugin, &manifest, req.stages.clone(), hints));
-        }
-        Ok(pb::Job {
-            job_id: detail.job_id,
-            name: detail.name,
-            commands: detail.commands,
-            parameters: detail.parameters,
-            timeout_seconds: detail.timeout_seconds,
-            attempt: detail.attempts,
-            plugins,
-        })
-    }
-}
-
-impl Shared {
-    /// Takes up to `max` jobs for `agent` now, or waits (until `deadline`) to be handed
-    /// one, then leases them in the store; empty when none came in time.
-    async fn lease_for(
-        &self,
-        agent: &AgentRecord,
-        labels: Arc<labels::Labels>,
-        max: usize,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<pb::JobDetail>, Status> {
-        loop {
-            let mut reserved: Vec<Reserved<'_>> = Vec::new();
-            let waiting = {
-                let mut d = self.dispatch.lock().expect("dispatch lock");
-                while reserved.len() < max {
-                    match d.take(&labels) {
-                        Some(job) => reserved.push(Reserved {
-                            shared: self,
-                            job: Some(job),
-                        }),
-                        None => break,
-                    }
-                }
-                let waiting = reserved.is_empty().then(|| {
-                    let (tx, rx) = oneshot::channel();
-                    Waiting {
-                        shared: self,
-                        id: d.wait(labels.clone(), tx),
-                        rx: Some(rx),
-                    }
-                });
-                self.sync_dispatch_gauges(&d);
-                waiting
-            };
-            if let Some(mut waiting) = waiting {
-                let rx = waiting.rx.as_mut().expect("receiver is set");
-                tokio::select! {
-                    handed = rx => {
-                        waiting.rx = None;
-                        match handed {
-                            Ok(job) => reserved.push(Reserved { shared: self, job: Some(job) }),
-                            Err(_) => return Ok(Vec::new()),
-                        }
-                    }
-                    _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
-                    _ = self.shutdown.cancelled() => return Ok(Vec::new()),
-                }
-            }
-            if !self.is_current(agent) {
-                // Removed or re-registered while waiting: the jobs go back (on drop).
-                return Err(Status::unauthenticated(
-                    "this agent was removed or registered again: Register again",
-                ));
-            }
-            let mut leased = Vec::new();
-            for r in reserved {
-                let job = self
-                    .store
-                    .claim_job(r.job_id(), &agent.agent_id, now_ms())
-                    .await?;
-                r.settled();
-                if let Some(job) = job {
-                    self.start_lease(&agent.agent_id, &job.job_id);
-                    tracing::info!(job = %job.job_id, agent = %agent.agent_id, attempt = job.attempts, "job leased");
-                    leased.push(job);
-                }
-            }
-            if !leased.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(leased);
-            }
-            // Every job we got had been cancelled meanwhile: wait on.
-        }
-    }
 }
 
 #[tonic::async_trait]

@@ -17,6 +17,7 @@
 //! - `gate.rs` — the tower layer that refuses unknown tokens before a body is read.
 //! - `identity.rs` — enrolment tokens and granted labels, id ↔ key binding, revoked peers.
 
+pub(crate) mod agent_plugins;
 pub(crate) mod agents;
 pub(crate) mod downloads;
 pub(crate) mod fleet;
@@ -27,6 +28,7 @@ pub(crate) mod hints;
 pub(crate) mod identity;
 pub(crate) mod jobs;
 pub(crate) mod leases;
+pub(crate) mod long_poll;
 pub(crate) mod plugins;
 
 use std::collections::HashMap;
