@@ -175,18 +175,16 @@ async fn a_tampered_coordinator_store_cannot_make_agents_run_other_code() {
         .unwrap()
         .plugin
         .unwrap();
+    let point_at_evil = |r: &mut pb::PluginVersion| {
+        r.sha256 = evil_record.sha256.clone();
+        r.size = evil_record.size;
+        r.chunks = evil_record.chunks;
+        r.chunk_size = evil_record.chunk_size;
+    };
     c.restart_after(|data| {
-        tamper(data, "sig/swapped@1.0.0", |r| {
-            r.sha256 = evil_record.sha256.clone();
-            r.size = evil_record.size;
-            r.chunks = evil_record.chunks;
-            r.chunk_size = evil_record.chunk_size;
-        });
+        tamper(data, "sig/swapped@1.0.0", point_at_evil);
         tamper(data, "sig/stripped@1.0.0", |r| {
-            r.sha256 = evil_record.sha256.clone();
-            r.size = evil_record.size;
-            r.chunks = evil_record.chunks;
-            r.chunk_size = evil_record.chunk_size;
+            point_at_evil(r);
             r.signer.clear();
             r.signature.clear();
         });
