@@ -93,6 +93,8 @@ pub struct RunningCoordinator {
     metrics: Metrics,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The store, to see that shutdown released it (connection tasks may still hold it).
+    store: std::sync::Weak<dyn MetaStore>,
 }
 
 fn path_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
@@ -206,6 +208,7 @@ impl RunningCoordinator {
                 .await
                 .map_err(|e| StartError::Cleanup(e.to_string()))??,
         );
+        let store_weak = Arc::downgrade(&store);
         let storage = config.storage_path.clone();
         let blobs: Arc<dyn BlobStore> = Arc::new(
             tokio::task::spawn_blocking(move || FsBlobStore::open(&storage))
@@ -400,6 +403,7 @@ impl RunningCoordinator {
             metrics,
             shutdown,
             tasks,
+            store: store_weak,
         })
     }
 
@@ -443,6 +447,19 @@ impl RunningCoordinator {
         {
             tracing::warn!("shutdown drain timed out; aborting remaining tasks");
             self.tasks.abort_all();
+        }
+        // Connection tasks outside the set may hold the store a moment longer; the
+        // caller may reopen the same files as soon as this returns (a restart).
+        let released = async {
+            while self.store.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), released)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store is still in use 10 s after shutdown");
         }
         tracing::info!("coordinator stopped");
     }
