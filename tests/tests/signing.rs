@@ -76,6 +76,22 @@ async fn agents_run_only_what_a_trusted_publisher_signed() {
             err.message()
         );
     }
+    // A signature cannot be added to (or swapped on) a version already pushed.
+    let err = c
+        .push(
+            "sig/unsigned",
+            "1.0.0",
+            &unsigned,
+            signed_header(&trusted, "sig/unsigned", "1.0.0", &unsigned),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    assert!(
+        err.message().contains("unsigned") && err.message().contains("push a new version"),
+        "{}",
+        err.message()
+    );
     let mut half = signed_header(&trusted, "sig/other", "1.0.0", &other);
     half.signature.clear();
     let err = c

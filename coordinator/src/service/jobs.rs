@@ -56,7 +56,7 @@ async fn resolve(s: &super::Shared, wanted: &PluginSelector) -> Result<PluginRef
             shown.sort();
             let shown: Vec<String> = shown.iter().rev().take(10).map(|v| v.to_string()).collect();
             Err(Status::failed_precondition(format!(
-                "no enabled version of {} matches {} (enabled, newest first: {})",
+                "no enabled version of {} matches {} (enabled, newest first: {}); push or enable a matching version, or name another",
                 wanted.id,
                 wanted.selector,
                 if shown.is_empty() {

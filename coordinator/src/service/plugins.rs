@@ -173,6 +173,19 @@ impl PluginAdminService {
             )));
         }
         if let Some(old) = existing {
+            let signed = !header.signer.is_empty();
+            if old.sha256 == id.to_hex()
+                && signed
+                && (old.signer != header.signer || old.signature != header.signature)
+            {
+                // Answering "unchanged" would drop the signature the publisher sent.
+                let was = PublisherId::from_bytes(&old.signer)
+                    .map(|k| format!("signed by {k}"))
+                    .unwrap_or_else(|_| "unsigned".into());
+                return Err(Status::already_exists(format!(
+                    "plugin {key} already exists, {was}; a pushed version's signature cannot change: push a new version"
+                )));
+            }
             return if old.sha256 == id.to_hex() {
                 // The same version again: its stored content is checked and, if it was
                 // damaged or lost on disk, replaced by these verified bytes.
