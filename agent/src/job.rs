@@ -241,7 +241,7 @@ fn not_ready(
 }
 
 /// Checks `info`'s publisher signature under `trust`; the error says why it is refused.
-fn check_signature(
+pub(crate) fn check_signature(
     trust: &arcade_p2p::publisher::TrustPolicy,
     info: &pb::PluginInfo,
 ) -> Result<(), String> {

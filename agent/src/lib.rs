@@ -11,6 +11,8 @@
 //! - [`identity`] — the agent's long-lived key (its id at the coordinator, its peer id).
 //! - [`job`] — one job: plugins, stages, commands, the report.
 //! - [`mesh`] — the agent's libp2p host and what it serves from the cache.
+//! - `preheat` — background fetches and pins the coordinator orders in heartbeat
+//!   answers.
 //! - [`session`] — the connection and token to the coordinator.
 //! - [`runtime`] — the running agent: register, heartbeat, poll, shutdown.
 //! - [`config`], [`cli`], [`metrics`].
@@ -26,5 +28,6 @@ pub mod identity;
 pub mod job;
 pub mod mesh;
 pub mod metrics;
+pub(crate) mod preheat;
 pub mod runtime;
 pub mod session;

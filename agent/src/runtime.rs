@@ -26,6 +26,7 @@ use crate::fetch::source::CoordinatorSource;
 use crate::job::{JobContext, run_job};
 use crate::mesh::MeshNode;
 use crate::metrics::{Metrics, StatusLabel};
+use crate::preheat::{PreheatContext, Preheater};
 use crate::session::{Session, installed_list};
 
 /// Most installed plugins reported (the coordinator's limit).
@@ -98,6 +99,8 @@ struct Core {
     cache: PluginCache,
     fetcher: Fetcher,
     metrics: Metrics,
+    /// Preheat orders being carried out, and their reports.
+    preheat: Preheater,
     /// Running job id → its stop token.
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Running jobs an admin cancelled (reported as CANCELLED once stopped).
@@ -245,6 +248,7 @@ impl Core {
             }
             let installed = self.installed().await;
             let changed = self.reported.lock().expect("reported lock").as_ref() != Some(&installed);
+            let reports = self.preheat.take_reports();
             let req = pb::HeartbeatRequest {
                 agent_id: self.config.id.clone(),
                 running_jobs: self.running_ids(),
@@ -257,6 +261,7 @@ impl Core {
                 revocations_seen: self
                     .revocations_seen
                     .load(std::sync::atomic::Ordering::Relaxed),
+                preheat_reports: reports.clone(),
             };
             match self.session.client().heartbeat(req).await {
                 Ok(resp) => {
@@ -264,6 +269,7 @@ impl Core {
                         *self.reported.lock().expect("reported lock") = Some(installed);
                     }
                     let resp = resp.into_inner();
+                    self.preheat.handle(resp.preheat);
                     self.revocations_seen
                         .store(resp.revocations_upto, std::sync::atomic::Ordering::Relaxed);
                     if let (Some(mesh), false) = (&self.mesh, resp.revoked_peers.is_empty()) {
@@ -309,12 +315,14 @@ impl Core {
                     }
                 }
                 Err(s) if s.code() == Code::Unauthenticated => {
+                    self.preheat.restore(reports);
                     tracing::warn!("coordinator does not know our token: registering again");
                     if let Ok(i) = self.register().await {
                         interval = i;
                     }
                 }
                 Err(s) => {
+                    self.preheat.restore(reports);
                     if !was_down {
                         tracing::warn!(error = %s.message(), "heartbeat failed; coordinator unreachable?");
                     }
@@ -569,6 +577,7 @@ impl Core {
             .await;
         }
         self.stop_jobs.cancel();
+        self.preheat.drain().await;
         serving.abort();
         let _ = serving.await;
         let _ = heartbeat.await;
@@ -682,7 +691,16 @@ impl RunningAgent {
                 bound
             }
         };
+        let preheat = Preheater::new(PreheatContext {
+            agent_id: config.id.clone(),
+            session: session.clone(),
+            fetcher: fetcher.clone(),
+            cache: cache.clone(),
+            trust: config.trust.clone(),
+            stop: stop_jobs.clone(),
+        });
         let core = Arc::new(Core {
+            preheat,
             config,
             key,
             revocations_seen: std::sync::atomic::AtomicU64::new(0),

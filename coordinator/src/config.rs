@@ -204,6 +204,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Longest preheat (`plugin.preheat_pin`, `PreheatPluginRequest.pin_seconds`).
+pub const MAX_PREHEAT_PIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 /// `[plugin]`: storage and limits of plugin content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -218,6 +221,11 @@ pub struct PluginConfig {
     pub enable_cache: bool,
     /// How long a cached manifest or record is kept (integer = seconds).
     pub cache_ttl: Seconds,
+    /// How long a preheat lasts and agents keep its content pinned, when the request
+    /// does not say (integer = seconds).
+    pub preheat_pin: Seconds,
+    /// Most preheats active at once.
+    pub max_preheats: u32,
     /// `[plugin.security]`.
     pub security: SecurityConfig,
 }
@@ -281,6 +289,8 @@ impl Default for PluginConfig {
             chunk_size: ByteSize::mib(1),
             enable_cache: true,
             cache_ttl: Seconds::secs(3600),
+            preheat_pin: Seconds::secs(86_400),
+            max_preheats: 64,
             security: SecurityConfig::default(),
         }
     }
@@ -347,6 +357,12 @@ chunk_size = "1MiB"
 # Keep decoded manifests and plugin records in memory for cache_ttl.
 enable_cache = true
 cache_ttl = "1h"
+# How long a preheat (arcadectl plugin preheat) lasts and agents keep its content
+# pinned against eviction, unless the preheat says (--pin); at most 30d.
+preheat_pin = "1d"
+# Most preheats active at once (a new preheat of the same content and labels replaces
+# the old one).
+max_preheats = 64
 
 [plugin.security]
 # Every push must state the SHA-256 of its content (arcadectl computes it).
@@ -558,6 +574,12 @@ impl CoordinatorConfig {
                 "plugin.cache_ttl",
                 "must be positive when enable_cache = true",
             ));
+        }
+        if p.preheat_pin.get().is_zero() || p.preheat_pin.get() > MAX_PREHEAT_PIN {
+            return Err(bad("plugin.preheat_pin", "must be between 1s and 30d"));
+        }
+        if p.max_preheats == 0 || p.max_preheats > 1024 {
+            return Err(bad("plugin.max_preheats", "must be between 1 and 1024"));
         }
         let j = &self.jobs;
         if j.lease_ttl.get() < std::time::Duration::from_millis(500)

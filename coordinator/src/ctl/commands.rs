@@ -38,6 +38,13 @@ pub(super) async fn dispatch(ctx: &Ctx, command: Command) -> Result<(), CtlError
         Command::Plugin(PluginCommand::Delete { reference }) => {
             plugin_delete(ctx, &reference).await
         }
+        Command::Plugin(PluginCommand::Preheat(args)) => super::preheat::preheat(ctx, args).await,
+        Command::Plugin(PluginCommand::PreheatStatus {
+            id,
+            wait,
+            timeout,
+            json,
+        }) => super::preheat::status(ctx, id, wait, timeout.map(|t| t.get()), json).await,
         Command::Job(JobCommand::Create(args)) => job_create(ctx, args).await,
         Command::Job(JobCommand::Get { id, json }) => job_get(ctx, id, json).await,
         Command::Job(JobCommand::List {

@@ -5,6 +5,7 @@
 //! - `client` — the connection: admin token on every call, 80 MiB decode limit;
 //! - `push` — `plugin push` (streaming hash, then a client-streamed upload);
 //! - `commands` — the other plugin, job and agent commands;
+//! - `preheat` — `plugin preheat` and `plugin preheat-status` (progress, `--wait`);
 //! - `enroll` — `enroll create | list | revoke` (enrolment tokens that grant labels);
 //! - `output` — the `--json` shapes and the human tables;
 //! - `error` — [`CtlError`].
@@ -14,6 +15,7 @@ mod commands;
 mod enroll;
 mod error;
 mod output;
+mod preheat;
 mod push;
 
 use std::collections::BTreeMap;
@@ -30,6 +32,7 @@ pub use error::{CtlError, code_words};
 pub use output::{
     AgentJson, InstalledPluginJson, JobJson, PluginJson, PluginResultJson, RequiredPluginJson,
 };
+pub use preheat::{PreheatArgs, PreheatJson, PreheatTargetJson};
 
 /// Default coordinator URL.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
@@ -100,7 +103,7 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Plugin registry: push, list, get, enable, disable, delete.
+    /// Plugin registry: push, list, get, enable, disable, delete, preheat.
     #[command(subcommand)]
     Plugin(PluginCommand),
     /// Jobs: create, get, list, wait, cancel.
@@ -207,6 +210,24 @@ pub enum PluginCommand {
         /// `ID@VERSION`.
         #[arg(value_name = "ID@V")]
         reference: String,
+    },
+    /// Have the matching online agents fetch a plugin version in the background (over
+    /// the mesh, through their heartbeats) and pin it against eviction.
+    Preheat(PreheatArgs),
+    /// Show a preheat's progress: agents done / total, bytes from peers and from the
+    /// coordinator, agents not done.
+    PreheatStatus {
+        /// The preheat id (`ph-…`) that `plugin preheat` printed.
+        id: String,
+        /// Wait until every matching agent holds it (as `plugin preheat --wait`).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long, e.g. `10m` (with --wait).
+        #[arg(long, value_parser = arcade_p2p::settings::Seconds::parse, requires = "wait")]
+        timeout: Option<arcade_p2p::settings::Seconds>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -172,6 +172,11 @@ impl Agent for AgentService {
                 live.ticket_expires_at = ticket_expires_at;
             }
         }
+        // A restarted agent lost its preheat pins: it is told again.
+        s.preheats
+            .lock()
+            .expect("preheat lock")
+            .forget_agent(&record.agent_id);
         s.metrics.registrations.inc();
         tracing::info!(agent = %record.agent_id, labels = ?record.labels, installed = record.installed.len(), "agent registered");
         let jobs = &s.config.raw.jobs;
@@ -215,6 +220,11 @@ impl Agent for AgentService {
             }
         }
         let extended = s.extend_leases(&agent.agent_id, &req.running_jobs);
+        let preheat = {
+            let mut book = s.preheats.lock().expect("preheat lock");
+            book.record(&agent.agent_id, &req.preheat_reports)?;
+            book.orders_for(&agent, now_ms())
+        };
         // Renew the mesh ticket once half of its lifetime has passed.
         let half = s.config.raw.mesh.ticket_ttl.get().as_millis() as i64 / 2;
         let due = s
@@ -234,6 +244,7 @@ impl Agent for AgentService {
             cancelled_jobs: extended.cancelled,
             revoked_peers,
             revocations_upto,
+            preheat,
         }))
     }
 

@@ -85,6 +85,7 @@ impl Fleet for FleetService {
         // Its token stops working now; it is no longer hinted or counted; its mesh
         // ticket is revoked fleet-wide (peers learn it from their heartbeat answers).
         let live = s.fleet.lock().expect("fleet lock").remove(&id);
+        s.preheats.lock().expect("preheat lock").forget_agent(&id);
         if let Some(live) = live.filter(|l| !l.record.peer_id.is_empty()) {
             // A ticket issued before this start is not known: assume a full lifetime.
             let ttl = s.config.raw.mesh.ticket_ttl.get().as_millis() as i64;

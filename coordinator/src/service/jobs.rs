@@ -27,7 +27,10 @@ pub(crate) struct JobsService(pub(crate) SharedRef);
 /// The version a job gets for `wanted`: itself when exact (its enabled state is
 /// checked by the caller, as before selectors), else the highest enabled version the
 /// selector accepts.
-async fn resolve(s: &super::Shared, wanted: &PluginSelector) -> Result<PluginRef, Status> {
+pub(super) async fn resolve(
+    s: &super::Shared,
+    wanted: &PluginSelector,
+) -> Result<PluginRef, Status> {
     if let VersionSelector::Exact(version) = &wanted.selector {
         return Ok(PluginRef {
             id: wanted.id.clone(),

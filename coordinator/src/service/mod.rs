@@ -13,6 +13,8 @@
 //! - `hints.rs` — peer hints: which agents to fetch a content from.
 //! - `fleet.rs` — the fleet in memory and its indexes; `fleet_api.rs` — `Fleet`.
 //! - `jobs.rs` — `Jobs` (create, get, list, cancel).
+//! - `preheat.rs` — `PluginAdmin.PreheatPlugin`: background fetches and pins ordered
+//!   through heartbeat answers.
 //! - `leases.rs` — lease deadlines, their sweep, and the retention sweep.
 //! - `gate.rs` — the tower layer that refuses unknown tokens before a body is read.
 //! - `identity.rs` — enrolment tokens and granted labels, id ↔ key binding, revoked peers.
@@ -30,6 +32,7 @@ pub(crate) mod jobs;
 pub(crate) mod leases;
 pub(crate) mod long_poll;
 pub(crate) mod plugins;
+pub(crate) mod preheat;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -229,6 +232,8 @@ pub(crate) struct Shared {
     pub(crate) registrations: RegisterLimiter,
     /// Serialises blob commit/removal with the metadata write that references it.
     pub(crate) content_lock: tokio::sync::Mutex<()>,
+    /// Active preheats.
+    pub(crate) preheats: Mutex<preheat::PreheatBook>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -323,6 +328,7 @@ impl Shared {
             ),
             registrations: RegisterLimiter::new(config.raw.agents.register_rate),
             content_lock: tokio::sync::Mutex::new(()),
+            preheats: Mutex::new(preheat::PreheatBook::default()),
             shutdown,
             config,
         };

@@ -1,5 +1,5 @@
 //! `PluginAdmin`: push (client-streaming, verified, content-addressed), list, get,
-//! enable/disable and delete.
+//! enable/disable and delete; preheat (in `preheat.rs`).
 
 use std::sync::Arc;
 
@@ -257,6 +257,28 @@ impl PluginAdminService {
 
 #[tonic::async_trait]
 impl PluginAdmin for PluginAdminService {
+    async fn preheat_plugin(
+        &self,
+        request: Request<pb::PreheatPluginRequest>,
+    ) -> Result<Response<pb::PreheatPluginResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let preheat = self.0.preheat_plugin(request.into_inner()).await?;
+        Ok(Response::new(pb::PreheatPluginResponse {
+            preheat: Some(preheat),
+        }))
+    }
+
+    async fn get_preheat(
+        &self,
+        request: Request<pb::GetPreheatRequest>,
+    ) -> Result<Response<pb::GetPreheatResponse>, Status> {
+        self.0.require_admin(&request)?;
+        let preheat = self.0.get_preheat(&request.into_inner().preheat_id)?;
+        Ok(Response::new(pb::GetPreheatResponse {
+            preheat: Some(preheat),
+        }))
+    }
+
     async fn push_plugin(
         &self,
         request: Request<Streaming<pb::PushPluginRequest>>,

@@ -142,7 +142,7 @@ pub struct Installed {
 }
 
 /// What the coordinator remembers of an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
     /// Agent id.
     pub agent_id: String,
