@@ -135,6 +135,9 @@ pub struct DownloadConfig {
     pub backoff: Seconds,
     /// When a plugin cannot be had: `fail` or `previous-version`.
     pub fallback: Fallback,
+    /// Ask peers and the coordinator for zstd-compressed chunks (they send a chunk
+    /// compressed only when it shrinks; decompression is bounded by the manifest).
+    pub compression: bool,
 }
 
 /// `[cache]`.
@@ -200,6 +203,9 @@ pub struct MeshConfig {
     pub provider_ttl: Seconds,
     /// How often provider records are republished.
     pub provider_republish: Seconds,
+    /// zstd level of chunks sent to peers that ask for compressed chunks (1–19; 0 =
+    /// always send raw). A chunk goes compressed only when it shrinks to 7/8 or less.
+    pub compression_level: u32,
 }
 
 impl Default for MeshConfig {
@@ -217,6 +223,7 @@ impl Default for MeshConfig {
             dht: false,
             provider_ttl: Seconds::secs(15 * 60),
             provider_republish: Seconds::secs(5 * 60),
+            compression_level: 3,
         }
     }
 }
@@ -280,6 +287,7 @@ impl Default for DownloadConfig {
             retry: 3,
             backoff: Seconds(Duration::from_millis(500)),
             fallback: Fallback::Fail,
+            compression: true,
         }
     }
 }
@@ -362,6 +370,9 @@ backoff = "500ms"
 # A plugin that cannot be had: "fail" the job (naming the plugin and the last error),
 # or use the newest cached "previous-version" of the same plugin (recorded in results).
 fallback = "fail"
+# Ask peers and the coordinator for zstd-compressed chunks; they compress a chunk only
+# when it shrinks to 7/8 or less, and every chunk is still verified as raw bytes.
+compression = true
 
 [cache]
 # Bytes of downloaded plugins kept (builtin plugins do not count and are never evicted).
@@ -434,6 +445,8 @@ dht = false
 # so evicted or departed holders disappear quickly).
 provider_ttl = "15m"
 provider_republish = "5m"
+# zstd level (1-19) of chunks sent compressed to peers that ask; 0 = always send raw.
+compression_level = 3
 "##;
 
 /// A configuration checked for consistency, with derived values resolved.
@@ -644,6 +657,12 @@ impl AgentConfig {
         };
         if self.mesh.max_uploads > 1024 {
             return Err(bad("mesh.max_uploads", "must be at most 1024"));
+        }
+        if self.mesh.compression_level > arcade_p2p::compress::MAX_LEVEL as u32 {
+            return Err(bad(
+                "mesh.compression_level",
+                "must be between 0 (off) and 19",
+            ));
         }
         if self.mesh.max_upload_wait.get() > Duration::from_secs(3600) {
             return Err(bad("mesh.max_upload_wait", "must be at most 1h"));

@@ -174,6 +174,8 @@ impl MeshNode {
             dht: m.dht,
             provider_ttl: m.provider_ttl.get(),
             provider_republish: m.provider_republish.get(),
+            compression_level: (m.compression_level > 0).then_some(m.compression_level as i32),
+            accept_zstd: config.raw.download.compression,
             ..HostConfig::default()
         };
         let store = Arc::new(CacheChunks {

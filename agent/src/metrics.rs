@@ -6,6 +6,7 @@
 //! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `failed`) |
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`) |
+//! | `arcade_agent_compressed_wire_bytes_total` / `_raw_bytes_total` | counter | `direction` (`from_server`, `from_peers`, `to_peers`): chunks that travelled zstd-compressed, their bytes on the wire and raw |
 //! | `arcade_agent_bad_chunks_total` | counter | `source` |
 //! | `arcade_agent_peer_bans_total` | counter | — |
 //! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
@@ -54,6 +55,13 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// `direction` of compressed chunk bytes: `from_server`, `from_peers`, `to_peers`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// Where the chunks came from or went to.
+    pub direction: String,
+}
+
 /// One string label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -82,6 +90,10 @@ pub struct Metrics {
     pub download_duration: Family<PluginIdLabel, Histogram, fn() -> Histogram>,
     /// `arcade_agent_fetched_bytes_total`.
     pub fetched_bytes: Family<SourceLabel, Counter>,
+    /// `arcade_agent_compressed_wire_bytes_total`.
+    pub compressed_wire: Family<DirectionLabel, Counter>,
+    /// `arcade_agent_compressed_raw_bytes_total`.
+    pub compressed_raw: Family<DirectionLabel, Counter>,
     /// `arcade_agent_bad_chunks_total`.
     pub bad_chunks: Family<SourceLabel, Counter>,
     /// `arcade_agent_peer_bans_total`.
@@ -148,6 +160,18 @@ impl Metrics {
             "arcade_agent_fetched_bytes",
             "Verified chunk bytes received, by source",
             fetched_bytes.clone(),
+        );
+        let compressed_wire = Family::<DirectionLabel, Counter>::default();
+        r.register(
+            "arcade_agent_compressed_wire_bytes",
+            "Bytes on the wire of chunks that travelled zstd-compressed, by direction",
+            compressed_wire.clone(),
+        );
+        let compressed_raw = Family::<DirectionLabel, Counter>::default();
+        r.register(
+            "arcade_agent_compressed_raw_bytes",
+            "Raw bytes of chunks that travelled zstd-compressed, by direction",
+            compressed_raw.clone(),
         );
         let bad_chunks = Family::<SourceLabel, Counter>::default();
         r.register(
@@ -238,6 +262,8 @@ impl Metrics {
             downloads,
             download_duration,
             fetched_bytes,
+            compressed_wire,
+            compressed_raw,
             bad_chunks,
             peer_bans,
             cache_hits,
@@ -264,6 +290,26 @@ impl Metrics {
             .get()
     }
 
+    /// A chunk of `raw` bytes arrived from the coordinator as `wire` compressed bytes.
+    pub fn count_compressed(&self, source: &str, wire: u64, raw: u64) {
+        let direction = DirectionLabel {
+            direction: format!("from_{source}"),
+        };
+        self.compressed_wire.get_or_create(&direction).inc_by(wire);
+        self.compressed_raw.get_or_create(&direction).inc_by(raw);
+    }
+
+    /// Bytes of compressed chunks in `direction` so far: (on the wire, raw).
+    pub fn compressed(&self, direction: &str) -> (u64, u64) {
+        let label = DirectionLabel {
+            direction: direction.into(),
+        };
+        (
+            self.compressed_wire.get_or_create(&label).get(),
+            self.compressed_raw.get_or_create(&label).get(),
+        )
+    }
+
     /// Copies the mesh host's live counters into the metrics.
     pub fn sync_mesh(&self, stats: &arcade_p2p::mesh::host::HostStats) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -274,6 +320,30 @@ impl Metrics {
             }
         };
         catch_up(&self.uploaded_bytes, stats.uploaded_bytes.load(Relaxed));
+        for (direction, wire, raw) in [
+            (
+                "from_peers",
+                &stats.compressed_received_wire,
+                &stats.compressed_received_raw,
+            ),
+            (
+                "to_peers",
+                &stats.compressed_sent_wire,
+                &stats.compressed_sent_raw,
+            ),
+        ] {
+            let label = DirectionLabel {
+                direction: direction.into(),
+            };
+            catch_up(
+                &self.compressed_wire.get_or_create(&label),
+                wire.load(Relaxed),
+            );
+            catch_up(
+                &self.compressed_raw.get_or_create(&label),
+                raw.load(Relaxed),
+            );
+        }
         catch_up(&self.mesh_refused, stats.refused.load(Relaxed));
         catch_up(&self.mesh_cancelled, stats.cancelled.load(Relaxed));
         self.mesh_subscriptions

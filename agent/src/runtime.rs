@@ -665,7 +665,10 @@ impl RunningAgent {
         let metrics = Metrics::new();
         let fetcher = Fetcher::new(
             cache.clone(),
-            Arc::new(CoordinatorSource::new(session.clone())),
+            Arc::new(CoordinatorSource::new(
+                session.clone(),
+                config.raw.download.compression,
+            )),
             config.raw.download.clone(),
             metrics.clone(),
             config.id.clone(),

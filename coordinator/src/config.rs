@@ -161,6 +161,9 @@ pub struct ServeConfig {
     /// How often one agent is pointed at peers for one chunk before it is served anyway
     /// (0 = never redirect).
     pub max_redirects: u32,
+    /// zstd level of chunks sent to agents that ask for compressed chunks (1–19; 0 =
+    /// always raw). A chunk goes compressed only when it shrinks to 7/8 or less.
+    pub compression_level: u32,
 }
 
 impl Default for ServeConfig {
@@ -172,6 +175,7 @@ impl Default for ServeConfig {
             egress_rate: ByteSize(0),
             herd_window: Seconds::secs(120),
             max_redirects: 8,
+            compression_level: 3,
         }
     }
 }
@@ -448,6 +452,10 @@ herd_window = "2m"
 # ... at most this many times per agent and chunk (each redirect asks the agent to
 # wait: 300ms, doubling with each redirect up to 4.8s), then served anyway (0 = off).
 max_redirects = 8
+# zstd level (1-19) of chunks sent compressed to agents that ask; 0 = always raw.
+# Compressed only when a chunk shrinks to 7/8 or less (incompressible content is given
+# up after a few chunks).
+compression_level = 3
 "##;
 
 /// Where a metrics listener should go.
@@ -664,6 +672,12 @@ impl CoordinatorConfig {
         if stall < std::time::Duration::from_secs(1) || stall > std::time::Duration::from_secs(3600)
         {
             return Err(bad("serve.stall_timeout", "must be between 1s and 1h"));
+        }
+        if self.serve.compression_level > arcade_p2p::compress::MAX_LEVEL as u32 {
+            return Err(bad(
+                "serve.compression_level",
+                "must be between 0 (off) and 19",
+            ));
         }
         if self.serve.max_redirects > 100 {
             return Err(bad("serve.max_redirects", "must be at most 100"));

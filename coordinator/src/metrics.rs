@@ -7,6 +7,7 @@
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_coordinator_served_bytes_total` | counter | `plugin_id`, `version` |
 //! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |
+//! | `arcade_coordinator_compression_saved_bytes_total` | counter | — |
 //! | `arcade_coordinator_pushed_bytes_total` | counter | — |
 //! | `arcade_coordinator_jobs_created_total` | counter | — |
 //! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`, `cancelled`) |
@@ -121,6 +122,8 @@ pub struct Metrics {
     pub pushes: Family<StatusLabel, Counter>,
     /// `arcade_coordinator_pushed_bytes_total`.
     pub pushed_bytes: Counter,
+    /// `arcade_coordinator_compression_saved_bytes_total`.
+    pub compression_saved_bytes: Counter,
     /// `arcade_coordinator_jobs_created_total`.
     pub jobs_created: Counter,
     /// `arcade_coordinator_jobs_finished_total`.
@@ -173,7 +176,7 @@ impl Metrics {
         let served_bytes = Family::<PluginVersionLabels, Counter>::default();
         r.register(
             "arcade_coordinator_served_bytes",
-            "Plugin content bytes sent to agents",
+            "Plugin content bytes sent to agents (on the wire: compressed chunks count their compressed size)",
             served_bytes.clone(),
         );
         let pushes = Family::<StatusLabel, Counter>::default();
@@ -181,6 +184,12 @@ impl Metrics {
             "arcade_coordinator_push",
             "Plugin pushes, by outcome",
             pushes.clone(),
+        );
+        let compression_saved_bytes = Counter::default();
+        r.register(
+            "arcade_coordinator_compression_saved_bytes",
+            "Raw bytes of served chunks minus the bytes sent for them, for chunks sent zstd-compressed",
+            compression_saved_bytes.clone(),
         );
         let pushed_bytes = Counter::default();
         r.register(
@@ -248,6 +257,7 @@ impl Metrics {
             served_bytes,
             pushes,
             pushed_bytes,
+            compression_saved_bytes,
             jobs_created,
             jobs_finished,
             leases_expired,

@@ -4,6 +4,8 @@
 //!   identity (SHA-256), per-chunk BLAKE3 verification, whole-content verification and
 //!   the deterministic protobuf encoding.
 //! - [`plugin_ref`] — plugin ids (`notify/slack`), semver versions, `id@version`.
+//! - [`compress`] — zstd per chunk on the wire: negotiated, only when it pays, bounded
+//!   decompression.
 //! - [`identity`] — an agent's proof, at registration, that it holds its long-lived key.
 //! - [`labels`] — agent labels and label requirements (access control, job selectors).
 //! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
@@ -17,6 +19,7 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod compress;
 pub mod identity;
 pub mod labels;
 pub mod logging;

@@ -298,13 +298,26 @@ impl FetchRun<'_> {
             Source::Server => {
                 let server = self.fetcher.server.clone();
                 let (id, version) = (self.plugin.id.to_string(), self.plugin.version.to_string());
+                let len = self
+                    .manifest
+                    .chunk_range(chunk)
+                    .map_or(0, |r| (r.end - r.start) as usize);
+                let metrics = self.fetcher.metrics.clone();
                 self.tasks.spawn(async move {
                     let result = async {
                         let mut stream = server
                             .open(content, &id, &version, &[(chunk, chunk + 1)])
                             .await?;
                         match stream.next().await {
-                            Some(Ok(c)) if c.index == chunk => Ok(c.data),
+                            Some(Ok(c)) if c.index == chunk => {
+                                let wire = c.data.len() as u64;
+                                let packed = c.encoding == arcade_proto::v1::ChunkEncoding::Zstd;
+                                let raw = c.decode(len)?;
+                                if packed {
+                                    metrics.count_compressed("server", wire, raw.len() as u64);
+                                }
+                                Ok(raw)
+                            }
                             Some(Ok(c)) => Err(SourceError::transient(format!(
                                 "coordinator sent chunk {} for {chunk}",
                                 c.index
@@ -351,6 +364,7 @@ impl FetchRun<'_> {
                             );
                             let mut error = SourceError::transient(format!("peer {peer}: {e}"));
                             error.busy = busy.then_some(PEER_BUSY_RETRY);
+                            error.corrupt = matches!(e, MeshError::Corrupt(_));
                             error
                         });
                     Outcome::Chunk {
@@ -474,20 +488,7 @@ impl FetchRun<'_> {
         let now = self.now();
         let k = kind(&source);
         if let Err(e) = self.manifest.verify_chunk(index, &data) {
-            self.fetcher
-                .metrics
-                .bad_chunks
-                .get_or_create(&SourceLabel { source: k.into() })
-                .inc();
-            tracing::warn!(plugin = %self.plugin, chunk = index, source = k, error = %e, "bad chunk rejected");
-            self.last_error = format!("chunk {index} from the {k} failed verification");
-            return Ok(self.scheduler.handle(
-                now,
-                Event::ChunkBad {
-                    source,
-                    chunk: index,
-                },
-            ));
+            return Ok(self.rejected(source, index, &e.to_string()));
         }
         if source == Source::Server {
             self.server_failures = 0;
@@ -551,12 +552,35 @@ impl FetchRun<'_> {
         ))
     }
 
+    /// A chunk that cannot be the one asked for (fails verification, or does not
+    /// decompress to its length): counted, and the source struck.
+    fn rejected(&mut self, source: Source<PeerId>, index: u32, why: &str) -> Vec<Action<PeerId>> {
+        let k = kind(&source);
+        self.fetcher
+            .metrics
+            .bad_chunks
+            .get_or_create(&SourceLabel { source: k.into() })
+            .inc();
+        tracing::warn!(plugin = %self.plugin, chunk = index, source = k, error = %why, "bad chunk rejected");
+        self.last_error = format!("chunk {index} from the {k} failed verification: {why}");
+        self.scheduler.handle(
+            self.now(),
+            Event::ChunkBad {
+                source,
+                chunk: index,
+            },
+        )
+    }
+
     fn failed(
         &mut self,
         source: Source<PeerId>,
         index: u32,
         error: SourceError,
     ) -> Result<Vec<Action<PeerId>>, FetchError> {
+        if error.corrupt {
+            return Ok(self.rejected(source, index, &error.message));
+        }
         let now = self.now();
         self.last_error = error.message.clone();
         let mut actions = Vec::new();

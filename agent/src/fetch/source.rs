@@ -17,8 +17,26 @@ use crate::session::Session;
 pub struct RawChunk {
     /// Chunk index.
     pub index: u32,
-    /// Its bytes.
+    /// Its bytes, encoded as `encoding` says.
     pub data: bytes::Bytes,
+    /// Raw, or zstd (only when the source was asked for it).
+    pub encoding: pb::ChunkEncoding,
+}
+
+impl RawChunk {
+    /// The chunk's raw bytes, given its length from the manifest; a compressed chunk
+    /// that does not decompress to exactly that length is corrupt.
+    pub fn decode(self, len: usize) -> Result<bytes::Bytes, SourceError> {
+        match self.encoding {
+            pb::ChunkEncoding::Raw => Ok(self.data),
+            pb::ChunkEncoding::Zstd => {
+                arcade_p2p::compress::decompress(&self.data, len).map_err(|e| SourceError {
+                    corrupt: true,
+                    ..SourceError::transient(format!("chunk {}: {e}", self.index))
+                })
+            }
+        }
+    }
 }
 
 /// A source failed.
@@ -34,6 +52,9 @@ pub struct SourceError {
     pub busy: Option<std::time::Duration>,
     /// Peers the source says hold the chunk: `peer_id=addr,addr` entries.
     pub holders: Vec<String>,
+    /// The source sent something that cannot be the chunk (it does not decompress to
+    /// the chunk's length): handled like a chunk that fails verification.
+    pub corrupt: bool,
 }
 
 impl SourceError {
@@ -44,6 +65,7 @@ impl SourceError {
             message: message.into(),
             busy: None,
             holders: Vec::new(),
+            corrupt: false,
         }
     }
 }
@@ -83,6 +105,7 @@ impl From<tonic::Status> for SourceError {
             message: format!("coordinator: {:?}: {}", s.code(), s.message()),
             busy,
             holders,
+            corrupt: false,
         }
     }
 }
@@ -110,12 +133,18 @@ pub trait ChunkSource: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct CoordinatorSource {
     session: Session,
+    /// Ask for zstd chunks.
+    accept_zstd: bool,
 }
 
 impl CoordinatorSource {
-    /// A source over `session`.
-    pub fn new(session: Session) -> Self {
-        Self { session }
+    /// A source over `session`; `accept_zstd` asks the coordinator for compressed
+    /// chunks (sent only when they shrink).
+    pub fn new(session: Session, accept_zstd: bool) -> Self {
+        Self {
+            session,
+            accept_zstd,
+        }
     }
 }
 
@@ -145,6 +174,7 @@ impl ChunkSource for CoordinatorSource {
                 .iter()
                 .map(|&(start, end)| pb::ChunkRange { start, end })
                 .collect(),
+            accept_zstd: self.accept_zstd,
         };
         let stream = self
             .session
@@ -155,6 +185,7 @@ impl ChunkSource for CoordinatorSource {
         Ok(Box::pin(stream.map(|item| {
             item.map(|m| RawChunk {
                 index: m.chunk_index,
+                encoding: m.encoding(),
                 data: m.data.into(),
             })
             .map_err(SourceError::from)

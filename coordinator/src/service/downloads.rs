@@ -115,6 +115,8 @@ struct DownloadState {
     range: usize,
     next: u32,
     first: bool,
+    /// The agent decodes zstd chunks.
+    accept_zstd: bool,
     bytes: prometheus_client::metrics::counter::Counter,
     record: DownloadRecord,
 }
@@ -150,6 +152,27 @@ impl DownloadState {
                 self.manifest.content_id()
             )));
         }
+        // Compressed (when asked and it pays) off the async workers; the egress limit and
+        // the served bytes count what goes on the wire.
+        let raw_len = data.len() as u64;
+        let (data, encoding) = match self.shared.compressor.clone().filter(|_| self.accept_zstd) {
+            Some(compressor) => {
+                let content = self.manifest.content_id();
+                tokio::task::spawn_blocking(move || match compressor.compress(&content, &data) {
+                    Some(packed) => (packed, pb::ChunkEncoding::Zstd),
+                    None => (data, pb::ChunkEncoding::Raw),
+                })
+                .await
+                .map_err(|e| Status::internal(format!("compression task failed: {e}")))?
+            }
+            None => (data, pb::ChunkEncoding::Raw),
+        };
+        if encoding == pb::ChunkEncoding::Zstd {
+            self.shared
+                .metrics
+                .compression_saved_bytes
+                .inc_by(raw_len.saturating_sub(data.len() as u64));
+        }
         self.shared.egress.acquire(data.len() as u64).await;
         self.shared.herd.lock().expect("herd lock").served(
             self.manifest.content_id(),
@@ -173,6 +196,7 @@ impl DownloadState {
             } else {
                 0
             },
+            encoding: encoding as i32,
         })
     }
 }
@@ -309,6 +333,7 @@ pub(crate) async fn download_plugin(
         range: 0,
         next: 0,
         first: true,
+        accept_zstd: req.accept_zstd,
         bytes: s
             .metrics
             .served_bytes

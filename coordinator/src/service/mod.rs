@@ -226,6 +226,8 @@ pub(crate) struct Shared {
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
     /// Open `DownloadPlugin` streams per agent (`serve.max_streams_per_agent`).
     pub(crate) agent_streams: Mutex<HashMap<String, usize>>,
+    /// Compresses chunks for agents that ask (`serve.compression_level`; None = off).
+    pub(crate) compressor: Option<Arc<arcade_p2p::compress::Compressor>>,
     /// Coordinator egress limit (`serve.egress_rate`).
     pub(crate) egress: arcade_p2p::mesh::limiter::RateLimiter,
     /// `agents.register_rate`.
@@ -321,6 +323,11 @@ impl Shared {
                 config.raw.serve.max_streams as usize,
             )),
             agent_streams: Mutex::new(HashMap::new()),
+            compressor: (config.raw.serve.compression_level > 0).then(|| {
+                Arc::new(arcade_p2p::compress::Compressor::new(
+                    config.raw.serve.compression_level as i32,
+                ))
+            }),
             egress: arcade_p2p::mesh::limiter::RateLimiter::new(
                 config.raw.serve.egress_rate.bytes(),
                 // One chunk of burst: the cap holds from the first second.

@@ -95,6 +95,11 @@ pub struct HostConfig {
     pub max_connections: usize,
     /// An inbound connection whose peer shows no valid ticket within this is closed.
     pub unvouched_timeout: Duration,
+    /// zstd level of the chunks this host sends compressed to peers that ask (`None`:
+    /// always raw; see [`crate::compress`]).
+    pub compression_level: Option<i32>,
+    /// Ask peers for compressed chunks.
+    pub accept_zstd: bool,
 }
 
 /// Most connections one peer may hold to us.
@@ -118,6 +123,8 @@ impl Default for HostConfig {
             provider_republish: Duration::from_secs(5 * 60),
             max_connections: 256,
             unvouched_timeout: Duration::from_secs(10),
+            compression_level: Some(crate::compress::DEFAULT_LEVEL),
+            accept_zstd: true,
         }
     }
 }
@@ -148,6 +155,11 @@ pub enum MeshError {
     /// The peer does not speak the protocol asked for (e.g. `/arcade/have/1`).
     #[error("peer does not support the protocol")]
     Unsupported,
+    /// The peer sent a chunk that cannot be what was asked for (a compressed chunk that
+    /// does not decompress to the chunk's length, or compressed unasked): treat it like
+    /// a chunk that fails verification.
+    #[error("corrupt answer: {0}")]
+    Corrupt(String),
 }
 
 /// What the subscription tasks share with the host.
@@ -411,6 +423,14 @@ pub struct HostStats {
     pub cancelled: std::sync::atomic::AtomicU64,
     /// `/arcade/have/1` subscriptions served now.
     pub subscriptions: std::sync::atomic::AtomicU64,
+    /// Raw bytes of the chunks sent zstd-compressed.
+    pub compressed_sent_raw: std::sync::atomic::AtomicU64,
+    /// Bytes sent for them.
+    pub compressed_sent_wire: std::sync::atomic::AtomicU64,
+    /// Bytes received of chunks that came zstd-compressed.
+    pub compressed_received_wire: std::sync::atomic::AtomicU64,
+    /// Their raw bytes.
+    pub compressed_received_raw: std::sync::atomic::AtomicU64,
 }
 
 /// A handle to a running host. Cheap to clone.
@@ -418,6 +438,8 @@ pub struct HostStats {
 pub struct MeshHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Ask peers for zstd chunks.
+    accept_zstd: bool,
     stats: Arc<HostStats>,
     announcer: Arc<Announcer>,
 }
@@ -445,6 +467,8 @@ struct Actor {
     slots: UploadSlots,
     /// See [`HostConfig::max_upload_wait`].
     max_upload_wait: Duration,
+    /// See [`HostConfig::compression_level`].
+    compressor: Option<Arc<crate::compress::Compressor>>,
     outbound: HashMap<OutboundRequestId, Reply<pb::ChunkResponse>>,
     queries: HashMap<kad::QueryId, (Vec<PeerId>, Reply<Vec<PeerId>>)>,
     stats: Arc<HostStats>,
@@ -597,6 +621,9 @@ impl MeshHost {
             limiter: RateLimiter::new(config.upload_rate, config.upload_burst),
             slots: UploadSlots::new(config.max_uploads),
             max_upload_wait: config.max_upload_wait,
+            compressor: config
+                .compression_level
+                .map(|level| Arc::new(crate::compress::Compressor::new(level))),
             outbound: HashMap::new(),
             queries: HashMap::new(),
             askers: HashMap::new(),
@@ -609,6 +636,7 @@ impl MeshHost {
         Ok(MeshHandle {
             tx,
             peer_id,
+            accept_zstd: config.accept_zstd,
             stats,
             announcer,
         })
@@ -1093,25 +1121,49 @@ impl Actor {
                     self.limiter.clone(),
                     self.respond.clone(),
                 );
+                let compressor = self.compressor.clone().filter(|_| request.accept_zstd);
                 // A cancel on the requester's `/arcade/have/1` stream reaches it here
                 // while it waits for its upload rate.
                 let waiting = self.cancels.wait(peer, content, index);
                 let stats = self.stats.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let read =
-                        tokio::task::spawn_blocking(move || store.read_chunk(&content, index))
-                            .await;
+                    // Read and (when asked and it pays) compress off the async workers.
+                    let read = tokio::task::spawn_blocking(move || {
+                        let data = store.read_chunk(&content, index)?;
+                        Ok::<_, std::io::Error>(data.map(|raw| {
+                            let packed = compressor.and_then(|c| c.compress(&content, &raw));
+                            match packed {
+                                Some(p) => (bytes::Bytes::from(p), raw.len(), true),
+                                None => (raw.clone(), raw.len(), false),
+                            }
+                        }))
+                    })
+                    .await;
                     let response = match read {
-                        Ok(Ok(Some(data))) => {
+                        Ok(Ok(Some((data, raw_len, packed)))) => {
+                            // The upload rate counts the bytes that go on the wire.
                             if limiter
                                 .acquire_unless(data.len() as u64, &waiting.token)
                                 .await
                             {
+                                if packed {
+                                    use std::sync::atomic::Ordering::Relaxed;
+                                    stats.compressed_sent_raw.fetch_add(raw_len as u64, Relaxed);
+                                    stats
+                                        .compressed_sent_wire
+                                        .fetch_add(data.len() as u64, Relaxed);
+                                }
+                                let encoding = if packed {
+                                    pb::ChunkEncoding::Zstd
+                                } else {
+                                    pb::ChunkEncoding::Raw
+                                };
                                 pb::ChunkResponse {
                                     kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                                         index,
                                         data,
+                                        encoding: encoding as i32,
                                     })),
                                 }
                             } else {
@@ -1220,11 +1272,16 @@ impl MeshHandle {
         kind: pb::chunk_request::Kind,
         expect_bytes: u32,
     ) -> Result<pb::ChunkResponse, MeshError> {
+        // Compressed chunks are asked for only when their length is known (the bound
+        // of their decompression).
+        let chunk_of_known_len =
+            matches!(kind, pb::chunk_request::Kind::Chunk(_)) && expect_bytes > 0;
         let request = pb::ChunkRequest {
             ticket: Vec::new(),
             content: content.as_bytes().to_vec(),
             kind: Some(kind),
             expect_bytes,
+            accept_zstd: self.accept_zstd && chunk_of_known_len,
         };
         let response = self
             .call(|reply| Command::Request {
@@ -1308,7 +1365,24 @@ impl MeshHandle {
             .await?
             .kind
         {
-            Some(pb::chunk_response::Kind::Chunk(c)) if c.index == index => Ok(c.data),
+            Some(pb::chunk_response::Kind::Chunk(c)) if c.index == index => match c.encoding() {
+                pb::ChunkEncoding::Raw => Ok(c.data),
+                pb::ChunkEncoding::Zstd if self.accept_zstd && len > 0 => {
+                    let raw = crate::compress::decompress(&c.data, len as usize)
+                        .map_err(|e| MeshError::Corrupt(format!("chunk {index}: {e}")))?;
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.stats
+                        .compressed_received_wire
+                        .fetch_add(c.data.len() as u64, Relaxed);
+                    self.stats
+                        .compressed_received_raw
+                        .fetch_add(raw.len() as u64, Relaxed);
+                    Ok(raw)
+                }
+                pb::ChunkEncoding::Zstd => Err(MeshError::Corrupt(format!(
+                    "chunk {index} came compressed, unasked"
+                ))),
+            },
             _ => Err(MeshError::Protocol(format!("expected chunk {index}"))),
         }
     }
@@ -1684,7 +1758,13 @@ mod tests {
             .0
             .insert(content, (Labels::new(), vec![Some(vec![7u8; 10_000])]));
         let (a, a_addrs) = host(store, HostConfig::default()).await;
-        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        // Raw answers: a compressed one would be small enough to read (and refused when
+        // it decompresses; see `compressed_chunks_...`).
+        let raw = HostConfig {
+            accept_zstd: false,
+            ..HostConfig::default()
+        };
+        let (b, _) = host(MemStore::default(), raw).await;
         vouch(&issuer, &[&a, &b]).await;
         let got = b
             .chunk_of_len(a.peer_id(), a_addrs.clone(), &content, 0, 10_000)
@@ -1702,6 +1782,83 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compressed_chunks_are_negotiated_bounded_and_skipped_when_they_do_not_shrink() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let issuer = TicketIssuer::generate();
+        let text = ContentId::of_bytes(b"text");
+        let noise = ContentId::of_bytes(b"noise");
+        let chunk = 64 << 10;
+        let prose: Vec<u8> = (0..chunk)
+            .map(|i| b"the quick brown fox "[i % 20])
+            .collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..chunk)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut store = MemStore::default();
+        store
+            .0
+            .insert(text, (Labels::new(), vec![Some(prose.clone()); 4]));
+        store
+            .0
+            .insert(noise, (Labels::new(), vec![Some(random.clone()); 8]));
+        let (a, a_addrs) = host(store, HostConfig::default()).await;
+        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let old = HostConfig {
+            accept_zstd: false,
+            ..HostConfig::default()
+        };
+        let (c, _) = host(MemStore::default(), old).await;
+        vouch(&issuer, &[&a, &b, &c]).await;
+
+        // Asked for, compressible chunks travel compressed and arrive as the raw bytes.
+        for i in 0..4 {
+            let got = b
+                .chunk_of_len(a.peer_id(), a_addrs.clone(), &text, i, chunk as u32)
+                .await
+                .unwrap();
+            assert_eq!(got, prose);
+        }
+        let (wire, raw) = (
+            b.stats().compressed_received_wire.load(Relaxed),
+            b.stats().compressed_received_raw.load(Relaxed),
+        );
+        assert_eq!(raw, 4 * chunk as u64);
+        assert!(wire * 20 < raw, "{wire} bytes on the wire for {raw}");
+        assert_eq!(a.stats().compressed_sent_wire.load(Relaxed), wire);
+        // A requester that does not ask (an older peer) gets raw chunks.
+        let got = c
+            .chunk_of_len(a.peer_id(), a_addrs.clone(), &text, 0, chunk as u32)
+            .await
+            .unwrap();
+        assert_eq!(got, prose);
+        assert_eq!(c.stats().compressed_received_raw.load(Relaxed), 0);
+        // Incompressible content goes raw, and the holder stops trying it.
+        for i in 0..8 {
+            let got = b
+                .chunk_of_len(a.peer_id(), a_addrs.clone(), &noise, i, chunk as u32)
+                .await
+                .unwrap();
+            assert_eq!(got, random);
+        }
+        assert_eq!(b.stats().compressed_received_raw.load(Relaxed), raw);
+        // The manifest says 100 bytes: the 64 KiB chunk, compressed to a few hundred
+        // bytes, is read but refused as corrupt when it decompresses to more.
+        assert!(matches!(
+            b.chunk_of_len(a.peer_id(), a_addrs, &text, 0, 100).await,
+            Err(MeshError::Corrupt(_))
+        ));
+        for h in [a, b, c] {
+            h.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn received_chunks_reuse_buffers_and_keep_their_own_bytes() {
         use super::super::buffers::BufferPool;
         let issuer = TicketIssuer::generate();
@@ -1712,7 +1869,11 @@ mod tests {
         let mut store = MemStore::default();
         store.0.insert(content, (Labels::new(), chunks));
         let (a, a_addrs) = host(store, HostConfig::default()).await;
-        let (b, _) = host(MemStore::default(), HostConfig::default()).await;
+        let raw = HostConfig {
+            accept_zstd: false,
+            ..HostConfig::default()
+        };
+        let (b, _) = host(MemStore::default(), raw).await;
         vouch(&issuer, &[&a, &b]).await;
         let before = BufferPool::shared().stats().reused;
         for i in 0..16u32 {

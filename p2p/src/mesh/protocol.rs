@@ -82,14 +82,20 @@ fn check_len(len: usize, max: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The length prefix and protobuf encoding of a chunk response up to (not including)
-/// the chunk's bytes: exactly the bytes `encode_to_vec` would write before them, so a
-/// chunk goes to the stream straight from its buffer instead of through a copy.
-fn chunk_response_head(index: u32, data_len: usize) -> Vec<u8> {
+/// The length prefix and protobuf encoding of a chunk response around the chunk's
+/// bytes — what comes before them and what comes after (the `encoding` field): exactly
+/// the bytes `encode_to_vec` would write, so a chunk goes to the stream straight from
+/// its buffer instead of through a copy.
+fn chunk_response_head(index: u32, encoding: i32, data_len: usize) -> (Vec<u8>, Vec<u8>) {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let fields = pb::ChunkData {
         index,
-        data: bytes::Bytes::new(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let tail = pb::ChunkData {
+        encoding,
+        ..Default::default()
     }
     .encode_to_vec();
     let data_key = if data_len == 0 {
@@ -97,7 +103,7 @@ fn chunk_response_head(index: u32, data_len: usize) -> Vec<u8> {
     } else {
         1 + encoded_len_varint(data_len as u64)
     };
-    let inner = fields.len() + data_key + data_len;
+    let inner = fields.len() + data_key + data_len + tail.len();
     let total = 1 + encoded_len_varint(inner as u64) + inner;
     let mut head = Vec::with_capacity(4 + 16 + fields.len());
     head.extend_from_slice(&(total as u32).to_be_bytes());
@@ -108,7 +114,7 @@ fn chunk_response_head(index: u32, data_len: usize) -> Vec<u8> {
         encode_key(2, WireType::LengthDelimited, &mut head);
         encode_varint(data_len as u64, &mut head);
     }
-    head
+    (head, tail)
 }
 
 /// Writes a response; a chunk is written from its own buffer (no encoding copy).
@@ -119,10 +125,14 @@ where
     let Some(pb::chunk_response::Kind::Chunk(c)) = &res.kind else {
         return write_message(io, res, MAX_RESPONSE_BYTES).await;
     };
-    let head = chunk_response_head(c.index, c.data.len());
-    check_len(head.len() - 4 + c.data.len(), MAX_RESPONSE_BYTES)?;
+    let (head, tail) = chunk_response_head(c.index, c.encoding, c.data.len());
+    check_len(
+        head.len() - 4 + c.data.len() + tail.len(),
+        MAX_RESPONSE_BYTES,
+    )?;
     io.write_all(&head).await?;
     io.write_all(&c.data).await?;
+    io.write_all(&tail).await?;
     io.close().await
 }
 
@@ -234,6 +244,7 @@ mod tests {
                 content: vec![2; 32],
                 kind: Some(pb::chunk_request::Kind::Chunk(7)),
                 expect_bytes: 0,
+                accept_zstd: true,
             };
             assert_eq!(response_limit(&req), MAX_RESPONSE_BYTES);
             let asked = pb::ChunkRequest {
@@ -286,11 +297,13 @@ mod tests {
         fn chunk_responses_are_written_exactly_as_prost_encodes_them(
             index in any::<u32>(),
             len in prop_oneof![Just(0usize), 1usize..300, Just(1 << 20)],
+            encoding in 0i32..2,
         ) {
             let res = pb::ChunkResponse {
                 kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                     index,
                     data: (0..len).map(|i| i as u8).collect::<Vec<u8>>().into(),
+                    encoding,
                 })),
             };
             let mut ours = Cursor::new(Vec::new());

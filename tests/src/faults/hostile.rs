@@ -1,5 +1,5 @@
 //! Hostile peers (30 % of the swarm): corrupted chunks, false claims, stalls mid-chunk,
-//! oversized and malformed messages, replayed and foreign tickets.
+//! oversized and malformed messages, decompression bombs, replayed and foreign tickets.
 //!
 //! `hostile-peers`: one honest seed holds the plugin; three hostile peers — real libp2p
 //! peers run by this module ([`HostilePeer`]: TCP + noise + yamux and a raw
@@ -364,22 +364,26 @@ pub enum Misbehaviour {
     Malformed,
     /// The prefix and half of a chunk, then nothing (slowloris).
     Slowloris,
+    /// A zstd "chunk" that declares no size and decompresses to 64 times the chunk's
+    /// length (a decompression bomb).
+    Bomb,
 }
 
 impl Misbehaviour {
     /// Every kind, in the order requesters are assigned them.
-    pub const ALL: [Misbehaviour; 5] = [
+    pub const ALL: [Misbehaviour; 6] = [
         Self::Corrupt,
         Self::Liar,
         Self::Oversized,
         Self::Malformed,
         Self::Slowloris,
+        Self::Bomb,
     ];
 
     /// Chunk requests after which a requester must have banned the peer.
     pub fn bans_after(self) -> u32 {
         match self {
-            Self::Corrupt => 1,
+            Self::Corrupt | Self::Bomb => 1,
             _ => STRIKES,
         }
     }
@@ -391,6 +395,7 @@ impl Misbehaviour {
             Self::Oversized => "oversized",
             Self::Malformed => "malformed",
             Self::Slowloris => "slowloris",
+            Self::Bomb => "bomb",
         }
     }
 }
@@ -593,7 +598,7 @@ impl Drop for HostilePeer {
 struct Claim {
     manifest: Manifest,
     /// Index of this peer: requester `k` (in order of first contact) gets
-    /// `Misbehaviour::ALL[(turn + k) % 5]`.
+    /// `Misbehaviour::ALL[(turn + k) % 6]`.
     turn: usize,
     ledger: Arc<Mutex<Ledger>>,
 }
@@ -632,7 +637,20 @@ impl Claim {
             kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
                 index,
                 data: vec![fill; len].into(),
+                encoding: pb::ChunkEncoding::Raw as i32,
             })),
+        };
+        let bomb = || {
+            let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).expect("zstd encoder");
+            let _ = enc.include_contentsize(false);
+            let _ = std::io::Write::write_all(&mut enc, &vec![0u8; len * 64]);
+            pb::ChunkResponse {
+                kind: Some(pb::chunk_response::Kind::Chunk(pb::ChunkData {
+                    index,
+                    data: enc.finish().expect("zstd frame").into(),
+                    encoding: pb::ChunkEncoding::Zstd as i32,
+                })),
+            }
         };
         match contact.misbehaviour {
             Misbehaviour::Corrupt => Reply::Message(chunk(0xAA)),
@@ -643,6 +661,7 @@ impl Claim {
             Misbehaviour::Oversized => Reply::Oversized,
             Misbehaviour::Malformed => Reply::Malformed,
             Misbehaviour::Slowloris => Reply::Stall(chunk(0x55)),
+            Misbehaviour::Bomb => Reply::Message(bomb()),
         }
     }
 }
@@ -1028,10 +1047,10 @@ pub async fn hostile_peers() -> anyhow::Result<Outcome> {
             "property `the hostile peers are banned` failed: {id} banned {bans} peer(s), but {} hostile peers misbehaved towards it early enough to be banned: {due:?}",
             due.len()
         );
-        if due.contains(&Misbehaviour::Corrupt) {
+        if due.contains(&Misbehaviour::Corrupt) || due.contains(&Misbehaviour::Bomb) {
             ensure!(
                 bad_peer_chunks(a) >= 1,
-                "property `corrupted chunks are caught` failed: {id} got chunks from a corrupting peer but counted no bad chunk"
+                "property `corrupted chunks are caught` failed: {id} got chunks from a corrupting or bombing peer but counted no bad chunk"
             );
         }
         other_bans += bans - due.len() as u64;
