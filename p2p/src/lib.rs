@@ -6,6 +6,7 @@
 //! - [`plugin_ref`] — plugin ids (`notify/slack`), semver versions, `id@version`.
 //! - [`compress`] — zstd per chunk on the wire: negotiated, only when it pays, bounded
 //!   decompression.
+//! - [`delta`] — patches between versions (zstd with the old version as prefix).
 //! - [`identity`] — an agent's proof, at registration, that it holds its long-lived key.
 //! - [`labels`] — agent labels and label requirements (access control, job selectors).
 //! - [`settings`] — TOML configuration with `ARCADE_…` environment overrides, sizes and
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod compress;
+pub mod delta;
 pub mod identity;
 pub mod labels;
 pub mod logging;

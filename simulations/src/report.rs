@@ -43,6 +43,12 @@ pub struct FleetReport {
     /// Agents ran the Kademlia DHT (real engine).
     #[serde(default)]
     pub dht: bool,
+    /// Chunks travelled zstd-compressed where that paid (real engine).
+    #[serde(default)]
+    pub compression: bool,
+    /// Where the plugin's bytes came from: `generated` (incompressible) or a file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content: String,
     /// Seed of every random choice.
     pub seed: u64,
     /// Fleet size (leavers included).
@@ -74,9 +80,13 @@ pub struct FleetReport {
     /// Chunk bytes sent by the coordinator and every agent: `server_egress_bytes` plus
     /// every agent's `uploaded_bytes`.
     pub sent_bytes: u64,
+    /// `sent_bytes ÷` the bytes agents kept: below 1 when compression paid.
+    #[serde(default)]
+    pub sent_over_delivered: f64,
     /// Bytes sent that no agent used: `sent_bytes` minus the verified bytes agents
     /// kept (duplicates of chunks already held, answers to cancelled requests, bad
-    /// chunks).
+    /// chunks). Only meaningful with compression off or on incompressible content:
+    /// compressed chunks make `sent_bytes` smaller than what they carry.
     pub duplicate_bytes: u64,
     /// `duplicate_bytes ÷` the bytes agents kept.
     pub duplicate_ratio: f64,
@@ -138,6 +148,7 @@ impl FleetReport {
             self.server_egress_bytes + self.per_agent.iter().map(|a| a.uploaded_bytes).sum::<u64>();
         self.duplicate_bytes = self.sent_bytes.saturating_sub(kept);
         self.duplicate_ratio = self.duplicate_bytes as f64 / kept.max(1) as f64;
+        self.sent_over_delivered = self.sent_bytes as f64 / kept.max(1) as f64;
         self.server_egress_ratio = self.server_egress_bytes as f64 / self.size_bytes.max(1) as f64;
         self.t_min_s = t_min_s;
         self.t_all_over_t_min = if t_min_s > 0.0 {

@@ -15,6 +15,8 @@
 //! seed = 1
 //! p2p = true                 # false: everything from the coordinator (the seed design)
 //! dht = false                # real engine: agents also run the Kademlia DHT (mesh.dht)
+//! compression = true         # real engine: zstd per chunk where it pays
+//! content_file = "path"      # real engine: the plugin is this file's first size_mib MiB
 //! chunk_kib = 256            # chunk size; the model uses it too
 //! plugins = [{ size_mib = 64 }]        # several entries = several plugins in one job
 //! [server]
@@ -34,7 +36,7 @@
 //! late_after_s = 3.0         # …this long after the jobs are created
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -187,6 +189,14 @@ pub struct Scenario {
     /// Leavers and late joiners.
     #[serde(default)]
     pub churn: Churn,
+    /// Real engine: the plugin is the first `size_mib` MiB of this file (one plugin
+    /// only), e.g. a real executable, instead of generated incompressible bytes.
+    #[serde(default)]
+    pub content_file: Option<PathBuf>,
+    /// Real engine: chunks travel zstd-compressed where that pays (`[download]
+    /// compression`, `[mesh]` and `[serve] compression_level`).
+    #[serde(default = "default_true")]
+    pub compression: bool,
 }
 
 fn default_name() -> String {
@@ -273,6 +283,8 @@ impl Scenario {
             },
             groups: Vec::new(),
             churn: Churn::default(),
+            content_file: None,
+            compression: true,
         }
     }
 
@@ -298,6 +310,12 @@ impl Scenario {
 
     /// Checks every value.
     pub fn validate(&self) -> Result<(), ScenarioError> {
+        if self.content_file.is_some() && self.plugins.len() != 1 {
+            return Err(ScenarioError::Invalid {
+                name: self.name.clone(),
+                message: "content_file needs exactly one plugin".into(),
+            });
+        }
         let bad = |message: String| {
             Err(ScenarioError::Invalid {
                 name: self.name.clone(),

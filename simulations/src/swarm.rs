@@ -143,6 +143,8 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
     cc.plugin.chunk_size = ByteSize(scenario.chunk_bytes());
     cc.serve.egress_rate = mib_rate(scenario.server.up_mibps);
     cc.jobs.lease_ttl = Seconds::secs(120);
+    let level = if scenario.compression { 3 } else { 0 };
+    cc.serve.compression_level = level;
     if ns.is_some() {
         // Plaintext gRPC, as on loopback: the hub's bridge is private to this run.
         cc.listen = format!("{}:0", netns::HUB_IP);
@@ -157,11 +159,30 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
     let mut plugins = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let id = format!("sim/plugin-{i}");
-        let pushed = conn
-            .push_generated(&id, "1.0.0", *size, scenario.seed.wrapping_add(i as u64))
-            .await?
-            .plugin
-            .ok_or_else(|| anyhow::anyhow!("push of {id} returned no plugin"))?;
+        let pushed = match &scenario.content_file {
+            Some(path) => {
+                let mut bytes = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("content_file {}: {e}", path.display()))?;
+                anyhow::ensure!(
+                    bytes.len() as u64 >= *size,
+                    "content_file {} has {} bytes, fewer than the plugin's {size}",
+                    path.display(),
+                    bytes.len()
+                );
+                bytes.truncate(*size as usize);
+                let header = pb::PushPluginHeader {
+                    expected_sha256: ContentId::of_bytes(&bytes).to_hex(),
+                    ..Default::default()
+                };
+                conn.push(&id, "1.0.0", &bytes, header).await?
+            }
+            None => {
+                conn.push_generated(&id, "1.0.0", *size, scenario.seed.wrapping_add(i as u64))
+                    .await?
+            }
+        }
+        .plugin
+        .ok_or_else(|| anyhow::anyhow!("push of {id} returned no plugin"))?;
         plugins.push((id, pushed.sha256));
     }
 
@@ -175,6 +196,8 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         c.mesh.upload_rate = mib_rate(plans[n].link.up_mibps);
         c.mesh.max_uploads = 16;
         c.mesh.dht = scenario.dht;
+        c.mesh.compression_level = level;
+        c.download.compression = scenario.compression;
         if ns.is_some() {
             c.mesh.listen = vec![format!("/ip4/{}/tcp/0", netns::agent_ip(n))];
             c.tls.insecure = true;
@@ -352,6 +375,11 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         scenario: scenario.name.clone(),
         p2p: scenario.p2p,
         dht: scenario.dht,
+        compression: scenario.compression,
+        content: scenario
+            .content_file
+            .as_ref()
+            .map_or_else(|| "generated".to_owned(), |p| p.display().to_string()),
         seed: scenario.seed,
         agents: scenario.agents,
         size_bytes: total,

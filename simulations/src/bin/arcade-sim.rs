@@ -109,6 +109,13 @@ enum Cmd {
         /// Agents also run the Kademlia DHT (`mesh.dht`, off by default).
         #[arg(long)]
         dht: bool,
+        /// The plugin is the first `--size-mib` MiB of this file (e.g. a real
+        /// executable) instead of generated incompressible bytes.
+        #[arg(long, value_name = "FILE")]
+        content_file: Option<PathBuf>,
+        /// Chunks travel raw (no zstd on the mesh or from the coordinator).
+        #[arg(long)]
+        no_compression: bool,
     },
     /// The discrete-event model: simulated links driving the real swarm scheduler and
     /// coordinator admission policy, for fleets far beyond one machine.
@@ -174,6 +181,23 @@ enum Cmd {
         /// Requests in flight in the pair transfer.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// Print one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bytes a version bump costs for a real pair of files (old → new): whole, zstd,
+    /// the wire's per-chunk zstd, fixed-chunk reuse, and zstd patches (each applied and
+    /// checked), with build and apply times.
+    BenchDelta {
+        /// The old version.
+        #[arg(long, value_name = "FILE")]
+        base: PathBuf,
+        /// The new version.
+        #[arg(long, value_name = "FILE")]
+        target: PathBuf,
+        /// Patch levels, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "3,19")]
+        levels: Vec<i32>,
         /// Print one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -460,10 +484,14 @@ fn main() -> ExitCode {
                 network,
                 peer_down_mibps,
                 dht,
+                content_file,
+                no_compression,
             } => {
                 let mut scenario = fleet.scenario("swarm");
                 scenario.network = network;
                 scenario.dht = dht;
+                scenario.content_file = content_file;
+                scenario.compression = !no_compression;
                 scenario.agent.down_mibps = peer_down_mibps;
                 fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
             }
@@ -565,6 +593,28 @@ fn main() -> ExitCode {
                     },
                 )
                 .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&f)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&f)?);
+                }
+                Ok(())
+            }
+            Cmd::BenchDelta {
+                base,
+                target,
+                levels,
+                json,
+            } => {
+                let opts = arcade_simulations::bench::delta::DeltaOptions {
+                    base,
+                    target,
+                    levels,
+                };
+                let f = tokio::task::spawn_blocking(move || {
+                    arcade_simulations::bench::delta::run(&opts)
+                })
+                .await??;
                 if json {
                     println!("{}", serde_json::to_string(&f)?);
                 } else {
