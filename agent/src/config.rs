@@ -223,7 +223,7 @@ impl Default for MeshConfig {
             dht: false,
             provider_ttl: Seconds::secs(15 * 60),
             provider_republish: Seconds::secs(5 * 60),
-            compression_level: 3,
+            compression_level: 1,
         }
     }
 }
@@ -446,7 +446,9 @@ dht = false
 provider_ttl = "15m"
 provider_republish = "5m"
 # zstd level (1-19) of chunks sent compressed to peers that ask; 0 = always send raw.
-compression_level = 3
+# 1 by default: a holder compresses every chunk it sends, and level 3 cost a fleet
+# sharing two cores 1.6x the CPU of level 1 for 10 % fewer bytes.
+compression_level = 1
 "##;
 
 /// A configuration checked for consistency, with derived values resolved.

@@ -46,6 +46,9 @@ pub struct FleetReport {
     /// Chunks travelled zstd-compressed where that paid (real engine).
     #[serde(default)]
     pub compression: bool,
+    /// Peers' zstd level (0 with compression off; the coordinator's is 3).
+    #[serde(default)]
+    pub compression_level: u32,
     /// Where the plugin's bytes came from: `generated` (incompressible) or a file.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content: String,

@@ -16,6 +16,7 @@
 //! p2p = true                 # false: everything from the coordinator (the seed design)
 //! dht = false                # real engine: agents also run the Kademlia DHT (mesh.dht)
 //! compression = true         # real engine: zstd per chunk where it pays
+//! compression_level = 1      # real engine: peers' zstd level (the coordinator's is 3)
 //! content_file = "path"      # real engine: the plugin is this file's first size_mib MiB
 //! chunk_kib = 256            # chunk size; the model uses it too
 //! plugins = [{ size_mib = 64 }]        # several entries = several plugins in one job
@@ -189,14 +190,19 @@ pub struct Scenario {
     /// Leavers and late joiners.
     #[serde(default)]
     pub churn: Churn,
-    /// Real engine: the plugin is the first `size_mib` MiB of this file (one plugin
-    /// only), e.g. a real executable, instead of generated incompressible bytes.
+    /// Real engine: the plugin is a `#!/bin/sh` + `exit 0` script carrying this file's
+    /// first bytes, `size_mib` MiB in all (one plugin only), e.g. a real executable's,
+    /// instead of generated incompressible bytes.
     #[serde(default)]
     pub content_file: Option<PathBuf>,
     /// Real engine: chunks travel zstd-compressed where that pays (`[download]
     /// compression`, `[mesh]` and `[serve] compression_level`).
     #[serde(default = "default_true")]
     pub compression: bool,
+    /// Real engine: zstd level of peers (`[mesh] compression_level`; the coordinator
+    /// keeps its default, 3).
+    #[serde(default = "default_level")]
+    pub compression_level: u32,
 }
 
 fn default_name() -> String {
@@ -207,6 +213,9 @@ fn default_seed() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_level() -> u32 {
+    1
 }
 fn default_chunk_kib() -> u64 {
     1024
@@ -285,6 +294,7 @@ impl Scenario {
             churn: Churn::default(),
             content_file: None,
             compression: true,
+            compression_level: default_level(),
         }
     }
 

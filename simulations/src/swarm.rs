@@ -143,8 +143,15 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
     cc.plugin.chunk_size = ByteSize(scenario.chunk_bytes());
     cc.serve.egress_rate = mib_rate(scenario.server.up_mibps);
     cc.jobs.lease_ttl = Seconds::secs(120);
-    let level = if scenario.compression { 3 } else { 0 };
-    cc.serve.compression_level = level;
+    let level = if scenario.compression {
+        scenario.compression_level
+    } else {
+        0
+    };
+    // The coordinator keeps its default level (3); off with compression off.
+    if !scenario.compression {
+        cc.serve.compression_level = 0;
+    }
     if ns.is_some() {
         // Plaintext gRPC, as on loopback: the hub's bridge is private to this run.
         cc.listen = format!("{}:0", netns::HUB_IP);
@@ -161,15 +168,18 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         let id = format!("sim/plugin-{i}");
         let pushed = match &scenario.content_file {
             Some(path) => {
-                let mut bytes = std::fs::read(path)
+                // A script that exits 0 (the job runs it) carrying the file's bytes.
+                let file = std::fs::read(path)
                     .map_err(|e| anyhow::anyhow!("content_file {}: {e}", path.display()))?;
+                let mut bytes = b"#!/bin/sh\nexit 0\n".to_vec();
+                let take = (*size as usize).saturating_sub(bytes.len());
                 anyhow::ensure!(
-                    bytes.len() as u64 >= *size,
+                    file.len() >= take,
                     "content_file {} has {} bytes, fewer than the plugin's {size}",
                     path.display(),
-                    bytes.len()
+                    file.len()
                 );
-                bytes.truncate(*size as usize);
+                bytes.extend_from_slice(&file[..take]);
                 let header = pb::PushPluginHeader {
                     expected_sha256: ContentId::of_bytes(&bytes).to_hex(),
                     ..Default::default()
@@ -376,6 +386,11 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         p2p: scenario.p2p,
         dht: scenario.dht,
         compression: scenario.compression,
+        compression_level: if scenario.compression {
+            scenario.compression_level
+        } else {
+            0
+        },
         content: scenario
             .content_file
             .as_ref()

@@ -123,7 +123,7 @@ impl Default for HostConfig {
             provider_republish: Duration::from_secs(5 * 60),
             max_connections: 256,
             unvouched_timeout: Duration::from_secs(10),
-            compression_level: Some(crate::compress::DEFAULT_LEVEL),
+            compression_level: Some(crate::compress::MESH_LEVEL),
             accept_zstd: true,
         }
     }

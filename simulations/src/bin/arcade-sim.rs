@@ -109,13 +109,17 @@ enum Cmd {
         /// Agents also run the Kademlia DHT (`mesh.dht`, off by default).
         #[arg(long)]
         dht: bool,
-        /// The plugin is the first `--size-mib` MiB of this file (e.g. a real
-        /// executable) instead of generated incompressible bytes.
+        /// The plugin is a script that exits 0 carrying this file's first bytes,
+        /// `--size-mib` MiB in all (e.g. a real executable's), instead of generated
+        /// incompressible bytes.
         #[arg(long, value_name = "FILE")]
         content_file: Option<PathBuf>,
         /// Chunks travel raw (no zstd on the mesh or from the coordinator).
         #[arg(long)]
         no_compression: bool,
+        /// Peers' zstd level (1–19; the coordinator keeps its default, 3).
+        #[arg(long, default_value_t = 1)]
+        compression_level: u32,
     },
     /// The discrete-event model: simulated links driving the real swarm scheduler and
     /// coordinator admission policy, for fleets far beyond one machine.
@@ -486,12 +490,14 @@ fn main() -> ExitCode {
                 dht,
                 content_file,
                 no_compression,
+                compression_level,
             } => {
                 let mut scenario = fleet.scenario("swarm");
                 scenario.network = network;
                 scenario.dht = dht;
                 scenario.content_file = content_file;
                 scenario.compression = !no_compression;
+                scenario.compression_level = compression_level;
                 scenario.agent.down_mibps = peer_down_mibps;
                 fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
             }
