@@ -230,6 +230,14 @@ pub struct PluginConfig {
     pub preheat_pin: Seconds,
     /// Most preheats active at once.
     pub max_preheats: u32,
+    /// Patches built to each new version, from the newest older enabled versions (0 =
+    /// none).
+    pub patch_bases: u32,
+    /// zstd level of patches (1–19; 19 makes patches about a third smaller and takes
+    /// about a hundred times longer).
+    pub patch_level: u32,
+    /// Largest base plus target a patch is built for (both are held in memory).
+    pub patch_max_size: ByteSize,
     /// `[plugin.security]`.
     pub security: SecurityConfig,
 }
@@ -295,6 +303,9 @@ impl Default for PluginConfig {
             cache_ttl: Seconds::secs(3600),
             preheat_pin: Seconds::secs(86_400),
             max_preheats: 64,
+            patch_bases: 2,
+            patch_level: 3,
+            patch_max_size: ByteSize::mib(512),
             security: SecurityConfig::default(),
         }
     }
@@ -367,6 +378,15 @@ preheat_pin = "1d"
 # Most preheats active at once (a new preheat of the same content and labels replaces
 # the old one).
 max_preheats = 64
+# Patches (zstd with the older version as prefix) built in the background, one at a
+# time, to each new version from this many of the newest older enabled versions of the
+# same plugin (0 = none); kept only when at most 3/4 of the whole version compressed.
+patch_bases = 2
+# zstd level of patches: 3 builds a 24 MB executable's patch in 0.4 s; 19 makes it a
+# third smaller in 40 s.
+patch_level = 3
+# Largest base plus target a patch is built for (both are read into memory).
+patch_max_size = "512MiB"
 
 [plugin.security]
 # Every push must state the SHA-256 of its content (arcadectl computes it).
@@ -585,6 +605,15 @@ impl CoordinatorConfig {
         }
         if p.preheat_pin.get().is_zero() || p.preheat_pin.get() > MAX_PREHEAT_PIN {
             return Err(bad("plugin.preheat_pin", "must be between 1s and 30d"));
+        }
+        if p.patch_bases > 16 {
+            return Err(bad("plugin.patch_bases", "must be at most 16"));
+        }
+        if p.patch_level == 0 || p.patch_level > arcade_p2p::compress::MAX_LEVEL as u32 {
+            return Err(bad("plugin.patch_level", "must be between 1 and 19"));
+        }
+        if p.patch_max_size > ByteSize(1 << arcade_p2p::delta::MAX_WINDOW_LOG) {
+            return Err(bad("plugin.patch_max_size", "must be at most 2GiB"));
         }
         if p.max_preheats == 0 || p.max_preheats > 1024 {
             return Err(bad("plugin.max_preheats", "must be between 1 and 1024"));

@@ -43,6 +43,11 @@ pub fn window_log_for(base_len: u64, target_len: u64) -> u32 {
     (64 - (both - 1).leading_zeros()).clamp(MIN_WINDOW_LOG, MAX_WINDOW_LOG)
 }
 
+/// The size of `data` compressed whole at zstd `level` (what a patch must beat).
+pub fn compressed_size(data: &[u8], level: i32) -> io::Result<u64> {
+    Ok(zstd::bulk::compress(data, level)?.len() as u64)
+}
+
 /// A patch that turns `base` into `target` at zstd `level`. CPU-bound (level 3 takes
 /// about as long as compressing `target`; level 19 tens of times longer).
 pub fn make_patch(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>, PatchError> {

@@ -102,7 +102,7 @@ async fn plugin_list(ctx: &Ctx, plugin_type: String, json: bool) -> Result<(), C
 async fn plugin_get(ctx: &Ctx, reference: &str, json: bool) -> Result<(), CtlError> {
     let r = plugin_ref(reference)?;
     let conn = ctx.connect().await?;
-    let plugin = conn
+    let answer = conn
         .plugins()
         .get_plugin(pb::GetPluginRequest {
             plugin_id: r.id.to_string(),
@@ -110,10 +110,12 @@ async fn plugin_get(ctx: &Ctx, reference: &str, json: bool) -> Result<(), CtlErr
         })
         .await
         .map_err(|s| conn.error(s))?
-        .into_inner()
+        .into_inner();
+    let plugin = answer
         .plugin
         .ok_or_else(|| CtlError::BadAnswer("GetPlugin returned no plugin".into()))?;
-    let plugin = PluginJson::from(plugin);
+    let mut plugin = PluginJson::from(plugin);
+    plugin.patches = answer.patches.into_iter().map(Into::into).collect();
     if json {
         emit_json(&plugin)
     } else {

@@ -39,6 +39,39 @@ pub struct PluginJson {
     pub created_at: i64,
     /// The publisher key that signed it (`ed25519:<hex>`), empty when unsigned.
     pub signed_by: String,
+    /// Patches that yield this version from older ones (`plugin get` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<PatchJson>,
+}
+
+/// A patch to a plugin version from an older one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatchJson {
+    /// The older version (when the patch was built) and its content.
+    pub base_version: String,
+    pub base_sha256: String,
+    /// The patch's own content and size.
+    pub sha256: String,
+    pub size: u64,
+    /// zstd level and window (log2 bytes).
+    pub level: i32,
+    pub window_log: u32,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+impl From<pb::PatchInfo> for PatchJson {
+    fn from(p: pb::PatchInfo) -> Self {
+        Self {
+            base_version: p.base_version,
+            base_sha256: p.base_sha256,
+            sha256: p.patch_sha256,
+            size: p.patch_size,
+            level: p.level,
+            window_log: p.window_log,
+            created_at: p.created_at,
+        }
+    }
 }
 
 impl From<pb::PluginVersion> for PluginJson {
@@ -59,6 +92,7 @@ impl From<pb::PluginVersion> for PluginJson {
                 .unwrap_or_default(),
             enabled: p.enabled,
             created_at: p.created_at,
+            patches: Vec::new(),
         }
     }
 }
@@ -411,6 +445,16 @@ pub fn plugin_details(p: &PluginJson) -> String {
         ("created", time(p.created_at)),
     ] {
         out.push_str(&format!("{k:<15} {v}\n"));
+    }
+    for patch in &p.patches {
+        out.push_str(&format!(
+            "{:<15} from {}: {} bytes ({:.1} % of the version), zstd level {}\n",
+            "patch",
+            patch.base_version,
+            patch.size,
+            100.0 * patch.size as f64 / p.size.max(1) as f64,
+            patch.level
+        ));
     }
     out
 }

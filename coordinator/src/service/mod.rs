@@ -13,6 +13,7 @@
 //! - `hints.rs` — peer hints: which agents to fetch a content from.
 //! - `fleet.rs` — the fleet in memory and its indexes; `fleet_api.rs` — `Fleet`.
 //! - `jobs.rs` — `Jobs` (create, get, list, cancel).
+//! - `patches.rs` — patches to a pushed version from older ones, built in the background.
 //! - `preheat.rs` — `PluginAdmin.PreheatPlugin`: background fetches and pins ordered
 //!   through heartbeat answers.
 //! - `leases.rs` — lease deadlines, their sweep, and the retention sweep.
@@ -31,6 +32,7 @@ pub(crate) mod identity;
 pub(crate) mod jobs;
 pub(crate) mod leases;
 pub(crate) mod long_poll;
+pub(crate) mod patches;
 pub(crate) mod plugins;
 pub(crate) mod preheat;
 
@@ -73,6 +75,7 @@ impl From<StoreError> for Status {
         match &e {
             StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
             StoreError::PluginNotFound(_)
+            | StoreError::PatchOrphaned(_)
             | StoreError::EnrollTokenNotFound(_)
             | StoreError::JobNotFound(_)
             | StoreError::AgentNotFound(_) => Status::not_found(e.to_string()),
@@ -236,6 +239,8 @@ pub(crate) struct Shared {
     pub(crate) content_lock: tokio::sync::Mutex<()>,
     /// Active preheats.
     pub(crate) preheats: Mutex<preheat::PreheatBook>,
+    /// One patch build at a time.
+    pub(crate) patch_builds: Arc<tokio::sync::Semaphore>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -336,6 +341,7 @@ impl Shared {
             registrations: RegisterLimiter::new(config.raw.agents.register_rate),
             content_lock: tokio::sync::Mutex::new(()),
             preheats: Mutex::new(preheat::PreheatBook::default()),
+            patch_builds: Arc::new(tokio::sync::Semaphore::new(1)),
             shutdown,
             config,
         };

@@ -1,5 +1,6 @@
 //! `PluginAdmin`: push (client-streaming, verified, content-addressed), list, get,
-//! enable/disable and delete; preheat (in `preheat.rs`).
+//! enable/disable and delete; preheat (in `preheat.rs`); patches to a pushed version
+//! (in `patches.rs`).
 
 use std::sync::Arc;
 
@@ -229,6 +230,7 @@ impl PluginAdminService {
         match s.store.put_plugin(rec, m).await {
             Ok(PutOutcome::Created) => {
                 tracing::info!(plugin = %key, sha256 = %id, size = manifest.size(), chunks = manifest.chunk_count(), "plugin pushed");
+                s.schedule_patches(record.clone());
                 Ok(pb::PushPluginResponse {
                     plugin: Some(record),
                     created: true,
@@ -321,9 +323,11 @@ impl PluginAdmin for PluginAdminService {
             .parse()
             .map_err(|_| Status::internal("stored plugin has a bad sha256"))?;
         let manifest = self.0.manifest(id).await?;
+        let patches = self.0.store.patches_to(id).await?;
         Ok(Response::new(pb::GetPluginResponse {
             plugin: Some(plugin),
             manifest: Some(manifest.to_proto()),
+            patches,
         }))
     }
 
@@ -374,15 +378,18 @@ impl PluginAdmin for PluginAdminService {
             .key();
         let _guard = self.0.content_lock.lock().await;
         let k = key.clone();
-        let orphan = self.0.store.delete_plugin(&k).await?;
+        let orphans = self.0.store.delete_plugin(&k).await?;
         self.0.invalidate_plugin(&key);
-        let content_removed = match orphan {
-            Some(id) => {
-                self.0.manifests.remove(&id);
-                self.0.blobs.remove(&id).await?
+        // The version's own content first (the answer says whether it went), then the
+        // patches from or to it.
+        let mut content_removed = false;
+        for (i, id) in orphans.iter().enumerate() {
+            self.0.manifests.remove(id);
+            let removed = self.0.blobs.remove(id).await?;
+            if i == 0 {
+                content_removed = removed;
             }
-            None => false,
-        };
+        }
         tracing::info!(plugin = %key, content_removed, "plugin deleted");
         Ok(Response::new(pb::DeletePluginResponse { content_removed }))
     }

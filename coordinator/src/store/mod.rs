@@ -58,6 +58,9 @@ pub enum StoreError {
     /// No such plugin version.
     #[error("plugin {0} does not exist")]
     PluginNotFound(String),
+    /// A patch's base or target content is no longer stored.
+    #[error("content {0} of a patch is no longer stored")]
+    PatchOrphaned(String),
     /// No such job.
     #[error("job {0} does not exist")]
     JobNotFound(String),
@@ -315,11 +318,25 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Enables or disables a plugin version.
     async fn set_enabled(&self, key: &str, enabled: bool) -> Result<pb::PluginVersion, StoreError>;
     /// Deletes a plugin version unless queued or running jobs need it. Returns the
-    /// content id when no other version uses that content any more (its manifest is
-    /// removed too; the caller removes the blob).
-    async fn delete_plugin(&self, key: &str) -> Result<Option<ContentId>, StoreError>;
-    /// Content ids referenced by some plugin version.
+    /// contents nothing references any more, for the caller to remove their blobs: the
+    /// version's content when no other version uses it (its manifest is removed too),
+    /// and the patches from or to that content (removed with it).
+    async fn delete_plugin(&self, key: &str) -> Result<Vec<ContentId>, StoreError>;
+    /// Content ids referenced by some plugin version or patch.
     async fn referenced_contents(&self) -> Result<HashSet<ContentId>, StoreError>;
+
+    // ---- patches ----
+
+    /// Stores a patch and its manifest (replacing one for the same base and target).
+    /// Refused (`PatchOrphaned`) when the base's or the target's content is no longer
+    /// stored: a delete won the race.
+    async fn put_patch(
+        &self,
+        patch: pb::PatchInfo,
+        manifest: Arc<Manifest>,
+    ) -> Result<(), StoreError>;
+    /// The patches that yield content `target`.
+    async fn patches_to(&self, target: ContentId) -> Result<Vec<pb::PatchInfo>, StoreError>;
 
     // ---- agents ----
 

@@ -46,6 +46,9 @@ use crate::metrics::StoreMetrics;
 
 const PLUGINS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("plugins");
 const MANIFESTS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("manifests");
+/// `target hex` + `:` + `base hex` → encoded `PatchInfo` (a range over `target hex:`
+/// lists the patches to a target).
+const PATCHES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("patches");
 const AGENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<'_, &[u8; 32], &str> = TableDefinition::new("agent_tokens");
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
@@ -146,6 +149,7 @@ impl RedbStore {
         let tx = db.begin_write()?;
         tx.open_table(PLUGINS)?;
         tx.open_table(MANIFESTS)?;
+        tx.open_table(PATCHES)?;
         tx.open_table(AGENTS)?;
         tx.open_table(TOKENS)?;
         tx.open_table(JOBS)?;
@@ -474,7 +478,7 @@ impl MetaStore for RedbStore {
         .await
     }
 
-    async fn delete_plugin(&self, key: &str) -> Result<Option<ContentId>, StoreError> {
+    async fn delete_plugin(&self, key: &str) -> Result<Vec<ContentId>, StoreError> {
         let key = key.to_owned();
         self.write("delete_plugin", move |tx| {
             let mut plugins = tx.open_table(PLUGINS)?;
@@ -528,21 +532,91 @@ impl MetaStore for RedbStore {
             })?;
             plugins.remove(key.as_str())?;
             if still_used {
-                Ok(None)
-            } else {
-                tx.open_table(MANIFESTS)?.remove(id.as_bytes())?;
-                Ok(Some(id))
+                return Ok(Vec::new());
             }
+            let mut manifests = tx.open_table(MANIFESTS)?;
+            manifests.remove(id.as_bytes())?;
+            let mut gone = vec![id];
+            // Patches from or to the content go with it.
+            let hex = id.to_hex();
+            let mut patches = tx.open_table(PATCHES)?;
+            let mut dead = Vec::new();
+            for e in patches.iter()? {
+                let (k, v) = e?;
+                let p: pb::PatchInfo = decode(k.value(), v.value())?;
+                if p.base_sha256 == hex || p.target_sha256 == hex {
+                    dead.push((k.value().to_owned(), p.patch_sha256));
+                }
+            }
+            for (k, patch) in dead {
+                patches.remove(k.as_str())?;
+                if let Ok(pid) = patch.parse::<ContentId>() {
+                    manifests.remove(pid.as_bytes())?;
+                    gone.push(pid);
+                }
+            }
+            Ok(gone)
         })
         .await
     }
 
     async fn referenced_contents(&self) -> Result<HashSet<ContentId>, StoreError> {
         self.read(|tx| {
-            Ok(list_plugins(tx, "")?
+            let mut refs: HashSet<ContentId> = list_plugins(tx, "")?
                 .into_iter()
                 .filter_map(|p| p.sha256.parse().ok())
-                .collect())
+                .collect();
+            for e in tx.open_table(PATCHES)?.iter()? {
+                let (k, v) = e?;
+                let p: pb::PatchInfo = decode(k.value(), v.value())?;
+                refs.extend(p.patch_sha256.parse::<ContentId>().ok());
+            }
+            Ok(refs)
+        })
+        .await
+    }
+
+    async fn put_patch(
+        &self,
+        patch: pb::PatchInfo,
+        manifest: Arc<Manifest>,
+    ) -> Result<(), StoreError> {
+        self.write("put_patch", move |tx| {
+            let mut manifests = tx.open_table(MANIFESTS)?;
+            for sha in [&patch.base_sha256, &patch.target_sha256] {
+                let id: ContentId = sha
+                    .parse()
+                    .map_err(|_| StoreError::PatchOrphaned(sha.clone()))?;
+                if manifests.get(id.as_bytes())?.is_none() {
+                    return Err(StoreError::PatchOrphaned(sha.clone()));
+                }
+            }
+            let id = manifest.content_id();
+            if manifests.get(id.as_bytes())?.is_none() {
+                manifests.insert(id.as_bytes(), manifest.encode().as_slice())?;
+            }
+            let key = format!("{}:{}", patch.target_sha256, patch.base_sha256);
+            tx.open_table(PATCHES)?
+                .insert(key.as_str(), patch.encode_to_vec().as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn patches_to(&self, target: ContentId) -> Result<Vec<pb::PatchInfo>, StoreError> {
+        // Keys are `target:base` in hex: one range, `target:` up to `target;`.
+        let (from, to) = (
+            format!("{}:", target.to_hex()),
+            format!("{};", target.to_hex()),
+        );
+        self.read(move |tx| {
+            let patches = tx.open_table(PATCHES)?;
+            let mut out = Vec::new();
+            for e in patches.range(from.as_str()..to.as_str())? {
+                let (k, v) = e?;
+                out.push(decode(k.value(), v.value())?);
+            }
+            Ok(out)
         })
         .await
     }

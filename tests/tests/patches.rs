@@ -1,0 +1,146 @@
+//! Patches between versions, built by a real coordinator after pushes over gRPC: a new
+//! version gets a patch from each of the newest older versions (`plugin.patch_bases`)
+//! that applies to the base's bytes and yields the new version exactly; a version
+//! unrelated to the older ones gets none (the patch would not be clearly smaller than
+//! the version compressed); deleting a base removes its patches and their blobs; the
+//! patches that remain survive a restart (the start-up orphan sweep keeps their blobs).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use arcade_p2p::ContentId;
+use arcade_proto::v1 as pb;
+use arcade_tests::{ADMIN, TestCoordinator, content, eventually, storage_files};
+
+/// A 1 MiB executable-looking plugin of noise.
+fn base() -> Vec<u8> {
+    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
+    v.extend(content((1 << 20) - v.len(), 3));
+    v
+}
+
+/// The next release: bytes inserted near the start (every later offset moves) and an
+/// edit further on.
+fn next(prev: &[u8], seed: u8) -> Vec<u8> {
+    let mut v = prev[..4096].to_vec();
+    v.extend(content(1500, seed));
+    v.extend_from_slice(&prev[4096..600_000]);
+    v.extend(content(3000, seed.wrapping_add(1)));
+    v.extend_from_slice(&prev[603_000..]);
+    v
+}
+
+async fn patches(c: &TestCoordinator, version: &str) -> Vec<pb::PatchInfo> {
+    c.plugins(ADMIN)
+        .await
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "delta/tool".into(),
+            version: version.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .patches
+}
+
+async fn wait_patches(c: &TestCoordinator, version: &str, n: usize) -> Vec<pb::PatchInfo> {
+    eventually(Duration::from_secs(30), || async {
+        let p = patches(c, version).await;
+        (p.len() >= n).then_some(p)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{n} patch(es) to {version} within 30 s"))
+}
+
+fn blob_of(c: &TestCoordinator, sha: &str) -> Option<PathBuf> {
+    storage_files(&c.storage())
+        .into_iter()
+        .find(|f| f.file_name().is_some_and(|n| n == sha))
+}
+
+fn apply(base: &[u8], patch: &pb::PatchInfo, c: &TestCoordinator, len: usize) -> Vec<u8> {
+    let bytes = std::fs::read(blob_of(c, &patch.patch_sha256).expect("patch blob")).unwrap();
+    assert_eq!(bytes.len() as u64, patch.patch_size);
+    let mut out = Vec::new();
+    arcade_p2p::delta::apply_patch(base, &bytes, &mut out, len as u64, patch.window_log).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_versions_get_patches_that_rebuild_them_and_deletes_clean_up() {
+    let mut c = TestCoordinator::start(|_| {}).await;
+    let v1 = base();
+    let v2 = next(&v1, 10);
+    let v3 = next(&v2, 20);
+    for (version, data) in [("1.0.0", &v1), ("1.1.0", &v2), ("1.2.0", &v3)] {
+        c.push("delta/tool", version, data, Default::default())
+            .await
+            .unwrap();
+    }
+    let to_v2 = wait_patches(&c, "1.1.0", 1).await;
+    assert_eq!(to_v2[0].base_version, "1.0.0");
+    assert_eq!(to_v2[0].base_sha256, ContentId::of_bytes(&v1).to_hex());
+    assert!(
+        to_v2[0].patch_size < v2.len() as u64 / 50,
+        "{} bytes of patch for {}",
+        to_v2[0].patch_size,
+        v2.len()
+    );
+    assert_eq!(apply(&v1, &to_v2[0], &c, v2.len()), v2);
+    // The newest two older versions each get one.
+    let to_v3 = wait_patches(&c, "1.2.0", 2).await;
+    for p in &to_v3 {
+        let base = if p.base_version == "1.0.0" { &v1 } else { &v2 };
+        assert_eq!(apply(base, p, &c, v3.len()), v3, "from {}", p.base_version);
+    }
+    assert!(
+        patches(&c, "1.0.0").await.is_empty(),
+        "nothing older than 1.0.0"
+    );
+
+    // Unrelated bytes: a patch would be no smaller than the version itself.
+    let mut other = b"#!/bin/sh\nexit 0\n".to_vec();
+    other.extend(content(1 << 20, 99));
+    c.push("delta/tool", "2.0.0", &other, Default::default())
+        .await
+        .unwrap();
+    // Another version pushed after it is built only once the 2.0.0 build is done (one
+    // at a time), so its patch showing up means 2.0.0's build has finished.
+    let v4 = next(&other, 30);
+    c.push("delta/tool", "2.1.0", &v4, Default::default())
+        .await
+        .unwrap();
+    wait_patches(&c, "2.1.0", 1).await;
+    assert!(
+        patches(&c, "2.0.0").await.is_empty(),
+        "no patch kept to 2.0.0"
+    );
+
+    // Deleting 1.0.0 removes the patches from it, blobs included.
+    let from_v1: Vec<String> = to_v3
+        .iter()
+        .chain(&to_v2)
+        .filter(|p| p.base_version == "1.0.0")
+        .map(|p| p.patch_sha256.clone())
+        .collect();
+    c.plugins(ADMIN)
+        .await
+        .delete_plugin(pb::DeletePluginRequest {
+            plugin_id: "delta/tool".into(),
+            version: "1.0.0".into(),
+        })
+        .await
+        .unwrap();
+    assert!(patches(&c, "1.1.0").await.is_empty());
+    assert_eq!(patches(&c, "1.2.0").await.len(), 1);
+    for sha in &from_v1 {
+        assert!(blob_of(&c, sha).is_none(), "patch blob {sha} removed");
+    }
+
+    // What remains survives a restart, blob and all.
+    c.restart().await;
+    let kept = patches(&c, "1.2.0").await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].base_version, "1.1.0");
+    assert_eq!(apply(&v2, &kept[0], &c, v3.len()), v3);
+}
