@@ -138,6 +138,12 @@ pub struct DownloadConfig {
     /// Ask peers and the coordinator for zstd-compressed chunks (they send a chunk
     /// compressed only when it shrinks; decompression is bounded by the manifest).
     pub compression: bool,
+    /// Build a new version from a patch to a version this agent holds, when the
+    /// coordinator offers one (falling back to the whole version on any failure).
+    pub patches: bool,
+    /// Most memory applying a patch may take: the base, the decoder's window and the
+    /// new version together; larger patches are not used.
+    pub patch_max_memory: ByteSize,
 }
 
 /// `[cache]`.
@@ -288,6 +294,8 @@ impl Default for DownloadConfig {
             backoff: Seconds(Duration::from_millis(500)),
             fallback: Fallback::Fail,
             compression: true,
+            patches: true,
+            patch_max_memory: ByteSize::gib(1),
         }
     }
 }
@@ -373,6 +381,12 @@ fallback = "fail"
 # Ask peers and the coordinator for zstd-compressed chunks; they compress a chunk only
 # when it shrinks to 7/8 or less, and every chunk is still verified as raw bytes.
 compression = true
+# Build a new version from a patch to a version this agent holds, when the coordinator
+# offers one; the result's SHA-256 is checked and any failure falls back to fetching
+# the whole version.
+patches = true
+# Most memory applying a patch may take (base + decoder window + new version).
+patch_max_memory = "1GiB"
 
 [cache]
 # Bytes of downloaded plugins kept (builtin plugins do not count and are never evicted).

@@ -7,6 +7,9 @@
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`) |
 //! | `arcade_agent_compressed_wire_bytes_total` / `_raw_bytes_total` | counter | `direction` (`from_server`, `from_peers`, `to_peers`): chunks that travelled zstd-compressed, their bytes on the wire and raw |
+//! | `arcade_agent_patch_bytes_total` | counter | — (bytes of patches fetched) |
+//! | `arcade_agent_patched_bytes_total` | counter | — (bytes of versions built from a patch) |
+//! | `arcade_agent_patch_fallbacks_total` | counter | — (patches that failed: the whole version was fetched) |
 //! | `arcade_agent_bad_chunks_total` | counter | `source` |
 //! | `arcade_agent_peer_bans_total` | counter | — |
 //! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
@@ -94,6 +97,12 @@ pub struct Metrics {
     pub compressed_wire: Family<DirectionLabel, Counter>,
     /// `arcade_agent_compressed_raw_bytes_total`.
     pub compressed_raw: Family<DirectionLabel, Counter>,
+    /// `arcade_agent_patch_bytes_total`.
+    pub patch_bytes: Counter,
+    /// `arcade_agent_patched_bytes_total`.
+    pub patched_bytes: Counter,
+    /// `arcade_agent_patch_fallbacks_total`.
+    pub patch_fallbacks: Counter,
     /// `arcade_agent_bad_chunks_total`.
     pub bad_chunks: Family<SourceLabel, Counter>,
     /// `arcade_agent_peer_bans_total`.
@@ -172,6 +181,24 @@ impl Metrics {
             "arcade_agent_compressed_raw_bytes",
             "Raw bytes of chunks that travelled zstd-compressed, by direction",
             compressed_raw.clone(),
+        );
+        let patch_bytes = Counter::default();
+        r.register(
+            "arcade_agent_patch_bytes",
+            "Bytes of patches fetched to build new versions from held ones",
+            patch_bytes.clone(),
+        );
+        let patched_bytes = Counter::default();
+        r.register(
+            "arcade_agent_patched_bytes",
+            "Bytes of versions built from a patch and verified",
+            patched_bytes.clone(),
+        );
+        let patch_fallbacks = Counter::default();
+        r.register(
+            "arcade_agent_patch_fallbacks",
+            "Patches that could not be used (the whole version was fetched instead)",
+            patch_fallbacks.clone(),
         );
         let bad_chunks = Family::<SourceLabel, Counter>::default();
         r.register(
@@ -264,6 +291,9 @@ impl Metrics {
             fetched_bytes,
             compressed_wire,
             compressed_raw,
+            patch_bytes,
+            patched_bytes,
+            patch_fallbacks,
             bad_chunks,
             peer_bans,
             cache_hits,

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use arcade_p2p::ContentId;
 use arcade_proto::v1 as pb;
-use arcade_tests::{ADMIN, TestCoordinator, content, eventually, storage_files};
+use arcade_tests::agents::TestAgent;
+use arcade_tests::{
+    ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, storage_files, wait_job,
+};
 
 /// A 1 MiB executable-looking plugin of noise.
 fn base() -> Vec<u8> {
@@ -143,4 +146,96 @@ async fn new_versions_get_patches_that_rebuild_them_and_deletes_clean_up() {
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].base_version, "1.1.0");
     assert_eq!(apply(&v2, &kept[0], &c, v3.len()), v3);
+}
+
+/// A plugin script that exits 0, then noise (so chunks do not compress).
+fn script(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
+    v.extend(content(len - v.len(), seed));
+    v
+}
+
+async fn run_job(c: &TestCoordinator, version: &str) {
+    let id = create_job(c, "delta/tool", version, "true", &[]).await;
+    let job = wait_job(c, &id).await;
+    assert_eq!(
+        job.status(),
+        pb::JobStatus::Succeeded,
+        "{}",
+        job.error_message
+    );
+}
+
+/// An agent holding 1.0.0 gets 1.1.0 as a patch (a few KiB from the coordinator
+/// instead of 2 MiB), verified and run; when the base it holds was altered on disk, the
+/// patched result fails its SHA-256 and the agent fetches the whole version instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_holding_a_base_fetch_the_patch_and_fall_back_when_it_fails() {
+    // One base per version: 1.2.0's only patch is from the 1.1.0 the test alters.
+    let c = TestCoordinator::start(|c| c.plugin.patch_bases = 1).await;
+    let v1 = script(2 << 20, 1);
+    let v2 = next(&v1, 40);
+    let v3 = next(&v2, 50);
+    c.push("delta/tool", "1.0.0", &v1, Default::default())
+        .await
+        .unwrap();
+    let a = TestAgent::start(&c.url, ENROLL, "patcher", |cfg, _| {
+        cfg.mesh.enabled = false;
+    })
+    .await;
+    run_job(&c, "1.0.0").await;
+    let full = a.server_bytes();
+    assert_eq!(full, v1.len() as u64);
+
+    c.push("delta/tool", "1.1.0", &v2, Default::default())
+        .await
+        .unwrap();
+    let offered = wait_patches(&c, "1.1.0", 1).await;
+    run_job(&c, "1.1.0").await;
+    let fetched = a.server_bytes() - full;
+    assert_eq!(fetched, offered[0].patch_size, "only the patch was fetched");
+    let m = a.agent().metrics();
+    assert_eq!(m.patched_bytes.get(), v2.len() as u64);
+    assert_eq!(m.patch_bytes.get(), offered[0].patch_size);
+    assert_eq!(m.patch_fallbacks.get(), 0);
+    let cached = std::fs::read(
+        a.plugin_dir()
+            .join("downloaded")
+            .join(ContentId::of_bytes(&v2).to_hex()),
+    )
+    .unwrap();
+    assert_eq!(cached, v2);
+
+    // The base (1.1.0) altered on disk: the patch to 1.2.0 yields other bytes, their
+    // SHA-256 does not match, and the whole version is fetched and verified instead.
+    let base_file = a
+        .plugin_dir()
+        .join("downloaded")
+        .join(ContentId::of_bytes(&v2).to_hex());
+    let mut altered = v2.clone();
+    altered[300_000] ^= 0xff;
+    std::fs::write(&base_file, &altered).unwrap();
+    c.push("delta/tool", "1.2.0", &v3, Default::default())
+        .await
+        .unwrap();
+    wait_patches(&c, "1.2.0", 1).await;
+    let before = a.server_bytes();
+    run_job(&c, "1.2.0").await;
+    assert_eq!(
+        m.patch_fallbacks.get(),
+        1,
+        "the patch failed and was counted"
+    );
+    let whole = a.server_bytes() - before;
+    assert!(
+        whole >= v3.len() as u64,
+        "the whole version was fetched after the failed patch ({whole} bytes)"
+    );
+    let cached = std::fs::read(
+        a.plugin_dir()
+            .join("downloaded")
+            .join(ContentId::of_bytes(&v3).to_hex()),
+    )
+    .unwrap();
+    assert_eq!(cached, v3);
 }

@@ -20,6 +20,7 @@
 //! content share one fetch. Memory per fetch is one chunk in flight plus the stream's
 //! buffers; nothing scales with plugin size.
 
+mod patch;
 mod run;
 pub use run::PEER_BUSY_RETRY;
 pub mod source;
@@ -301,7 +302,7 @@ impl Fetcher {
         let deadline = self.config.timeout.get();
         let result = match tokio::time::timeout(
             deadline,
-            self.fetch_and_publish(&plugin, &manifest, hints, cancel),
+            self.patch_or_fetch(&plugin, &manifest, info, hints, cancel),
         )
         .await
         {
@@ -371,6 +372,30 @@ impl Fetcher {
         result
     }
 
+    /// Through a patch from a version this agent holds, when the coordinator offers
+    /// one and it works (`patch.rs`); else the whole content.
+    async fn patch_or_fetch(
+        &self,
+        plugin: &PluginRef,
+        manifest: &Manifest,
+        info: &pb::PluginInfo,
+        hints: Vec<(PeerId, Vec<Multiaddr>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Fetched, FetchError> {
+        if self.config.patches && !info.patches.is_empty() {
+            match self.via_patch(plugin, manifest, info, cancel).await {
+                Ok(Some(fetched)) => return Ok(fetched),
+                Ok(None) => {}
+                Err(why) => {
+                    self.metrics.patch_fallbacks.inc();
+                    tracing::warn!(plugin = %plugin, error = %why, "patch not used: fetching the whole version");
+                }
+            }
+        }
+        self.fetch_and_publish(plugin, manifest, hints, cancel)
+            .await
+    }
+
     async fn fetch_and_publish(
         &self,
         plugin: &PluginRef,
@@ -378,6 +403,36 @@ impl Fetcher {
         hints: Vec<(PeerId, Vec<Multiaddr>)>,
         cancel: &CancellationToken,
     ) -> Result<Fetched, FetchError> {
+        let (bytes_by_source, swarm) = self
+            .fetch_content(plugin, false, manifest, hints, cancel)
+            .await?;
+        let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());
+        let published = blocking(move || cache.publish(&p, &m))
+            .await
+            .map_err(|source| FetchError::Cache {
+                plugin: plugin.to_string(),
+                source: Box::new(source),
+            })?;
+        self.refresh_cache_metrics().await;
+        Ok(Fetched {
+            plugin: published,
+            cache_hit: false,
+            bytes_by_source,
+            swarm,
+        })
+    }
+
+    /// Fetches `manifest`'s content into its partial file (resuming what verifies),
+    /// from the coordinator (asked by `plugin`, or by the content's SHA-256 when
+    /// `by_content`) and peers. Returns the bytes by source and the scheduler's counters.
+    async fn fetch_content(
+        &self,
+        plugin: &PluginRef,
+        by_content: bool,
+        manifest: &Manifest,
+        hints: Vec<(PeerId, Vec<Multiaddr>)>,
+        cancel: &CancellationToken,
+    ) -> Result<(HashMap<&'static str, u64>, SchedulerStats), FetchError> {
         let shown = plugin.to_string();
         let cache_err = |source: CacheError| FetchError::Cache {
             plugin: shown.clone(),
@@ -431,6 +486,7 @@ impl Fetcher {
         let mut run = FetchRun {
             fetcher: self,
             plugin,
+            by_content,
             manifest,
             file,
             have,
@@ -468,18 +524,7 @@ impl Fetcher {
         driven?;
         let bytes_by_source = std::mem::take(&mut run.bytes_by_source);
         let swarm = run.scheduler.stats();
-        drop(run);
-        let (cache, p, m) = (self.cache.clone(), plugin.clone(), manifest.clone());
-        let published = blocking(move || cache.publish(&p, &m))
-            .await
-            .map_err(cache_err)?;
-        self.refresh_cache_metrics().await;
-        Ok(Fetched {
-            plugin: published,
-            cache_hit: false,
-            bytes_by_source,
-            swarm,
-        })
+        Ok((bytes_by_source, swarm))
     }
 
     async fn save_progress(&self, sha: ContentId, have: &[bool]) {

@@ -88,6 +88,9 @@ pub(super) const NEWS_QUEUE: usize = 1024;
 pub(super) struct FetchRun<'a> {
     pub(super) fetcher: &'a Fetcher,
     pub(super) plugin: &'a PluginRef,
+    /// Ask the coordinator for the content by its SHA-256 rather than by `plugin` (a
+    /// patch to the plugin's content is a content of its own).
+    pub(super) by_content: bool,
     pub(super) manifest: &'a Manifest,
     pub(super) file: Arc<std::fs::File>,
     pub(super) have: Vec<bool>,
@@ -297,7 +300,11 @@ impl FetchRun<'_> {
         let handle = match &source {
             Source::Server => {
                 let server = self.fetcher.server.clone();
-                let (id, version) = (self.plugin.id.to_string(), self.plugin.version.to_string());
+                let (id, version) = if self.by_content {
+                    (String::new(), String::new())
+                } else {
+                    (self.plugin.id.to_string(), self.plugin.version.to_string())
+                };
                 let len = self
                     .manifest
                     .chunk_range(chunk)

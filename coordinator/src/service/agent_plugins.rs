@@ -34,7 +34,32 @@ impl Shared {
             allowed_labels: plugin.allowed_labels.clone(),
             signer: plugin.signer.clone(),
             signature: plugin.signature.clone(),
+            patches: Vec::new(),
         }
+    }
+
+    /// The patches (with their manifests) that yield `plugin`'s content.
+    pub(crate) async fn patch_offers(
+        &self,
+        plugin: &pb::PluginVersion,
+    ) -> Result<Vec<pb::PatchOffer>, Status> {
+        let Ok(target) = plugin.sha256.parse::<ContentId>() else {
+            return Ok(Vec::new());
+        };
+        let mut offers = Vec::new();
+        for patch in self.store.patches_to(target).await? {
+            let Ok(id) = patch.patch_sha256.parse::<ContentId>() else {
+                continue;
+            };
+            // A patch deleted meanwhile has no manifest: not offered.
+            if let Ok(manifest) = self.manifest(id).await {
+                offers.push(pb::PatchOffer {
+                    patch: Some(patch),
+                    manifest: Some(manifest.to_proto()),
+                });
+            }
+        }
+        Ok(offers)
     }
 
     /// Resolves a plugin version or a content id for an agent, checking access.
@@ -63,6 +88,14 @@ impl Shared {
                 .map_err(|e| Status::invalid_argument(format!("sha256: {e}")))?;
             let candidates = self.store.plugins_with_content(id).await?;
             if candidates.is_empty() {
+                // A patch: served to agents that may have a version it yields.
+                if let Some(patch) = self.store.patch_with_content(id).await? {
+                    let (target, _) =
+                        Box::pin(self.resolve_for_agent(agent, "", "", &patch.target_sha256))
+                            .await?;
+                    let manifest = self.manifest(id).await?;
+                    return Ok((target, manifest));
+                }
                 return Err(Status::not_found(format!("no plugin has content {id}")));
             }
             let mut last = None;
@@ -113,7 +146,9 @@ impl Shared {
                 .resolve_for_agent(agent, &req.plugin_id, &req.version, "")
                 .await?;
             let hints = self.peer_hints(agent, &plugin);
-            plugins.push(self.plugin_info(&plugin, &manifest, req.stages.clone(), hints));
+            let mut info = self.plugin_info(&plugin, &manifest, req.stages.clone(), hints);
+            info.patches = self.patch_offers(&plugin).await?;
+            plugins.push(info);
         }
         Ok(pb::Job {
             job_id: detail.job_id,

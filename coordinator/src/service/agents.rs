@@ -337,9 +337,13 @@ impl Agent for AgentService {
             .await?;
         let hints = s.peer_hints(&agent, &plugin);
         let all = stage_names().iter().map(|s| *s as i32).collect();
+        let mut info = s.plugin_info(&plugin, &manifest, all, hints);
+        if req.sha256.is_empty() {
+            info.patches = s.patch_offers(&plugin).await?;
+        }
         Ok(Response::new(pb::GetManifestResponse {
             manifest: Some(manifest.to_proto()),
-            plugin: Some(s.plugin_info(&plugin, &manifest, all, hints)),
+            plugin: Some(info),
         }))
     }
 

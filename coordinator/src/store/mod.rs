@@ -337,6 +337,11 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// The patches that yield content `target`.
     async fn patches_to(&self, target: ContentId) -> Result<Vec<pb::PatchInfo>, StoreError>;
+    /// The patch whose own content is `patch` (scans the patches).
+    async fn patch_with_content(
+        &self,
+        patch: ContentId,
+    ) -> Result<Option<pb::PatchInfo>, StoreError>;
 
     // ---- agents ----
 

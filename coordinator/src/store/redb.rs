@@ -603,6 +603,24 @@ impl MetaStore for RedbStore {
         .await
     }
 
+    async fn patch_with_content(
+        &self,
+        patch: ContentId,
+    ) -> Result<Option<pb::PatchInfo>, StoreError> {
+        let hex = patch.to_hex();
+        self.read(move |tx| {
+            for e in tx.open_table(PATCHES)?.iter()? {
+                let (k, v) = e?;
+                let p: pb::PatchInfo = decode(k.value(), v.value())?;
+                if p.patch_sha256 == hex {
+                    return Ok(Some(p));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     async fn patches_to(&self, target: ContentId) -> Result<Vec<pb::PatchInfo>, StoreError> {
         // Keys are `target:base` in hex: one range, `target:` up to `target;`.
         let (from, to) = (
