@@ -106,17 +106,7 @@ pub fn apply_patch(
 mod tests {
     use super::*;
 
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_noise as noise;
 
     /// A "release" whose bytes shift: an insertion near the start and an edit later.
     fn next_release(base: &[u8]) -> Vec<u8> {

@@ -219,6 +219,29 @@ pub async fn wait_job(c: &Conn, id: &str) -> arcade_proto::v1::JobDetail {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs a job that needs `plugin@version` for agents carrying every `selector` label
+/// and asserts that it succeeded.
+pub async fn run_ok(c: &Conn, plugin: &str, version: &str, selector: &[(&str, &str)]) {
+    let id = create_job(c, plugin, version, "true", selector).await;
+    let job = wait_job(c, &id).await;
+    assert_eq!(
+        job.status(),
+        arcade_proto::v1::JobStatus::Succeeded,
+        "{}",
+        job.error_message
+    );
+}
+
+/// The registered agents (`None` if the call failed), for polling with [`eventually`].
+pub async fn registered_agents(c: &Conn) -> Option<Vec<arcade_proto::v1::AgentSummary>> {
+    let mut fleet = c.fleet(&c.admin_token).await;
+    let answer = fleet
+        .list_agents(arcade_proto::v1::ListAgentsRequest {})
+        .await
+        .ok()?;
+    Some(answer.into_inner().agents)
+}
+
 /// Deterministic test content of `len` bytes.
 pub fn content(len: usize, seed: u8) -> Vec<u8> {
     let mut x = 0x9E37_79B9u32 ^ u32::from(seed).wrapping_mul(0x85EB_CA6B);

@@ -4,9 +4,8 @@
 //! gets raw chunks and the same plugin; incompressible content goes raw.
 
 use arcade_p2p::settings::Seconds;
-use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::{ENROLL, TestCoordinator, content, create_job, wait_job};
+use arcade_tests::{ENROLL, TestCoordinator, content, run_ok};
 
 /// A 1 MiB shell script that exits 0, padded with text (compresses well).
 fn script() -> Vec<u8> {
@@ -19,14 +18,7 @@ fn script() -> Vec<u8> {
 }
 
 async fn run_on(c: &TestCoordinator, agent: &str, plugin: &str) {
-    let id = create_job(c, plugin, "1.0.0", "true", &[("host", agent)]).await;
-    let job = wait_job(c, &id).await;
-    assert_eq!(
-        job.status(),
-        pb::JobStatus::Succeeded,
-        "{}",
-        job.error_message
-    );
+    run_ok(c, plugin, "1.0.0", &[("host", agent)]).await;
 }
 
 async fn agent(c: &TestCoordinator, id: &str, compression: bool) -> TestAgent {

@@ -11,9 +11,7 @@ use std::time::Duration;
 use arcade_p2p::ContentId;
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::{
-    ADMIN, ENROLL, TestCoordinator, content, create_job, eventually, storage_files, wait_job,
-};
+use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, eventually, run_ok, storage_files};
 
 /// A 1 MiB executable-looking plugin of noise.
 fn base() -> Vec<u8> {
@@ -156,14 +154,7 @@ fn script(len: usize, seed: u8) -> Vec<u8> {
 }
 
 async fn run_job(c: &TestCoordinator, version: &str) {
-    let id = create_job(c, "delta/tool", version, "true", &[]).await;
-    let job = wait_job(c, &id).await;
-    assert_eq!(
-        job.status(),
-        pb::JobStatus::Succeeded,
-        "{}",
-        job.error_message
-    );
+    run_ok(c, "delta/tool", version, &[]).await;
 }
 
 /// An agent holding 1.0.0 gets 1.1.0 as a patch (a few KiB from the coordinator

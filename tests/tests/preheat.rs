@@ -14,7 +14,9 @@ use arcade_p2p::{ContentId, PluginRef};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::process::workspace_bin;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, create_job, eventually, wait_job};
+use arcade_tests::{
+    ADMIN, ENROLL, TestCoordinator, create_job, eventually, registered_agents, wait_job,
+};
 
 const SIZE: usize = 256 * 1024;
 
@@ -64,15 +66,8 @@ fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> 
 
 async fn wait_online(c: &TestCoordinator, n: usize) {
     let online = eventually(Duration::from_secs(30), || async {
-        let agents = c
-            .fleet(ADMIN)
-            .await
-            .list_agents(pb::ListAgentsRequest {})
-            .await
-            .ok()?
-            .into_inner()
-            .agents;
-        (agents.iter().filter(|a| a.online).count() >= n).then_some(())
+        let all = registered_agents(c).await?;
+        (all.iter().filter(|a| a.online).count() >= n).then_some(())
     })
     .await;
     assert!(online.is_some(), "{n} agents online");

@@ -86,10 +86,20 @@ impl Shared {
             let id: ContentId = sha256
                 .parse()
                 .map_err(|e| Status::invalid_argument(format!("sha256: {e}")))?;
-            let candidates = self.store.plugins_with_content(id).await?;
+            // A patch: served to agents that may have a version it yields.
+            let cached = self.patch_of.get(&id);
+            let candidates = if cached.is_some() {
+                Vec::new()
+            } else {
+                self.store.plugins_with_content(id).await?
+            };
             if candidates.is_empty() {
-                // A patch: served to agents that may have a version it yields.
-                if let Some(patch) = self.store.patch_with_content(id).await? {
+                let patch = match cached {
+                    Some(p) => Some(p),
+                    None => self.store.patch_with_content(id).await?,
+                };
+                if let Some(patch) = patch {
+                    self.patch_of.put(id, patch.clone());
                     let (target, _) =
                         Box::pin(self.resolve_for_agent(agent, "", "", &patch.target_sha256))
                             .await?;

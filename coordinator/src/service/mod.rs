@@ -223,6 +223,9 @@ pub(crate) struct Shared {
     pub(crate) dispatch: Mutex<JobDispatch>,
     pub(crate) manifests: TtlCache<ContentId, Arc<Manifest>>,
     pub(crate) plugins: TtlCache<String, pb::PluginVersion>,
+    /// Patch content → its record, for `DownloadPlugin` of patch chunks (one lookup per
+    /// chunk request otherwise scans the plugins and patches).
+    pub(crate) patch_of: TtlCache<ContentId, pb::PatchInfo>,
     /// Herd protection: which chunks went to whom.
     pub(crate) herd: Mutex<herd::Herd>,
     /// Bounds concurrent `DownloadPlugin` streams (`serve.max_streams`).
@@ -320,6 +323,7 @@ impl Shared {
             dispatch: Mutex::new(Dispatch::default()),
             manifests: TtlCache::new(ttl, 1024),
             plugins: TtlCache::new(ttl, 4096),
+            patch_of: TtlCache::new(ttl, 1024),
             herd: Mutex::new(herd::Herd::new(
                 config.raw.serve.herd_window.get(),
                 config.raw.serve.max_redirects,

@@ -385,6 +385,7 @@ impl PluginAdmin for PluginAdminService {
         let mut content_removed = false;
         for (i, id) in orphans.iter().enumerate() {
             self.0.manifests.remove(id);
+            self.0.patch_of.remove(id);
             let removed = self.0.blobs.remove(id).await?;
             if i == 0 {
                 content_removed = removed;

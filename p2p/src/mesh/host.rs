@@ -1791,15 +1791,7 @@ mod tests {
         let prose: Vec<u8> = (0..chunk)
             .map(|i| b"the quick brown fox "[i % 20])
             .collect();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..chunk)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::test_noise(chunk, 7);
         let mut store = MemStore::default();
         store
             .0
