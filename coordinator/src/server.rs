@@ -95,6 +95,9 @@ pub struct RunningCoordinator {
     tasks: JoinSet<()>,
     /// The store, to see that shutdown released it (connection tasks may still hold it).
     store: std::sync::Weak<dyn MetaStore>,
+    /// Whether the store's database itself is released (reads of cancelled callers may
+    /// still run on the blocking pool after the store is dropped).
+    store_released: crate::store::ReleaseProbe,
 }
 
 fn path_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError + use<> {
@@ -209,6 +212,7 @@ impl RunningCoordinator {
                 .map_err(|e| StartError::Cleanup(e.to_string()))??,
         );
         let store_weak = Arc::downgrade(&store);
+        let store_released = store.released_probe();
         let storage = config.storage_path.clone();
         let blobs: Arc<dyn BlobStore> = Arc::new(
             tokio::task::spawn_blocking(move || FsBlobStore::open(&storage))
@@ -404,6 +408,7 @@ impl RunningCoordinator {
             shutdown,
             tasks,
             store: store_weak,
+            store_released,
         })
     }
 
@@ -451,7 +456,7 @@ impl RunningCoordinator {
         // Connection tasks outside the set may hold the store a moment longer; the
         // caller may reopen the same files as soon as this returns (a restart).
         let released = async {
-            while self.store.strong_count() > 0 {
+            while self.store.strong_count() > 0 || !self.store_released.released() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };

@@ -291,9 +291,35 @@ pub struct RemovedAgent {
     pub changes: Vec<LeaseChange>,
 }
 
+/// See [`MetaStore::released_probe`].
+pub struct ReleaseProbe(pub Box<dyn Fn() -> bool + Send + Sync>);
+
+impl ReleaseProbe {
+    /// Whether the database is released.
+    pub fn released(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ReleaseProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ReleaseProbe")
+            .field(&self.released())
+            .finish()
+    }
+}
+
 /// The coordinator's durable metadata. Every write is durable when it returns.
 #[async_trait::async_trait]
 pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
+    /// A probe that answers whether every handle on the underlying database is gone —
+    /// reads still running on the blocking pool for a caller that went away included —
+    /// so that the same files may be opened again (a restart). Stores without such
+    /// handles answer `true`.
+    fn released_probe(&self) -> ReleaseProbe {
+        ReleaseProbe(Box::new(|| true))
+    }
+
     // ---- plugins and manifests ----
 
     /// Stores a plugin version and its manifest (idempotent for identical content).

@@ -368,6 +368,11 @@ fn end_lease(
 
 #[async_trait::async_trait]
 impl MetaStore for RedbStore {
+    fn released_probe(&self) -> super::ReleaseProbe {
+        let db = Arc::downgrade(&self.db);
+        super::ReleaseProbe(Box::new(move || db.strong_count() == 0))
+    }
+
     async fn put_plugin(
         &self,
         plugin: pb::PluginVersion,

@@ -48,12 +48,14 @@ enum Needs {
 }
 
 /// Every RPC of the coordinator's services (`proto/proto/arcade/v1/*.proto`).
-const RPCS: [(&str, Needs); 21] = [
+const RPCS: [(&str, Needs); 23] = [
     ("PluginAdmin/PushPlugin", Needs::Admin),
     ("PluginAdmin/ListPlugins", Needs::Admin),
     ("PluginAdmin/GetPlugin", Needs::Admin),
     ("PluginAdmin/SetPluginEnabled", Needs::Admin),
     ("PluginAdmin/DeletePlugin", Needs::Admin),
+    ("PluginAdmin/PreheatPlugin", Needs::Admin),
+    ("PluginAdmin/GetPreheat", Needs::Admin),
     ("Jobs/CreateJob", Needs::Admin),
     ("Jobs/GetJob", Needs::Admin),
     ("Jobs/ListJobs", Needs::Admin),
@@ -103,6 +105,7 @@ impl tonic::service::Interceptor for Cred {
 type Svc = InterceptedService<Channel, Cred>;
 
 /// What the calls of the matrix name.
+#[derive(Clone)]
 struct Ctx {
     /// A job id for GetJob.
     job: String,
@@ -112,6 +115,8 @@ struct Ctx {
     agent_id: String,
     /// An enrolment token id for RevokeEnrollToken.
     grant: String,
+    /// A preheat id for GetPreheat.
+    preheat: String,
 }
 
 /// Calls `rpc` with `cred`, with a request that succeeds when the credentials are right.
@@ -158,6 +163,20 @@ async fn call(ch: &Channel, rpc: &str, cred: Cred, ctx: &Ctx) -> Result<(), Stat
                 plugin_id: "auth/open".into(),
                 version: "1.0.0".into(),
                 enabled: true,
+            })
+            .await
+            .map(drop),
+        "PluginAdmin/PreheatPlugin" => admin()
+            .preheat_plugin(pb::PreheatPluginRequest {
+                plugin_id: "auth/open".into(),
+                version: "1.0.0".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "PluginAdmin/GetPreheat" => admin()
+            .get_preheat(pb::GetPreheatRequest {
+                preheat_id: ctx.preheat.clone(),
             })
             .await
             .map(drop),
@@ -559,11 +578,30 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
         .info
         .context("setup: CreateEnrollToken answered no info")?
         .id;
+    // Its labels differ from the matrix's PreheatPlugin call, which would replace it.
+    let preheat = c
+        .plugins(ADMIN)
+        .await
+        .preheat_plugin(pb::PreheatPluginRequest {
+            plugin_id: "auth/open".into(),
+            version: "1.0.0".into(),
+            labels: vec![pb::Label {
+                key: "zone".into(),
+                value: "setup".into(),
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .preheat
+        .context("setup: PreheatPlugin answered no preheat")?
+        .preheat_id;
     let ctx = Ctx {
         job: readable,
         leased: leased.clone(),
         agent_id: String::new(),
         grant,
+        preheat,
     };
 
     // Coordinator: every RPC × every credential.
@@ -627,9 +665,7 @@ async fn auth_matrix() -> anyhow::Result<Outcome> {
                 }
                 let other = Ctx {
                     agent_id: "holder".into(),
-                    job: ctx.job.clone(),
-                    leased: ctx.leased.clone(),
-                    grant: ctx.grant.clone(),
+                    ..ctx.clone()
                 };
                 let got = call(&ch, rpc, Cred::bearer(&blue), &other).await;
                 m.denied(
