@@ -4,6 +4,7 @@
 //!   identity (SHA-256), per-chunk BLAKE3 verification, whole-content verification and
 //!   the deterministic protobuf encoding.
 //! - [`plugin_ref`] — plugin ids (`notify/slack`), semver versions, `id@version`.
+//! - [`cdc`] — content-defined chunking (FastCDC).
 //! - [`compress`] — zstd per chunk on the wire: negotiated, only when it pays, bounded
 //!   decompression.
 //! - [`delta`] — patches between versions (zstd with the old version as prefix).
@@ -20,6 +21,7 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod cdc;
 pub mod compress;
 pub mod delta;
 pub mod identity;

@@ -1,7 +1,8 @@
 //! Bytes a version bump costs, for a real pair of files (old → new): the whole new
 //! version raw, zstd-compressed whole, zstd per chunk as the wire sends it
-//! (`arcade_p2p::compress`), the share of fixed-size chunks the old version already
-//! has (what chunk dedup alone would reuse), and patches (`arcade_p2p::delta`) at two
+//! (`arcade_p2p::compress`), the share of fixed-size and of content-defined chunks
+//! (`arcade_p2p::cdc`) the old version already has (what chunk dedup alone would
+//! reuse), and patches (`arcade_p2p::delta`) at two
 //! levels with their build and apply times. Every patch is applied and compared with
 //! the new version before its figures count.
 
@@ -51,7 +52,34 @@ pub struct DeltaFigures {
     /// Share of the new version's bytes in fixed-size chunks the old version also has.
     pub shared_1mib_chunks: f64,
     pub shared_64kib_chunks: f64,
+    /// Share of the new version's bytes in content-defined chunks (FastCDC, 4 / 16 / 64
+    /// KiB) the old version also has.
+    pub shared_cdc_16kib_chunks: f64,
+    /// Content-defined chunks the old version lacks, zstd-compressed one by one: what
+    /// an agent holding the old version would fetch with CDC manifests and compression.
+    pub cdc_missing_zstd_bytes: u64,
+    pub cdc_missing_zstd_ratio: f64,
     pub patches: Vec<PatchFigure>,
+}
+
+/// (share of `target` in CDC chunks `base` also has, zstd bytes of the others).
+fn cdc(base: &[u8], target: &[u8]) -> (f64, u64) {
+    use arcade_p2p::cdc::{CdcParams, chunks};
+    let p = CdcParams::DEFAULT;
+    let have: HashSet<[u8; 32]> = chunks(base, &p)
+        .iter()
+        .map(|&(o, l)| *blake3::hash(&base[o..o + l]).as_bytes())
+        .collect();
+    let (mut reused, mut missing) = (0usize, 0u64);
+    for (o, l) in chunks(target, &p) {
+        let c = &target[o..o + l];
+        if have.contains(blake3::hash(c).as_bytes()) {
+            reused += l;
+        } else {
+            missing += zstd::bulk::compress(c, 3).map_or(l, |z| z.len().min(l)) as u64;
+        }
+    }
+    (reused as f64 / target.len().max(1) as f64, missing)
 }
 
 fn shared(base: &[u8], target: &[u8], chunk: usize) -> f64 {
@@ -82,6 +110,7 @@ pub fn run(opts: &DeltaOptions) -> anyhow::Result<DeltaFigures> {
         .chunks(1 << 20)
         .map(|c| wire.compress(&id, c).map_or(c.len(), |p| p.len()) as u64)
         .sum();
+    let (shared_cdc, cdc_missing) = cdc(&base, &target);
     let mut patches = Vec::new();
     for &level in &opts.levels {
         let t = Instant::now();
@@ -115,6 +144,9 @@ pub fn run(opts: &DeltaOptions) -> anyhow::Result<DeltaFigures> {
         zstd3_chunked_ratio: ratio(chunked),
         shared_1mib_chunks: shared(&base, &target, 1 << 20),
         shared_64kib_chunks: shared(&base, &target, 64 << 10),
+        shared_cdc_16kib_chunks: shared_cdc,
+        cdc_missing_zstd_bytes: cdc_missing,
+        cdc_missing_zstd_ratio: ratio(cdc_missing),
         patches,
     })
 }
