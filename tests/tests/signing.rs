@@ -11,7 +11,7 @@ use arcade_p2p::ContentId;
 use arcade_p2p::publisher::{self, PublisherKey};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::{ENROLL, TestCoordinator, create_job, wait_job};
+use arcade_tests::{ENROLL, TestCoordinator, create_job, run_ok, wait_job};
 use tonic::Code;
 
 /// A plugin that leaves `marker` behind when it runs.
@@ -107,14 +107,7 @@ async fn agents_run_only_what_a_trusted_publisher_signed() {
     })
     .await;
 
-    let id = create_job(&c, "sig/ok", "1.0.0", "true", &[]).await;
-    let job = wait_job(&c, &id).await;
-    assert_eq!(
-        job.status(),
-        pb::JobStatus::Succeeded,
-        "{}",
-        job.error_message
-    );
+    run_ok(&c, "sig/ok", "1.0.0", &[]).await;
     assert!(marker("ok").exists(), "the signed plugin ran");
 
     for (plugin_id, why) in [

@@ -299,7 +299,7 @@ async fn wait(
         progress.show(&now);
         if now.total == 0 {
             break Err(CtlError::Job(format!(
-                "preheat {}: no online agent matches its labels and may get {}@{}",
+                "preheat {}: no online agent matches its labels and may get {}@{}; check the agents' labels and online state with `arcadectl agent list`, or preheat with other --label values",
                 now.preheat_id, now.plugin_id, now.version
             )));
         }

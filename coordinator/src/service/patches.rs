@@ -74,7 +74,9 @@ impl Shared {
         bases.sort_by(|a, b| b.0.cmp(&a.0));
         bases.truncate(cfg.patch_bases as usize);
         let existing = self.store.patches_to(target_id).await?;
-        let mut target_bytes: Option<Arc<Vec<u8>>> = None;
+        // The target's bytes and its whole compressed size: read and measured once, for
+        // the first base that needs them.
+        let mut target_bytes: Option<(Arc<Vec<u8>>, u64)> = None;
         for (_, base) in bases {
             if existing.iter().any(|p| p.base_sha256 == base.sha256) {
                 continue;
@@ -86,25 +88,29 @@ impl Shared {
             let Ok(base_id) = base.sha256.parse::<ContentId>() else {
                 continue;
             };
-            let t = match &target_bytes {
-                Some(t) => Arc::clone(t),
+            let (t, whole) = match &target_bytes {
+                Some((t, whole)) => (Arc::clone(t), *whole),
                 None => {
                     let t = Arc::new(self.read_content(&target_id, target.size).await?);
-                    target_bytes = Some(Arc::clone(&t));
-                    t
+                    let measured = Arc::clone(&t);
+                    let whole = tokio::task::spawn_blocking(move || {
+                        arcade_p2p::delta::compressed_size(&measured, 3)
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("compression task failed: {e}")))?
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                    target_bytes = Some((Arc::clone(&t), whole));
+                    (t, whole)
                 }
             };
             let b = self.read_content(&base_id, base.size).await?;
             let level = cfg.patch_level as i32;
             let started = std::time::Instant::now();
-            let built = tokio::task::spawn_blocking(move || {
-                let patch = arcade_p2p::delta::make_patch(&b, &t, level)?;
-                let whole = arcade_p2p::delta::compressed_size(&t, 3)?;
-                Ok::<_, arcade_p2p::delta::PatchError>((patch, whole))
-            })
-            .await
-            .map_err(|e| Status::internal(format!("patch task failed: {e}")))?;
-            let (patch, whole) = built.map_err(|e| Status::internal(e.to_string()))?;
+            let patch =
+                tokio::task::spawn_blocking(move || arcade_p2p::delta::make_patch(&b, &t, level))
+                    .await
+                    .map_err(|e| Status::internal(format!("patch task failed: {e}")))?
+                    .map_err(|e| Status::internal(e.to_string()))?;
             let build_s = started.elapsed().as_secs_f64();
             if patch.len() as u64 * 4 > whole * KEEP_QUARTERS {
                 tracing::info!(plugin = %shown, base = %base.version, patch = patch.len(), compressed = whole, "patch not kept: not clearly smaller than the compressed version");
