@@ -303,6 +303,20 @@ impl MeshNode {
         self.handle.announce(&content, chunk);
     }
 
+    /// A fetch of `content` starts holding `held` (resumed and reused chunks): peers
+    /// that ask see them from now on.
+    pub fn fetch_started(&self, content: ContentId, held: &Bitfield) {
+        let mut fetching = self.store.fetching.lock().expect("fetching lock");
+        let live = fetching
+            .entry(content)
+            .or_insert_with(|| Bitfield::new(held.len()));
+        for i in 0..held.len().min(live.len()) {
+            if held.get(i) {
+                live.set(i);
+            }
+        }
+    }
+
     /// The fetch of `content` ended (published or abandoned).
     pub fn fetch_ended(&self, content: &ContentId) {
         self.store

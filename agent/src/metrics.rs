@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `failed`) |
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
-//! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`) |
+//! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`, `peer`, `local`: copied from held content) |
 //! | `arcade_agent_compressed_wire_bytes_total` / `_raw_bytes_total` | counter | `direction` (`from_server`, `from_peers`, `to_peers`): chunks that travelled zstd-compressed, their bytes on the wire and raw |
 //! | `arcade_agent_patch_bytes_total` | counter | — (bytes of patches fetched) |
 //! | `arcade_agent_patched_bytes_total` | counter | — (bytes of versions built from a patch) |
@@ -167,7 +167,7 @@ impl Metrics {
         let fetched_bytes = Family::<SourceLabel, Counter>::default();
         r.register(
             "arcade_agent_fetched_bytes",
-            "Verified chunk bytes received, by source",
+            "Verified chunk bytes a fetch obtained, by source (server, peer, local: copied from content the agent held)",
             fetched_bytes.clone(),
         );
         let compressed_wire = Family::<DirectionLabel, Counter>::default();

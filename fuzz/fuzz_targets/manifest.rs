@@ -34,13 +34,22 @@ fn check_content_id(data: &[u8]) {
 }
 
 fn check_manifest(data: &[u8], m: &Manifest) {
-    let cs = m.chunk_size();
-    assert!(cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs));
     let count = m.chunk_count();
-    assert_eq!(u64::from(count), m.size().div_ceil(u64::from(cs)));
+    let cs = m.max_chunk_len();
+    match m.cdc() {
+        None => {
+            assert_eq!(m.chunk_size(), cs);
+            assert!(cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs));
+            assert_eq!(u64::from(count), m.size().div_ceil(u64::from(cs)));
+        }
+        Some(p) => {
+            assert_eq!(m.chunk_size(), 0);
+            assert!(p.check().is_ok() && cs <= MAX_CHUNK_SIZE);
+        }
+    }
     assert!(u64::from(count) <= MAX_CHUNKS);
 
-    // The chunk ranges tile 0..size: contiguous, non-empty, at most one chunk size.
+    // The chunk ranges tile 0..size: contiguous, non-empty, at most the largest chunk.
     let mut at = 0u64;
     for i in 0..count {
         let r = m

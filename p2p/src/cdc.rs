@@ -8,8 +8,9 @@
 //! bits), past it an easier one (two fewer), which narrows the spread of sizes (the
 //! "normalised chunking" of FastCDC, Xia et al., USENIX ATC 2016).
 //!
-//! Today this module measures how much of a new version content-defined chunks would
-//! let an agent reuse (`arcade-sim bench-delta`); manifests still use fixed-size chunks.
+//! Manifests built with [`crate::manifest::ManifestBuilder::content_defined`] cut
+//! content this way (`arcadectl plugin push --chunking cdc`); `arcade-sim bench-delta`
+//! measures how much of a new version such chunks let an agent reuse.
 
 /// Chunk size bounds, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,15 @@ impl CdcParams {
         avg: 16 << 10,
         max: 64 << 10,
     };
+
+    /// `avg` with `min = avg / 4` and `max = avg × 4` (the default's proportions).
+    pub const fn around(avg: usize) -> CdcParams {
+        CdcParams {
+            min: avg / 4,
+            avg,
+            max: avg * 4,
+        }
+    }
 
     /// Checks `min ≤ avg ≤ max`, `avg` a power of two of at least 256 bytes.
     pub fn check(&self) -> Result<(), String> {
@@ -71,8 +81,9 @@ const fn high_bits(bits: u32) -> u64 {
     if bits == 0 { 0 } else { !0u64 << (64 - bits) }
 }
 
-/// The end offset of the chunk that starts at `data[0]`.
-fn cut(data: &[u8], p: &CdcParams) -> usize {
+/// The end offset of the chunk that starts at `data[0]`. It depends only on the first
+/// `p.max` bytes: a stream cut `max` bytes at a time cuts where [`chunks`] does.
+pub fn cut(data: &[u8], p: &CdcParams) -> usize {
     if data.len() <= p.min {
         return data.len();
     }

@@ -10,6 +10,50 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{ADMIN, Conn, ENROLL};
 
+/// Runs the real `arcadectl` against `coordinator` (its URL) with the admin token.
+pub fn arcadectl(coordinator: &str, args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("arcadectl"))
+        .args(args)
+        .env("ARCADE_COORDINATOR", coordinator)
+        .env("ARCADE_TOKEN", ADMIN)
+        .output()
+        .expect("run arcadectl")
+}
+
+/// [`arcadectl`] off the async workers (agents in the same test share them).
+pub async fn arcadectl_async(coordinator: &str, args: &[&str]) -> std::process::Output {
+    let (url, args): (String, Vec<String>) = (
+        coordinator.into(),
+        args.iter().map(|a| a.to_string()).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        arcadectl(&url, &args)
+    })
+    .await
+    .expect("arcadectl task")
+}
+
+/// The standard output of a command that must have succeeded.
+pub fn stdout_ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The standard error of a command that must have failed.
+pub fn stderr_failed(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "command succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Path of a workspace binary (`arcade-coordinator`, `arcade-agent`): the one built
 /// beside the test executables, or `$ARCADE_<NAME>_BIN` (e.g. `ARCADE_AGENT_BIN`).
 pub fn workspace_bin(name: &str) -> PathBuf {

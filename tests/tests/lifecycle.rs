@@ -4,34 +4,24 @@
 //! agent could run says so, finished jobs are swept after `jobs.retention`, and a
 //! removed agent's jobs go back to the queue and its token stops working.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use arcade_p2p::settings::Seconds;
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::process::workspace_bin;
+use arcade_tests::process::{arcadectl, stdout_ok};
 use arcade_tests::{
     ADMIN, ENROLL, TestCoordinator, command_job, eventually, fetch_one, finished_job,
 };
 use tonic::Code;
 
 fn ctl(c: &TestCoordinator, args: &[&str]) -> Output {
-    Command::new(workspace_bin("arcadectl"))
-        .args(args)
-        .env("ARCADE_COORDINATOR", &c.url)
-        .env("ARCADE_TOKEN", ADMIN)
-        .output()
-        .expect("run arcadectl")
+    arcadectl(&c.url, args)
 }
 
 fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "arcadectl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    stdout_ok(&out).trim().to_owned()
 }
 
 async fn status(c: &TestCoordinator, id: &str) -> pb::JobDetail {

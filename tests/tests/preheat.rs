@@ -13,40 +13,13 @@ use arcade_p2p::settings::{ByteSize, Seconds};
 use arcade_p2p::{ContentId, PluginRef};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::process::workspace_bin;
-use arcade_tests::{
-    ADMIN, ENROLL, TestCoordinator, create_job, eventually, registered_agents, wait_job,
-};
+use arcade_tests::process::{arcadectl_async, stderr_failed, stdout_ok};
+use arcade_tests::{ENROLL, TestCoordinator, create_job, eventually, registered_agents, wait_job};
 
 const SIZE: usize = 256 * 1024;
 
-/// Runs `arcadectl` off the async workers (the agents share them).
 async fn ctl(c: &TestCoordinator, args: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(workspace_bin("arcadectl"));
-    cmd.args(args)
-        .env("ARCADE_COORDINATOR", &c.url)
-        .env("ARCADE_TOKEN", ADMIN);
-    tokio::task::spawn_blocking(move || cmd.output().expect("run arcadectl"))
-        .await
-        .unwrap()
-}
-
-fn stdout_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "arcadectl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr_failed(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "arcadectl succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    arcadectl_async(&c.url, args).await
 }
 
 /// A shell script of `SIZE` bytes that exits 0 (`tag` makes contents differ).

@@ -1,9 +1,12 @@
-//! The cache index: one redb file (`<dir>/index.redb`) with two tables.
+//! The cache index: one redb file (`<dir>/index.redb`) with three tables.
 //!
 //! - `entries`: `id@version` → JSON record `{sha256, size, inserted_ms, last_used_ms,
 //!   use_count, builtin, file}` (`file`: the builtin file, relative to `builtin/`).
 //! - `progress`: content SHA-256 → the chunk indices of its partial download recorded as
 //!   written and verified (little-endian `u32`s, sorted).
+//! - `manifests`: content SHA-256 → its encoded manifest, for downloaded content (what
+//!   lets a fetch find chunks it already holds, `reuse.rs`). A row whose file is gone is
+//!   dropped the next time the rows are read.
 //!
 //! Every method is one redb transaction, durable when it returns. The index is a cache
 //! of what is on disk: [`super::PluginCache::open`] reconciles it with the files, and a
@@ -20,6 +23,7 @@ use super::CacheError;
 
 const ENTRIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("entries");
 const PROGRESS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("progress");
+const MANIFESTS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("manifests");
 
 /// One plugin version the cache holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +168,7 @@ impl CacheIndex {
         let tx = db.begin_write()?;
         tx.open_table(ENTRIES)?;
         tx.open_table(PROGRESS)?;
+        tx.open_table(MANIFESTS)?;
         tx.commit()?;
         Ok(Self {
             db,
@@ -348,6 +353,46 @@ impl CacheIndex {
         let tx = self.db.begin_write().db(p)?;
         {
             let mut table = tx.open_table(PROGRESS).db(p)?;
+            for sha in shas {
+                table.remove(sha.as_bytes()).db(p)?;
+            }
+        }
+        tx.commit().db(p)
+    }
+
+    /// Records the manifest of a downloaded content.
+    pub(crate) fn put_manifest(&self, sha: &ContentId, encoded: &[u8]) -> Result<(), CacheError> {
+        let p = &self.path;
+        let tx = self.db.begin_write().db(p)?;
+        tx.open_table(MANIFESTS)
+            .db(p)?
+            .insert(sha.as_bytes(), encoded)
+            .db(p)?;
+        tx.commit().db(p)
+    }
+
+    /// Every recorded manifest, encoded.
+    pub(crate) fn manifests(&self) -> Result<Vec<(ContentId, Vec<u8>)>, CacheError> {
+        let p = &self.path;
+        let tx = self.db.begin_read().db(p)?;
+        let table = tx.open_table(MANIFESTS).db(p)?;
+        let mut out = Vec::new();
+        for row in table.iter().db(p)? {
+            let (k, v) = row.db(p)?;
+            out.push((ContentId::from_bytes(*k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Drops manifests (missing ones are ignored).
+    pub(crate) fn remove_manifests(&self, shas: &[ContentId]) -> Result<(), CacheError> {
+        if shas.is_empty() {
+            return Ok(());
+        }
+        let p = &self.path;
+        let tx = self.db.begin_write().db(p)?;
+        {
+            let mut table = tx.open_table(MANIFESTS).db(p)?;
             for sha in shas {
                 table.remove(sha.as_bytes()).db(p)?;
             }

@@ -4,7 +4,8 @@
 //! <dir>/builtin/              pre-installed plugins named in the agent config
 //! <dir>/downloaded/<64 hex>   verified content, named by its SHA-256
 //! <dir>/temp/<64 hex>.part    partial downloads (resumable)
-//! <dir>/index.redb            the index: entries (id@version → content) and progress
+//! <dir>/index.redb            the index: entries (id@version → content), progress and
+//!                             the manifests of downloaded content
 //! ```
 //!
 //! Bytes only enter `downloaded/` by [`PluginCache::publish`]: checked against the
@@ -12,7 +13,8 @@
 //! under `downloaded/` ever fails its SHA-256. [`PluginCache::open`] re-hashes
 //! `downloaded/` and reconciles the index with it; a damaged index is rebuilt. Eviction
 //! (TTL, then size by LRU/LFU/FIFO) never touches builtin or pinned plugins; the policy
-//! itself is the I/O-free [`eviction`] module. The crash model and the rules are in
+//! itself is the I/O-free [`eviction`] module. A fetch first copies the chunks it
+//! needs that held content already has ([`PluginCache::reuse_held_chunks`], `reuse.rs`). The crash model and the rules are in
 //! `DESIGN.md` beside this file.
 //!
 //! Every method blocks (hashing, fsync, redb commits): async callers run them through
@@ -20,6 +22,9 @@
 
 mod eviction;
 mod index;
+mod reuse;
+
+pub use reuse::Reused;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
@@ -474,6 +479,8 @@ struct Inner {
     /// Entries evicted since open, by reason.
     evicted_by_size: std::sync::atomic::AtomicU64,
     evicted_by_ttl: std::sync::atomic::AtomicU64,
+    /// Where held content has each chunk (`reuse.rs`); rebuilt after a publish.
+    chunk_index: Mutex<Option<Arc<reuse::ChunkIndex>>>,
 }
 
 impl std::fmt::Debug for PluginCache {
@@ -533,6 +540,7 @@ impl PluginCache {
             stamps: Mutex::new(HashMap::new()),
             evicted_by_size: Default::default(),
             evicted_by_ttl: Default::default(),
+            chunk_index: Mutex::new(None),
         };
         inner.reconcile(moved.is_some())?;
         Ok(Self {
@@ -832,6 +840,9 @@ impl PluginCache {
             builtin: false,
             file: None,
         };
+        // Its chunks may serve later fetches (`reuse.rs`).
+        inner.index.put_manifest(&sha, &manifest.encode())?;
+        *lock(&inner.chunk_index) = None;
         inner.index.put(&entry, Some(&sha))?;
         tracing::info!(plugin = %plugin, sha256 = %sha, size, "plugin verified and cached");
         inner.evict_locked(&w, Some(&key))?;

@@ -3,7 +3,9 @@
 //! 1. Cache hit (by id@version and SHA-256) → no network.
 //! 2. Miss → the partial file `temp/<sha>.part` is opened at full size; chunks recorded
 //!    as done by an earlier run are re-verified (BLAKE3) and kept, so a restarted agent
-//!    fetches only what is missing.
+//!    fetches only what is missing. Chunks that content already in the cache contains
+//!    (same BLAKE3) are copied from it and verified (`cache/reuse.rs`): peers and the
+//!    coordinator are never asked for them.
 //! 3. The swarm scheduler (`run.rs`, the one decision of *where a chunk comes from*)
 //!    asks peers that hold chunks — from the coordinator's peer hints and the DHT —
 //!    rarest first, and the coordinator for what no peer has in time. Every chunk is
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{CacheError, CachedPlugin, PluginCache};
 use crate::config::DownloadConfig;
 use crate::mesh::MeshNode;
-use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel};
+use crate::metrics::{DownloadLabels, Metrics, PluginIdLabel, ReasonLabel, SourceLabel};
 use arcade_p2p::mesh::bitfield::Bitfield;
 use arcade_p2p::mesh::host::Multiaddr;
 use arcade_p2p::mesh::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
@@ -101,6 +103,10 @@ pub enum FetchError {
     },
 }
 
+/// The `bytes_by_source` key (and `arcade_agent_fetched_bytes_total` source) of chunks
+/// copied from content the agent already held.
+pub const LOCAL_SOURCE: &str = "local";
+
 /// What a fetch did.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -108,7 +114,8 @@ pub struct Fetched {
     pub plugin: CachedPlugin,
     /// True when it was already cached.
     pub cache_hit: bool,
-    /// Verified bytes received, by source kind.
+    /// Verified bytes received, by source kind (`server`, `peer`, and [`LOCAL_SOURCE`]
+    /// for chunks copied from content the agent held).
     pub bytes_by_source: HashMap<&'static str, u64>,
     /// What the swarm scheduler did (requests, duplicates, busy answers, …); zero for a
     /// cache hit.
@@ -345,6 +352,7 @@ impl Fetcher {
                     duration_ms = elapsed.as_millis() as u64,
                     bytes_from_server = f.bytes_by_source.get("server").copied().unwrap_or(0),
                     bytes_from_peers = f.bytes_by_source.get("peer").copied().unwrap_or(0),
+                    bytes_reused_locally = f.bytes_by_source.get(LOCAL_SOURCE).copied().unwrap_or(0),
                     "plugin downloaded"
                 );
                 let st = &f.swarm;
@@ -442,8 +450,9 @@ impl Fetcher {
         let path = self.cache.partial_path(&sha);
         let (cache, m, p) = (self.cache.clone(), manifest.clone(), path.clone());
         // Open the partial file at full size (once the disk has room for what is still
-        // missing) and keep the recorded chunks that verify.
-        let (file, have) = blocking(move || {
+        // missing), keep the recorded chunks that verify and copy those that held
+        // content has.
+        let (file, have, resumed, reused) = blocking(move || {
             cache.check_space(&m)?;
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -469,19 +478,45 @@ impl Fetcher {
                     have[i as usize] = true;
                 }
             }
-            Ok((Arc::new(file), have))
+            let resumed = have.iter().filter(|h| **h).count();
+            let reused = cache.reuse_held_chunks(&m, &file, &mut have)?;
+            if reused.chunks > 0 {
+                let done: Vec<u32> = (0..have.len() as u32)
+                    .filter(|&i| have[i as usize])
+                    .collect();
+                cache.save_progress(&m.content_id(), &done)?;
+            }
+            Ok((Arc::new(file), have, resumed, reused))
         })
         .await
         .map_err(cache_err)?;
-        let resumed = have.iter().filter(|h| **h).count();
         if resumed > 0 {
             tracing::info!(plugin = %plugin, chunks = resumed, of = have.len(), "resuming download");
+        }
+        if reused.chunks > 0 {
+            tracing::info!(
+                plugin = %plugin,
+                chunks = reused.chunks,
+                of = have.len(),
+                bytes = reused.bytes,
+                from_contents = reused.sources,
+                "chunks reused from content this agent holds"
+            );
+            self.metrics
+                .fetched_bytes
+                .get_or_create(&SourceLabel {
+                    source: LOCAL_SOURCE.into(),
+                })
+                .inc_by(reused.bytes);
         }
         let mut held = Bitfield::new(manifest.chunk_count());
         for (i, h) in have.iter().enumerate() {
             if *h {
                 held.set(i as u32);
             }
+        }
+        if let Some(mesh) = &self.mesh {
+            mesh.fetch_started(manifest.content_id(), &held);
         }
         let mut run = FetchRun {
             fetcher: self,
@@ -499,7 +534,7 @@ impl Fetcher {
                         server_fallback_after: first_copy_delay(
                             config.server_fallback_after,
                             self.mesh.as_ref().map_or(0, MeshNode::upload_rate),
-                            u64::from(manifest.chunk_size()),
+                            u64::from(manifest.max_chunk_len()),
                         ),
                         ..config
                     }
@@ -510,7 +545,11 @@ impl Fetcher {
             tasks: JoinSet::new(),
             inflight: HashMap::new(),
             peers: HashMap::new(),
-            bytes_by_source: HashMap::new(),
+            bytes_by_source: if reused.bytes > 0 {
+                HashMap::from([(LOCAL_SOURCE, reused.bytes)])
+            } else {
+                HashMap::new()
+            },
             server_failures: 0,
             last_error: String::new(),
             since_save: 0,

@@ -262,9 +262,38 @@ pub struct PushArgs {
     /// (`arcadectl key generate`); agents with `[trust] publisher_keys` check it.
     #[arg(long, value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
+    /// How the content is cut into chunks: `fixed` (the coordinator's
+    /// `plugin.chunk_size`), `cdc` (content-defined, 4 KiB min / 16 KiB average / 64 KiB
+    /// max) or `cdc:AVG` (average AVG, a power of two; min AVG/4, max AVG×4). Use `cdc`
+    /// for archives and trees, where edits shift bytes: agents then reuse the chunks a
+    /// new version shares with content they hold.
+    #[arg(long, value_name = "MODE", default_value = "fixed", value_parser = parse_chunking)]
+    pub chunking: Chunking,
     /// Print the plugin as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--chunking`: fixed-size chunks, or content-defined with these bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking(pub Option<arcade_p2p::cdc::CdcParams>);
+
+/// Parses `fixed`, `cdc` or `cdc:AVG`.
+pub fn parse_chunking(s: &str) -> Result<Chunking, String> {
+    use arcade_p2p::cdc::CdcParams;
+    let params = match s {
+        "fixed" => return Ok(Chunking(None)),
+        "cdc" => CdcParams::DEFAULT,
+        _ => {
+            let avg = s.strip_prefix("cdc:").ok_or_else(|| {
+                format!("{s:?} is not a chunking: use fixed, cdc or cdc:AVG (e.g. cdc:64KiB)")
+            })?;
+            let avg = arcade_p2p::settings::ByteSize::parse(avg)?.bytes();
+            CdcParams::around(usize::try_from(avg).map_err(|_| format!("{avg} is too large"))?)
+        }
+    };
+    arcade_p2p::manifest::check_cdc_params(&params).map_err(|e| e.to_string())?;
+    Ok(Chunking(Some(params)))
 }
 
 /// `arcadectl job …`.

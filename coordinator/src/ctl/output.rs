@@ -27,8 +27,11 @@ pub struct PluginJson {
     pub sha256: String,
     /// Content size in bytes.
     pub size: u64,
-    /// Chunk size of the manifest.
+    /// Chunk size of the manifest (0 for content-defined chunks).
     pub chunk_size: u32,
+    /// Content-defined chunks: their bounds in bytes (absent for fixed-size chunks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<CdcJson>,
     /// Number of chunks.
     pub chunks: u32,
     /// Labels an agent must carry to get the plugin.
@@ -42,6 +45,14 @@ pub struct PluginJson {
     /// Patches that yield this version from older ones (`plugin get` only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<PatchJson>,
+}
+
+/// Bounds of content-defined chunks, bytes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CdcJson {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
 }
 
 /// A patch to a plugin version from an older one.
@@ -85,6 +96,11 @@ impl From<pb::PluginVersion> for PluginJson {
             sha256: p.sha256,
             size: p.size,
             chunk_size: p.chunk_size,
+            cdc: p.cdc.map(|c| CdcJson {
+                min: c.min_size,
+                avg: c.avg_size,
+                max: c.max_size,
+            }),
             chunks: p.chunks,
             allowed_labels: label_map(p.allowed_labels),
             signed_by: arcade_p2p::publisher::PublisherId::from_bytes(&p.signer)
@@ -438,7 +454,16 @@ pub fn plugin_details(p: &PluginJson) -> String {
         ("description", p.description.clone()),
         ("sha256", p.sha256.clone()),
         ("size", p.size.to_string()),
-        ("chunks", format!("{} x {} bytes", p.chunks, p.chunk_size)),
+        (
+            "chunks",
+            match &p.cdc {
+                None => format!("{} x {} bytes", p.chunks, p.chunk_size),
+                Some(c) => format!(
+                    "{} content-defined ({} / {} / {} bytes min / avg / max)",
+                    p.chunks, c.min, c.avg, c.max
+                ),
+            },
+        ),
         ("allowed labels", labels_text(&p.allowed_labels)),
         ("enabled", if p.enabled { "yes" } else { "no" }.into()),
         ("signed by", or_dash(&p.signed_by)),

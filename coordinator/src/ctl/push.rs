@@ -171,6 +171,11 @@ pub(super) async fn push(ctx: &Ctx, args: PushArgs) -> Result<(), CtlError> {
         expected_sha256: sha256,
         allowed_labels: arcade_p2p::labels::to_proto(&allowed),
         description: args.description.unwrap_or_default(),
+        cdc: args
+            .chunking
+            .0
+            .as_ref()
+            .map(arcade_p2p::manifest::cdc_to_proto),
     };
 
     let bar = progress(meta.len(), "uploading");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arcade_p2p::labels;
 use arcade_p2p::publisher::{self, PublisherId};
-use arcade_p2p::{ContentId, ManifestBuilder, PluginRef};
+use arcade_p2p::{ContentId, ManifestBuilder, PluginRef, manifest};
 use arcade_proto::v1 as pb;
 use arcade_proto::v1::plugin_admin_server::PluginAdmin;
 use tonic::{Request, Response, Status, Streaming};
@@ -115,8 +115,13 @@ impl PluginAdminService {
         }
 
         let max = s.config.raw.plugin.max_plugin_size.bytes();
-        let mut builder = ManifestBuilder::new(s.config.chunk_size)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut builder = match &header.cdc {
+            None => ManifestBuilder::new(s.config.chunk_size)
+                .map_err(|e| Status::internal(e.to_string()))?,
+            Some(p) => manifest::cdc_from_proto(p)
+                .and_then(ManifestBuilder::content_defined)
+                .map_err(|e| Status::invalid_argument(format!("cdc: {e}")))?,
+        };
         let mut staged = s.blobs.stage().await.map_err(|e| not_stored(&key, e))?;
         let mut head = Vec::with_capacity(4);
         while let Some(msg) = stream.message().await? {
@@ -145,7 +150,7 @@ impl PluginAdminService {
                 None => {}
             }
         }
-        let manifest = builder.finish();
+        let mut manifest = builder.finish();
         let id = manifest.content_id();
         if let Some(exp) = expected {
             if exp != id {
@@ -203,6 +208,14 @@ impl PluginAdminService {
                 )))
             };
         }
+        // The same bytes stored for another version keep the chunks they were stored
+        // with (one manifest per content): the record describes those.
+        if let Some(stored) = s.store.get_manifest(id).await? {
+            if stored != manifest {
+                tracing::info!(plugin = %key, sha256 = %id, "content already stored with other chunks: keeping its manifest");
+            }
+            manifest = stored;
+        }
         let record = pb::PluginVersion {
             plugin_id: r.id.to_string(),
             version: r.version.to_string(),
@@ -217,6 +230,7 @@ impl PluginAdminService {
             size: manifest.size(),
             chunk_size: manifest.chunk_size(),
             chunks: manifest.chunk_count(),
+            cdc: manifest.cdc().map(manifest::cdc_to_proto),
             allowed_labels: labels::to_proto(&allowed),
             enabled: true,
             created_at: now_ms(),
