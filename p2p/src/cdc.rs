@@ -58,6 +58,25 @@ impl CdcParams {
     }
 }
 
+/// Parses a chunking choice: `fixed` (None), `cdc` ([`CdcParams::DEFAULT`]) or
+/// `cdc:AVG` ([`CdcParams::around`] a size such as `64KiB`), checked for manifests
+/// ([`crate::manifest::check_cdc_params`]).
+pub fn parse_chunking(s: &str) -> Result<Option<CdcParams>, String> {
+    let params = match s {
+        "fixed" => return Ok(None),
+        "cdc" => CdcParams::DEFAULT,
+        _ => {
+            let avg = s.strip_prefix("cdc:").ok_or_else(|| {
+                format!("{s:?} is not a chunking: use fixed, cdc or cdc:AVG (e.g. cdc:64KiB)")
+            })?;
+            let avg = crate::settings::ByteSize::parse(avg)?.bytes();
+            CdcParams::around(usize::try_from(avg).map_err(|_| format!("{avg} is too large"))?)
+        }
+    };
+    crate::manifest::check_cdc_params(&params).map_err(|e| e.to_string())?;
+    Ok(Some(params))
+}
+
 /// The gear table: 256 pseudo-random 64-bit values (splitmix64 from a fixed seed), the
 /// same everywhere so that every party cuts at the same places.
 const GEAR: [u64; 256] = {

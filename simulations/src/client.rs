@@ -224,12 +224,14 @@ impl Conn {
 
     /// Pushes [`crate::sample::executable_blocks`]`(size, seed)` as `id@version` with its
     /// SHA-256 (computed in a first streaming pass), never holding it in memory.
+    /// `header` gives the other fields (e.g. `cdc`).
     pub async fn push_generated(
         &self,
         id: &str,
         version: &str,
         size: u64,
         seed: u64,
+        header: pb::PushPluginHeader,
     ) -> Result<pb::PushPluginResponse, Status> {
         let mut sha = Sha256::new();
         for block in crate::sample::executable_blocks(size, seed) {
@@ -237,7 +239,7 @@ impl Conn {
         }
         let header = pb::PushPluginHeader {
             expected_sha256: ContentId::from_bytes(sha.finalize().into()).to_hex(),
-            ..Default::default()
+            ..header
         };
         self.push_stream(
             id,

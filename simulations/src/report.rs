@@ -49,6 +49,9 @@ pub struct FleetReport {
     /// Peers' zstd level (0 with compression off; the coordinator's is 3).
     #[serde(default)]
     pub compression_level: u32,
+    /// How the plugin was cut (real engine): `fixed`, `cdc`, `cdc:AVG`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chunking: String,
     /// Where the plugin's bytes came from: `generated` (incompressible) or a file.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content: String,

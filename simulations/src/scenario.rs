@@ -203,6 +203,14 @@ pub struct Scenario {
     /// keeps its default, 3).
     #[serde(default = "default_level")]
     pub compression_level: u32,
+    /// Real engine: how the plugin is cut (`fixed`: `chunk_kib` chunks; `cdc`,
+    /// `cdc:AVG`: content-defined, as `arcadectl plugin push --chunking`).
+    #[serde(default = "default_chunking")]
+    pub chunking: String,
+}
+
+fn default_chunking() -> String {
+    "fixed".into()
 }
 
 fn default_name() -> String {
@@ -295,6 +303,7 @@ impl Scenario {
             content_file: None,
             compression: true,
             compression_level: default_level(),
+            chunking: default_chunking(),
         }
     }
 

@@ -163,6 +163,9 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         ..Conn::of(&coordinator)
     };
 
+    let cdc = arcade_p2p::cdc::parse_chunking(&scenario.chunking)
+        .map_err(|e| anyhow::anyhow!("chunking: {e}"))?
+        .map(|p| arcade_p2p::manifest::cdc_to_proto(&p));
     let mut plugins = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let id = format!("sim/plugin-{i}");
@@ -182,13 +185,24 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
                 bytes.extend_from_slice(&file[..take]);
                 let header = pb::PushPluginHeader {
                     expected_sha256: ContentId::of_bytes(&bytes).to_hex(),
+                    cdc,
                     ..Default::default()
                 };
                 conn.push(&id, "1.0.0", &bytes, header).await?
             }
             None => {
-                conn.push_generated(&id, "1.0.0", *size, scenario.seed.wrapping_add(i as u64))
-                    .await?
+                let header = pb::PushPluginHeader {
+                    cdc,
+                    ..Default::default()
+                };
+                conn.push_generated(
+                    &id,
+                    "1.0.0",
+                    *size,
+                    scenario.seed.wrapping_add(i as u64),
+                    header,
+                )
+                .await?
             }
         }
         .plugin
@@ -391,6 +405,7 @@ async fn run_on(scenario: &Scenario, ns: Option<&Namespaces>) -> anyhow::Result<
         } else {
             0
         },
+        chunking: scenario.chunking.clone(),
         content: scenario
             .content_file
             .as_ref()

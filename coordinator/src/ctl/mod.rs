@@ -278,22 +278,8 @@ pub struct PushArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking(pub Option<arcade_p2p::cdc::CdcParams>);
 
-/// Parses `fixed`, `cdc` or `cdc:AVG`.
-pub fn parse_chunking(s: &str) -> Result<Chunking, String> {
-    use arcade_p2p::cdc::CdcParams;
-    let params = match s {
-        "fixed" => return Ok(Chunking(None)),
-        "cdc" => CdcParams::DEFAULT,
-        _ => {
-            let avg = s.strip_prefix("cdc:").ok_or_else(|| {
-                format!("{s:?} is not a chunking: use fixed, cdc or cdc:AVG (e.g. cdc:64KiB)")
-            })?;
-            let avg = arcade_p2p::settings::ByteSize::parse(avg)?.bytes();
-            CdcParams::around(usize::try_from(avg).map_err(|_| format!("{avg} is too large"))?)
-        }
-    };
-    arcade_p2p::manifest::check_cdc_params(&params).map_err(|e| e.to_string())?;
-    Ok(Chunking(Some(params)))
+fn parse_chunking(s: &str) -> Result<Chunking, String> {
+    arcade_p2p::cdc::parse_chunking(s).map(Chunking)
 }
 
 /// `arcadectl job …`.

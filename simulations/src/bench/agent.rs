@@ -261,7 +261,7 @@ async fn run_big_on(conn: &Conn, agent: &str) -> anyhow::Result<String> {
 pub async fn fetch_rss(size: u64, mesh: bool) -> anyhow::Result<FetchRss> {
     let dir = tempfile::tempdir()?;
     let (coordinator, conn) = coordinator(dir.path(), ByteSize(size + (1 << 20))).await?;
-    conn.push_generated("bench/big", "1.0.0", size, size)
+    conn.push_generated("bench/big", "1.0.0", size, size, Default::default())
         .await?;
     let seed = if mesh {
         let seed = RunningAgent::start(

@@ -23,6 +23,24 @@ pub struct DeltaOptions {
     pub target: PathBuf,
     /// Patch levels to build.
     pub levels: Vec<i32>,
+    /// Content-defined chunkings to measure (`cdc`, `cdc:AVG`, as `plugin push
+    /// --chunking`).
+    pub chunkings: Vec<String>,
+}
+
+/// What content-defined chunks with one set of bounds reuse.
+#[derive(Debug, Clone, Serialize)]
+pub struct CdcFigure {
+    /// As given (`cdc`, `cdc:64KiB`).
+    pub chunking: String,
+    /// Chunks of the new version.
+    pub chunks: usize,
+    /// Share of the new version's bytes in chunks the old version also has.
+    pub shared: f64,
+    /// The chunks the old version lacks, zstd-compressed one by one: what an agent
+    /// holding the old version fetches with CDC manifests and compression.
+    pub missing_zstd_bytes: u64,
+    pub missing_zstd_ratio: f64,
 }
 
 /// One patch.
@@ -52,26 +70,22 @@ pub struct DeltaFigures {
     /// Share of the new version's bytes in fixed-size chunks the old version also has.
     pub shared_1mib_chunks: f64,
     pub shared_64kib_chunks: f64,
-    /// Share of the new version's bytes in content-defined chunks (FastCDC, 4 / 16 / 64
-    /// KiB) the old version also has.
-    pub shared_cdc_16kib_chunks: f64,
-    /// Content-defined chunks the old version lacks, zstd-compressed one by one: what
-    /// an agent holding the old version would fetch with CDC manifests and compression.
-    pub cdc_missing_zstd_bytes: u64,
-    pub cdc_missing_zstd_ratio: f64,
+    /// Content-defined chunks, per chunking asked for.
+    pub cdc: Vec<CdcFigure>,
     pub patches: Vec<PatchFigure>,
 }
 
-/// (share of `target` in CDC chunks `base` also has, zstd bytes of the others).
-fn cdc(base: &[u8], target: &[u8]) -> (f64, u64) {
-    use arcade_p2p::cdc::{CdcParams, chunks};
-    let p = CdcParams::DEFAULT;
-    let have: HashSet<[u8; 32]> = chunks(base, &p)
+/// (chunks of `target`, share of it in CDC chunks `base` also has, zstd bytes of the
+/// others).
+fn cdc(base: &[u8], target: &[u8], p: &arcade_p2p::cdc::CdcParams) -> (usize, f64, u64) {
+    use arcade_p2p::cdc::chunks;
+    let have: HashSet<[u8; 32]> = chunks(base, p)
         .iter()
         .map(|&(o, l)| *blake3::hash(&base[o..o + l]).as_bytes())
         .collect();
     let (mut reused, mut missing) = (0usize, 0u64);
-    for (o, l) in chunks(target, &p) {
+    let cut = chunks(target, p);
+    for &(o, l) in &cut {
         let c = &target[o..o + l];
         if have.contains(blake3::hash(c).as_bytes()) {
             reused += l;
@@ -79,7 +93,11 @@ fn cdc(base: &[u8], target: &[u8]) -> (f64, u64) {
             missing += zstd::bulk::compress(c, 3).map_or(l, |z| z.len().min(l)) as u64;
         }
     }
-    (reused as f64 / target.len().max(1) as f64, missing)
+    (
+        cut.len(),
+        reused as f64 / target.len().max(1) as f64,
+        missing,
+    )
 }
 
 fn shared(base: &[u8], target: &[u8], chunk: usize) -> f64 {
@@ -110,7 +128,20 @@ pub fn run(opts: &DeltaOptions) -> anyhow::Result<DeltaFigures> {
         .chunks(1 << 20)
         .map(|c| wire.compress(&id, c).map_or(c.len(), |p| p.len()) as u64)
         .sum();
-    let (shared_cdc, cdc_missing) = cdc(&base, &target);
+    let mut cdc_figures = Vec::new();
+    for chunking in &opts.chunkings {
+        let p = arcade_p2p::cdc::parse_chunking(chunking)
+            .map_err(|e| anyhow::anyhow!("--chunking {chunking}: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("--chunking lists content-defined chunkings only"))?;
+        let (chunks, shared, missing) = cdc(&base, &target, &p);
+        cdc_figures.push(CdcFigure {
+            chunking: chunking.clone(),
+            chunks,
+            shared,
+            missing_zstd_bytes: missing,
+            missing_zstd_ratio: ratio(missing),
+        });
+    }
     let mut patches = Vec::new();
     for &level in &opts.levels {
         let t = Instant::now();
@@ -144,9 +175,7 @@ pub fn run(opts: &DeltaOptions) -> anyhow::Result<DeltaFigures> {
         zstd3_chunked_ratio: ratio(chunked),
         shared_1mib_chunks: shared(&base, &target, 1 << 20),
         shared_64kib_chunks: shared(&base, &target, 64 << 10),
-        shared_cdc_16kib_chunks: shared_cdc,
-        cdc_missing_zstd_bytes: cdc_missing,
-        cdc_missing_zstd_ratio: ratio(cdc_missing),
+        cdc: cdc_figures,
         patches,
     })
 }

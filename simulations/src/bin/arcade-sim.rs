@@ -120,6 +120,10 @@ enum Cmd {
         /// Peers' zstd level (1–19; the coordinator keeps its default, 3).
         #[arg(long, default_value_t = 1)]
         compression_level: u32,
+        /// How the plugin is cut: `fixed` (`--chunk-kib` chunks), `cdc` (content-defined,
+        /// 4/16/64 KiB) or `cdc:AVG`, as `arcadectl plugin push --chunking`.
+        #[arg(long, default_value = "fixed")]
+        chunking: String,
     },
     /// The discrete-event model: simulated links driving the real swarm scheduler and
     /// coordinator admission policy, for fleets far beyond one machine.
@@ -202,6 +206,13 @@ enum Cmd {
         /// Patch levels, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "3,19")]
         levels: Vec<i32>,
+        /// Content-defined chunkings to measure, comma-separated (`cdc`, `cdc:AVG`).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "cdc,cdc:64KiB,cdc:256KiB"
+        )]
+        chunking: Vec<String>,
         /// Print one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -491,6 +502,7 @@ fn main() -> ExitCode {
                 content_file,
                 no_compression,
                 compression_level,
+                chunking,
             } => {
                 let mut scenario = fleet.scenario("swarm");
                 scenario.network = network;
@@ -498,6 +510,7 @@ fn main() -> ExitCode {
                 scenario.content_file = content_file;
                 scenario.compression = !no_compression;
                 scenario.compression_level = compression_level;
+                scenario.chunking = chunking;
                 scenario.agent.down_mibps = peer_down_mibps;
                 fleet_run(scenario, Engine::Real, ModelOptions::default(), &fleet.output).await
             }
@@ -610,12 +623,14 @@ fn main() -> ExitCode {
                 base,
                 target,
                 levels,
+                chunking,
                 json,
             } => {
                 let opts = arcade_simulations::bench::delta::DeltaOptions {
                     base,
                     target,
                     levels,
+                    chunkings: chunking,
                 };
                 let f = tokio::task::spawn_blocking(move || {
                     arcade_simulations::bench::delta::run(&opts)

@@ -48,7 +48,7 @@ async fn agent_kill9() -> anyhow::Result<Outcome> {
     })
     .await;
     let pushed = c
-        .push_generated("big/plugin", "1.0.0", SIZE, 42)
+        .push_generated("big/plugin", "1.0.0", SIZE, 42, Default::default())
         .await
         .context("push the 256 MiB plugin")?
         .plugin
