@@ -32,6 +32,8 @@ pub struct JobContext {
     pub cache: PluginCache,
     /// The fetcher.
     pub fetcher: Fetcher,
+    /// Where the job is, for heartbeats.
+    pub progress: crate::progress::ProgressBoard,
 }
 
 /// A plugin ready to run for this job.
@@ -58,6 +60,26 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Steps a job plans: one fetch per plugin, its stage runs (`before`, one of
+/// `on_success`/`on_failure`, `after`, as far as it takes part) and the commands.
+fn planned_steps(job: &pb::Job) -> u32 {
+    let has = |info: &pb::PluginInfo, s: pb::Stage| info.stages.contains(&(s as i32));
+    let stages: usize = job
+        .plugins
+        .iter()
+        .map(|p| {
+            1 + usize::from(has(p, pb::Stage::Before))
+                + usize::from(has(p, pb::Stage::OnSuccess) || has(p, pb::Stage::OnFailure))
+                + usize::from(has(p, pb::Stage::After))
+        })
+        .sum();
+    u32::try_from(stages + job.commands.len()).unwrap_or(u32::MAX)
+}
+
+fn plugin_name(r: &Ready) -> String {
+    format!("{}@{}", r.info.plugin_id, r.cached.plugin.version)
+}
+
 /// Runs `job` and returns the report to send (never fails: failures are reported).
 pub async fn run_job(
     ctx: &JobContext,
@@ -72,6 +94,9 @@ pub async fn run_job(
         started_at,
         ..Default::default()
     };
+    let progress = &ctx.progress;
+    let id = job.job_id.as_str();
+    progress.start(id, planned_steps(&job));
     let fail = |mut report: pb::ReportJobResultRequest, results, message: String| {
         report.status = pb::JobStatus::Failed as i32;
         report.error_message = message;
@@ -92,6 +117,12 @@ pub async fn run_job(
     }
 
     // 2. Plugins: pinned for the whole job, fetched (concurrently, bounded by the fetcher).
+    let names: Vec<String> = job
+        .plugins
+        .iter()
+        .map(|p| format!("{}@{}", p.plugin_id, p.version))
+        .collect();
+    progress.phase(id, "fetching", &names.join(", "));
     let fetches = job
         .plugins
         .iter()
@@ -108,6 +139,7 @@ pub async fn run_job(
                     results.push(note);
                 }
                 ready.push(r);
+                progress.step(id);
             }
             Err(message) => {
                 results.push(not_ready(info, "fetch", &message, started_at));
@@ -130,7 +162,9 @@ pub async fn run_job(
     let mut failed = false;
     let mut why = String::new();
     for r in &ready {
+        progress.phase(id, "before", &plugin_name(r));
         if let Some(res) = run_plugin_stage(ctx, &job, r, pb::Stage::Before, None, &workdir).await {
+            progress.step(id);
             if !res.success && !failed {
                 failed = true;
                 why = format!(
@@ -162,6 +196,7 @@ pub async fn run_job(
                 })
                 .chain([("ARCADE_JOB_ID".to_string(), job.job_id.clone())])
                 .collect();
+            progress.phase(id, "commands", command);
             let run = CommandRun {
                 command: command.clone(),
                 workdir: workdir.clone(),
@@ -177,6 +212,7 @@ pub async fn run_job(
                     break;
                 }
             };
+            progress.step(id);
             output.push_str(&out.output_tail);
             report.exit_code = out.exit_code.unwrap_or(-1);
             if !out.success {
@@ -198,7 +234,9 @@ pub async fn run_job(
     };
     for stage in [finish, pb::Stage::After] {
         for r in &ready {
+            progress.phase(id, stage_name(stage), &plugin_name(r));
             if let Some(res) = run_plugin_stage(ctx, &job, r, stage, Some(status), &workdir).await {
+                progress.step(id);
                 results.push(res);
             }
         }

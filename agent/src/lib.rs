@@ -29,5 +29,6 @@ pub mod job;
 pub mod mesh;
 pub mod metrics;
 pub(crate) mod preheat;
+pub mod progress;
 pub mod runtime;
 pub mod session;

@@ -6,6 +6,8 @@
 //! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `failed`) |
 //! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
 //! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`, `peer`, `local`: copied from held content) |
+//! | `arcade_agent_chunk_fetch_duration_seconds` | histogram | `source` (`server`, `peer`) |
+//! | `arcade_agent_peer_hit_ratio` | gauge | — (peer bytes ÷ peer + coordinator bytes, since start) |
 //! | `arcade_agent_compressed_wire_bytes_total` / `_raw_bytes_total` | counter | `direction` (`from_server`, `from_peers`, `to_peers`): chunks that travelled zstd-compressed, their bytes on the wire and raw |
 //! | `arcade_agent_patch_bytes_total` | counter | — (bytes of patches fetched) |
 //! | `arcade_agent_patched_bytes_total` | counter | — (bytes of versions built from a patch) |
@@ -83,6 +85,11 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 18))
 }
 
+/// 0.5 ms to ~16 s.
+fn chunk_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 /// The agent's metric families.
 #[derive(Clone)]
 pub struct Metrics {
@@ -93,6 +100,10 @@ pub struct Metrics {
     pub download_duration: Family<PluginIdLabel, Histogram, fn() -> Histogram>,
     /// `arcade_agent_fetched_bytes_total`.
     pub fetched_bytes: Family<SourceLabel, Counter>,
+    /// `arcade_agent_chunk_fetch_duration_seconds`.
+    pub chunk_duration: Family<SourceLabel, Histogram, fn() -> Histogram>,
+    /// `arcade_agent_peer_hit_ratio`.
+    pub peer_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `arcade_agent_compressed_wire_bytes_total`.
     pub compressed_wire: Family<DirectionLabel, Counter>,
     /// `arcade_agent_compressed_raw_bytes_total`.
@@ -169,6 +180,21 @@ impl Metrics {
             "arcade_agent_fetched_bytes",
             "Verified chunk bytes a fetch obtained, by source (server, peer, local: copied from content the agent held)",
             fetched_bytes.clone(),
+        );
+        let chunk_duration =
+            Family::<SourceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                chunk_histogram,
+            );
+        r.register(
+            "arcade_agent_chunk_fetch_duration_seconds",
+            "Time from asking for a chunk to receiving it, by source (server, peer)",
+            chunk_duration.clone(),
+        );
+        let peer_hit_ratio = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register(
+            "arcade_agent_peer_hit_ratio",
+            "Share of the chunk bytes fetched over the network that came from peers rather than the coordinator, since start (0 to 1)",
+            peer_hit_ratio.clone(),
         );
         let compressed_wire = Family::<DirectionLabel, Counter>::default();
         r.register(
@@ -289,6 +315,8 @@ impl Metrics {
             downloads,
             download_duration,
             fetched_bytes,
+            chunk_duration,
+            peer_hit_ratio,
             compressed_wire,
             compressed_raw,
             patch_bytes,
@@ -308,6 +336,15 @@ impl Metrics {
             mesh_subscriptions,
             connected_peers,
             provided_contents,
+        }
+    }
+
+    /// Sets `arcade_agent_peer_hit_ratio` from the byte counters.
+    pub fn update_peer_hit_ratio(&self) {
+        let (peer, server) = (self.fetched_from("peer"), self.fetched_from("server"));
+        if peer + server > 0 {
+            self.peer_hit_ratio
+                .set(peer as f64 / (peer + server) as f64);
         }
     }
 
@@ -388,6 +425,6 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        arcade_p2p::metrics_http::prometheus_text(&out)
     }
 }

@@ -103,6 +103,8 @@ struct Core {
     preheat: Preheater,
     /// Running job id → its stop token.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Where each running job is (sent with heartbeats).
+    progress: crate::progress::ProgressBoard,
     /// Running jobs an admin cancelled (reported as CANCELLED once stopped).
     cancelled: Mutex<std::collections::HashSet<String>>,
     /// What a job report may hold (stated by the coordinator at registration).
@@ -262,6 +264,13 @@ impl Core {
                     .revocations_seen
                     .load(std::sync::atomic::Ordering::Relaxed),
                 preheat_reports: reports.clone(),
+                job_progress: self.progress.snapshot(),
+                fetching: self
+                    .fetcher
+                    .fetching()
+                    .iter()
+                    .map(arcade_p2p::ContentId::to_hex)
+                    .collect(),
             };
             match self.session.client().heartbeat(req).await {
                 Ok(resp) => {
@@ -425,10 +434,12 @@ impl Core {
             config: self.config.clone(),
             cache: self.cache.clone(),
             fetcher: self.fetcher.clone(),
+            progress: self.progress.clone(),
         };
         let id = job.job_id.clone();
         tracing::info!(job = %id, plugins = job.plugins.len(), "job started");
         let mut report = run_job(&ctx, job, &token).await;
+        self.progress.finish(&id);
         if self.cancelled.lock().expect("cancelled lock").remove(&id) {
             report.status = pb::JobStatus::Cancelled as i32;
         }
@@ -714,6 +725,7 @@ impl RunningAgent {
             fetcher,
             metrics,
             running: Mutex::new(HashMap::new()),
+            progress: crate::progress::ProgressBoard::default(),
             cancelled: Mutex::new(Default::default()),
             reported: Mutex::new(None),
             limits: Mutex::new(Default::default()),

@@ -3,8 +3,8 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `error`, `cancelled`, `stalled`, `denied`) |
-//! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
+//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status`: plugin fetches served (one agent, one content, any number of calls; `service/fetches.rs`) that ended `complete` (every chunk from here), `partial` (the rest from peers) or `failed`; requests refused: `denied`, `error` (unknown plugin or bad input, labelled `unknown`) |
+//! | `plugin_download_duration_seconds` | histogram | `plugin_id` (first to last chunk served of a fetch) |
 //! | `arcade_coordinator_served_bytes_total` | counter | `plugin_id`, `version` |
 //! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |
 //! | `arcade_coordinator_compression_saved_bytes_total` | counter | — |
@@ -161,7 +161,7 @@ impl Metrics {
         let downloads = Family::<DownloadLabels, Counter>::default();
         r.register(
             "plugin_download",
-            "Plugin downloads served, by outcome",
+            "Plugin fetches served to agents (one agent, one content) by how they ended (complete; partial: the rest came from peers; failed), and refused requests (denied, error)",
             downloads.clone(),
         );
         let download_duration =
@@ -170,7 +170,7 @@ impl Metrics {
             );
         r.register(
             "plugin_download_duration_seconds",
-            "Time to stream a plugin download",
+            "Time from the first to the last chunk served in a plugin fetch",
             download_duration.clone(),
         );
         let served_bytes = Family::<PluginVersionLabels, Counter>::default();
@@ -274,6 +274,6 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        arcade_p2p::metrics_http::prometheus_text(&out)
     }
 }

@@ -281,9 +281,15 @@ impl RunningCoordinator {
         }
         let metrics = shared.metrics.clone();
 
+        // Both reflection versions: grpcurl, grpcui, Postman and Evans still speak
+        // v1alpha in many of their versions.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(arcade_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(arcade_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -312,6 +318,7 @@ impl RunningCoordinator {
             .initial_connection_window_size(Some(arcade_proto::CONNECTION_WINDOW))
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 AgentServer::new(AgentService(shared.clone()))
                     .max_decoding_message_size(MAX_DECODE)
@@ -395,6 +402,27 @@ impl RunningCoordinator {
             move || {
                 let s = sweeper.clone();
                 async move { s.sweep_retention().await.map(drop) }
+            },
+        );
+        let sweeper = shared.clone();
+        spawn_periodic(
+            &mut tasks,
+            &shutdown,
+            "fetch sweep",
+            Duration::from_secs(5),
+            move || {
+                let s = sweeper.clone();
+                async move {
+                    let ended = s
+                        .fetches
+                        .lock()
+                        .expect("fetches lock")
+                        .sweep(std::time::Instant::now());
+                    for e in &ended {
+                        crate::service::fetches::record(&s.metrics, e);
+                    }
+                    Ok(())
+                }
             },
         );
         tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, "coordinator started");

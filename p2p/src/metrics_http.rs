@@ -2,6 +2,10 @@
 //! exposition produced by a render function; anything else gets 404. Shared by the
 //! coordinator and the agent. Requests are bounded (8 KiB of headers, 5 s to send
 //! them); each connection is answered once and closed.
+//!
+//! The body is the Prometheus text format 0.0.4 (what the `content-type` says, what
+//! `promtool check metrics` and every scraper read): [`prometheus_text`] turns the
+//! OpenMetrics text that `prometheus_client` encodes into it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +79,45 @@ async fn answer(
     stream.shutdown().await
 }
 
+/// The Prometheus text format 0.0.4 of an OpenMetrics exposition: a counter family's
+/// `HELP` and `TYPE` name its `_total` samples (OpenMetrics names the family without
+/// the suffix, which Prometheus-format readers take as a metric without help text);
+/// `_created` samples, `UNIT` lines and the closing `# EOF` are dropped.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = described {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                continue;
+            }
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            if name
+                .strip_suffix("_created")
+                .is_some_and(|family| counters.contains(family))
+            {
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +128,19 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    #[test]
+    fn openmetrics_counters_become_prometheus_counters() {
+        let om = "# HELP jobs Jobs created.\n# TYPE jobs counter\njobs_total 3\njobs_created 1.7e9\n\
+                  # HELP size_bytes Bytes held.\n# TYPE size_bytes gauge\n# UNIT size_bytes bytes\nsize_bytes 5\n\
+                  # HELP done_total Already suffixed.\n# TYPE done_total counter\ndone_total{a=\"b\"} 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP jobs_total Jobs created.\n# TYPE jobs_total counter\njobs_total 3\n\
+             # HELP size_bytes Bytes held.\n# TYPE size_bytes gauge\nsize_bytes 5\n\
+             # HELP done_total Already suffixed.\n# TYPE done_total counter\ndone_total{a=\"b\"} 1\n"
+        );
     }
 
     #[tokio::test]

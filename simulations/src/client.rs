@@ -334,18 +334,23 @@ impl Conn {
         Ok(bytes)
     }
 
-    /// The text of `GET /metrics`.
+    /// The text of `GET /metrics` (status line and headers included).
     pub async fn metrics_text(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.metrics_addr.expect("metrics enabled");
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+        scrape(self.metrics_addr.expect("metrics enabled")).await
     }
+}
+
+/// The whole answer to `GET /metrics` at `addr` (coordinator or agent), status line
+/// and headers included.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
 }

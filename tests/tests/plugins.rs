@@ -433,6 +433,24 @@ async fn metrics_count_downloads_and_bytes() {
     )
     .await
     .unwrap();
+    // A second agent asks chunk by chunk, as agents do: one fetch, not three.
+    let other = c.register("a2", &[], vec![]).await;
+    for chunk in 0..3 {
+        c.download(
+            &other,
+            pb::DownloadPluginRequest {
+                plugin_id: "m/p".into(),
+                version: "1.0.0".into(),
+                ranges: vec![pb::ChunkRange {
+                    start: chunk,
+                    end: chunk + 1,
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
     let text = c.metrics_text().await;
     assert!(
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
@@ -440,19 +458,19 @@ async fn metrics_count_downloads_and_bytes() {
     );
     assert!(
         text.contains(
-            r#"plugin_download_total{plugin_id="m/p",version="1.0.0",status="success"} 1"#
+            r#"plugin_download_total{plugin_id="m/p",version="1.0.0",status="complete"} 2"#
         ),
         "{text}"
     );
     assert!(
         text.contains(&format!(
             r#"arcade_coordinator_served_bytes_total{{plugin_id="m/p",version="1.0.0"}} {}"#,
-            data.len()
+            2 * data.len()
         )),
         "{text}"
     );
     assert!(
-        text.contains("plugin_download_duration_seconds_count{plugin_id=\"m/p\"} 1"),
+        text.contains("plugin_download_duration_seconds_count{plugin_id=\"m/p\"} 2"),
         "{text}"
     );
     assert!(

@@ -224,6 +224,16 @@ impl Fetcher {
         }
     }
 
+    /// Contents being fetched now (or waiting for a fetch slot).
+    pub fn fetching(&self) -> Vec<ContentId> {
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// Makes sure the plugin `info` describes is in the cache, fetching what is missing.
     pub async fn ensure(
         &self,
@@ -335,6 +345,7 @@ impl Fetcher {
             })
             .inc();
         let elapsed = started.elapsed();
+        self.metrics.update_peer_hit_ratio();
         match &result {
             Ok(f) => {
                 self.metrics

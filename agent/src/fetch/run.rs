@@ -50,6 +50,8 @@ pub(super) enum Outcome {
         source: Source<PeerId>,
         index: u32,
         result: Result<bytes::Bytes, SourceError>,
+        /// From the request to the answer.
+        took: Duration,
     },
     Held {
         peer: PeerId,
@@ -311,6 +313,7 @@ impl FetchRun<'_> {
                     .map_or(0, |r| (r.end - r.start) as usize);
                 let metrics = self.fetcher.metrics.clone();
                 self.tasks.spawn(async move {
+                    let asked = std::time::Instant::now();
                     let result = async {
                         let mut stream = server
                             .open(content, &id, &version, &[(chunk, chunk + 1)])
@@ -340,6 +343,7 @@ impl FetchRun<'_> {
                         source: Source::Server,
                         index: chunk,
                         result,
+                        took: asked.elapsed(),
                     }
                 })
             }
@@ -359,6 +363,7 @@ impl FetchRun<'_> {
                     .chunk_range(chunk)
                     .map_or(0, |r| (r.end - r.start) as u32);
                 self.tasks.spawn(async move {
+                    let asked = std::time::Instant::now();
                     let result = mesh
                         .handle()
                         .chunk_of_len(peer, addrs, &content, chunk, len)
@@ -378,6 +383,7 @@ impl FetchRun<'_> {
                         source: Source::Peer(peer),
                         index: chunk,
                         result,
+                        took: asked.elapsed(),
                     }
                 })
             }
@@ -426,10 +432,20 @@ impl FetchRun<'_> {
                 source,
                 index,
                 result,
+                took,
             } => {
                 self.inflight.remove(&(source.clone(), index));
                 match result {
-                    Ok(data) => self.arrived(source, index, data).await,
+                    Ok(data) => {
+                        self.fetcher
+                            .metrics
+                            .chunk_duration
+                            .get_or_create(&SourceLabel {
+                                source: kind(&source).into(),
+                            })
+                            .observe(took.as_secs_f64());
+                        self.arrived(source, index, data).await
+                    }
                     Err(e) => self.failed(source, index, e),
                 }
             }

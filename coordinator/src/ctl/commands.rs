@@ -13,7 +13,8 @@ use super::output::{
     plugin_details, plugin_table,
 };
 use super::{
-    AgentCommand, Command, CreateArgs, Ctx, JobCommand, KeyCommand, PluginCommand, StatusArg,
+    AgentCommand, Command, CreateArgs, Ctx, FleetCommand, JobCommand, KeyCommand, PluginCommand,
+    StatusArg,
 };
 
 /// How often `job wait` polls.
@@ -53,6 +54,12 @@ pub(super) async fn dispatch(ctx: &Ctx, command: Command) -> Result<(), CtlError
             json,
         }) => job_list(ctx, status, limit.unwrap_or(0), json).await,
         Command::Job(JobCommand::Wait { id, timeout }) => job_wait(ctx, id, timeout).await,
+        Command::Job(JobCommand::Watch { id, timeout, json }) => {
+            super::fleet::job_watch(ctx, id, timeout, json).await
+        }
+        Command::Fleet(FleetCommand::Status { json }) => {
+            super::fleet::fleet_status(ctx, json).await
+        }
         Command::Job(JobCommand::Cancel { id, json }) => job_cancel(ctx, id, json).await,
         Command::Agent(AgentCommand::List { json }) => agent_list(ctx, json).await,
         Command::Agent(AgentCommand::Remove { id }) => agent_remove(ctx, id).await,
@@ -272,7 +279,10 @@ async fn job_create(ctx: &Ctx, args: CreateArgs) -> Result<(), CtlError> {
     emit(&id)
 }
 
-async fn fetch_job(conn: &super::Connection, job_id: String) -> Result<JobJson, CtlError> {
+pub(super) async fn fetch_job(
+    conn: &super::Connection,
+    job_id: String,
+) -> Result<JobJson, CtlError> {
     let job = conn
         .jobs()
         .get_job(pb::GetJobRequest { job_id })
@@ -332,7 +342,7 @@ async fn job_list(
 }
 
 /// One line saying why a job failed.
-fn failure_reason(job: &JobJson) -> String {
+pub(super) fn failure_reason(job: &JobJson) -> String {
     let mut reason = format!("job {} failed", job.id);
     if !job.error_message.is_empty() {
         reason.push_str(": ");

@@ -14,6 +14,7 @@ mod client;
 mod commands;
 mod enroll;
 mod error;
+mod fleet;
 mod output;
 mod preheat;
 mod push;
@@ -112,6 +113,9 @@ pub enum Command {
     /// Agents: list, remove.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// The fleet at a glance: status.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Enrolment tokens that grant labels: create, list, revoke.
     #[command(subcommand)]
     Enroll(EnrollCommand),
@@ -324,6 +328,18 @@ pub enum JobCommand {
         #[arg(long, value_name = "S", value_parser = parse_seconds)]
         timeout: Option<Duration>,
     },
+    /// Follow a job live: a line per change of status, agent or stage (as its agent
+    /// reports in heartbeats), until it finishes; exit 0 only if it succeeded.
+    Watch {
+        /// Job id.
+        id: String,
+        /// Give up after this many seconds (default: watch until it finishes).
+        #[arg(long, value_name = "S", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+        /// One JSON object per line per change (the last one has the finished job).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `arcadectl job create`.
@@ -369,6 +385,18 @@ pub enum StatusArg {
     Failed,
     /// Cancelled by an admin.
     Cancelled,
+}
+
+/// `arcadectl fleet …`.
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Agents online and offline (by label), jobs queued and running, and per plugin
+    /// version the agents holding it and fetching it.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `arcadectl agent …`.

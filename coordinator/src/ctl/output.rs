@@ -190,11 +190,40 @@ pub struct JobJson {
     pub error_message: String,
     /// Plugin runs.
     pub plugin_results: Vec<PluginResultJson>,
+    /// A running job: where its agent is (last heartbeat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressJson>,
+}
+
+/// Where a running job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgressJson {
+    /// `checking`, `fetching`, `before`, `commands`, `on_success`, `on_failure`, `after`.
+    pub phase: String,
+    /// The plugin or command running in it.
+    pub current: String,
+    pub steps_done: u32,
+    pub steps_total: u32,
+    /// Unix milliseconds when the phase began.
+    pub phase_started_at: i64,
+}
+
+impl From<pb::JobProgress> for ProgressJson {
+    fn from(p: pb::JobProgress) -> Self {
+        Self {
+            phase: p.phase,
+            current: p.current,
+            steps_done: p.steps_done,
+            steps_total: p.steps_total,
+            phase_started_at: p.phase_started_at,
+        }
+    }
 }
 
 impl From<pb::JobDetail> for JobJson {
     fn from(j: pb::JobDetail) -> Self {
         Self {
+            progress: j.progress.map(ProgressJson::from),
             status: status_name(j.status),
             cancel_requested: j.cancel_requested,
             waiting_reason: j.waiting_reason,
@@ -351,6 +380,19 @@ pub fn emit(text: &str) -> Result<(), CtlError> {
 pub fn emit_json<T: Serialize + ?Sized>(value: &T) -> Result<(), CtlError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CtlError::Output(e.to_string()))?;
     emit(&text)
+}
+
+/// `before: notify/slack@1.2.0 (2/5 steps)`.
+pub fn progress_text(p: &ProgressJson) -> String {
+    let current = if p.current.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", p.current)
+    };
+    format!(
+        "{}{current} ({}/{} steps)",
+        p.phase, p.steps_done, p.steps_total
+    )
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -553,6 +595,9 @@ pub fn job_details(j: &JobJson) -> String {
     }
     if !j.waiting_reason.is_empty() {
         out.push_str(&format!("{:<11} {}\n", "waiting", j.waiting_reason));
+    }
+    if let Some(p) = &j.progress {
+        out.push_str(&format!("{:<11} {}\n", "progress", progress_text(p)));
     }
     for (i, c) in j.commands.iter().enumerate() {
         out.push_str(&format!("{:<11} {c}\n", format!("command {}", i + 1)));

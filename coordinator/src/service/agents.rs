@@ -219,7 +219,15 @@ impl Agent for AgentService {
                     .set_installed(&agent.agent_id, installed);
             }
         }
-        let extended = s.extend_leases(&agent.agent_id, &req.running_jobs);
+        let fetching: Vec<String> = req
+            .fetching
+            .iter()
+            .filter(|sha| sha.parse::<arcade_p2p::ContentId>().is_ok())
+            .take(super::fleet::MAX_FETCHING)
+            .cloned()
+            .collect();
+        s.with_live(&agent.agent_id, |l| l.fetching = fetching);
+        let extended = s.extend_leases(&agent.agent_id, &req.running_jobs, &req.job_progress);
         let preheat = {
             let mut book = s.preheats.lock().expect("preheat lock");
             book.record(&agent.agent_id, &req.preheat_reports)?;

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::herd::Admission;
 use super::{SharedRef, allowed_labels, now_ms};
 use crate::blob::BlobReader;
-use crate::metrics::{DownloadLabels, PluginIdLabel, PluginVersionLabels};
+use crate::metrics::{DownloadLabels, PluginVersionLabels};
 use crate::store::plugin_key;
 
 /// The `plugin_id` and `version` label of downloads refused before a plugin was found.
@@ -28,36 +28,6 @@ const MAX_RANGES: usize = 1024;
 
 pub(crate) type DownloadStream =
     Pin<Box<dyn Stream<Item = Result<pb::DownloadPluginResponse, Status>> + Send>>;
-
-/// Records the outcome of one download exactly once (on completion, error or drop).
-struct DownloadRecord {
-    shared: SharedRef,
-    plugin_id: String,
-    version: String,
-    started: Instant,
-    outcome: Option<&'static str>,
-}
-
-impl Drop for DownloadRecord {
-    fn drop(&mut self) {
-        let status = self.outcome.unwrap_or("cancelled");
-        let m = &self.shared.metrics;
-        m.downloads
-            .get_or_create(&DownloadLabels {
-                plugin_id: self.plugin_id.clone(),
-                version: self.version.clone(),
-                status: status.into(),
-            })
-            .inc();
-        if status == "success" {
-            m.download_duration
-                .get_or_create(&PluginIdLabel {
-                    plugin_id: self.plugin_id.clone(),
-                })
-                .observe(self.started.elapsed().as_secs_f64());
-        }
-    }
-}
 
 /// One of an agent's `serve.max_streams_per_agent` download streams; released on drop.
 struct AgentStreamSlot {
@@ -118,7 +88,8 @@ struct DownloadState {
     /// The agent decodes zstd chunks.
     accept_zstd: bool,
     bytes: prometheus_client::metrics::counter::Counter,
-    record: DownloadRecord,
+    plugin_id: String,
+    version: String,
 }
 
 impl DownloadState {
@@ -181,6 +152,19 @@ impl DownloadState {
             Instant::now(),
         );
         self.bytes.inc_by(data.len() as u64);
+        let ended = self.shared.fetches.lock().expect("fetches lock").served(
+            &self.agent_id,
+            self.manifest.content_id(),
+            &self.plugin_id,
+            &self.version,
+            self.manifest.chunk_count(),
+            index,
+            data.len() as u64,
+            Instant::now(),
+        );
+        if let Some(ended) = ended {
+            super::fetches::record(&self.shared.metrics, &ended);
+        }
         let first = std::mem::replace(&mut self.first, false);
         Ok(pb::DownloadPluginResponse {
             chunk_index: index,
@@ -342,13 +326,8 @@ pub(crate) async fn download_plugin(
                 version: plugin.version.clone(),
             })
             .clone(),
-        record: DownloadRecord {
-            shared: s.clone(),
-            plugin_id: plugin.plugin_id.clone(),
-            version: plugin.version.clone(),
-            started: Instant::now(),
-            outcome: None,
-        },
+        plugin_id: plugin.plugin_id.clone(),
+        version: plugin.version.clone(),
     };
     let stall = s.config.raw.serve.stall_timeout.get();
     Ok(Response::new(serve(state, stall)))
@@ -368,14 +347,19 @@ fn serve(state: DownloadState, stall: std::time::Duration) -> DownloadStream {
         loop {
             let item = match st.next_index() {
                 Some(i) => st.chunk(i).await,
-                None => {
-                    st.record.outcome = Some("success");
-                    return;
-                }
+                None => return,
             };
             let failed = item.is_err();
             if failed {
-                st.record.outcome = Some("error");
+                let ended = st
+                    .shared
+                    .fetches
+                    .lock()
+                    .expect("fetches lock")
+                    .failed(&st.agent_id, st.manifest.content_id());
+                if let Some(ended) = ended {
+                    super::fetches::record(&st.shared.metrics, &ended);
+                }
             }
             match tokio::time::timeout(stall, tx.send(item)).await {
                 Ok(Ok(())) if !failed => {}
@@ -383,7 +367,6 @@ fn serve(state: DownloadState, stall: std::time::Duration) -> DownloadStream {
                 Ok(_) => return,
                 Err(_) => {
                     tracing::warn!(agent = %st.agent_id, content = %st.manifest.content_id(), "download stream not read for {stall:?} (serve.stall_timeout): ended");
-                    st.record.outcome = Some("stalled");
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }

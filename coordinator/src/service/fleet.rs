@@ -28,7 +28,13 @@ pub(crate) struct LiveAgent {
     pub(crate) last_seen: i64,
     /// Expiry (unix ms) of the mesh ticket last issued to it since start (0 = none).
     pub(crate) ticket_expires_at: i64,
+    /// Contents it said it is fetching in its last heartbeat (SHA-256 hex, at most
+    /// [`MAX_FETCHING`]).
+    pub(crate) fetching: Vec<String>,
 }
+
+/// Most contents an agent's heartbeat is believed to be fetching.
+pub(crate) const MAX_FETCHING: usize = 64;
 
 /// Agents holding one content, in a vector (for a bounded scan from any offset) with
 /// positions (for O(1) removal).
@@ -105,6 +111,7 @@ impl Fleet {
                 labels,
                 last_seen,
                 ticket_expires_at: 0,
+                fetching: Vec::new(),
             },
         );
     }

@@ -1,5 +1,6 @@
-//! `Fleet`: the admin view of the agents (list), their removal, and the enrolment
-//! tokens that grant labels (`identity.rs` holds what they mean).
+//! `Fleet`: the admin view of the agents (list, status: `fleet_status.rs`), their
+//! removal, and the enrolment tokens that grant labels (`identity.rs` holds what they
+//! mean).
 
 use arcade_p2p::labels;
 use arcade_proto::v1 as pb;
@@ -209,5 +210,14 @@ impl Fleet for FleetService {
         s.identity.remove_grant(&removed.token_hash);
         tracing::info!(token = %id, "enrolment token revoked");
         Ok(Response::new(pb::RevokeEnrollTokenResponse {}))
+    }
+
+    async fn get_fleet_status(
+        &self,
+        request: Request<pb::GetFleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatus>, Status> {
+        let s = &self.0;
+        s.require_admin(&request)?;
+        Ok(Response::new(super::fleet_status::fleet_status(s).await?))
     }
 }

@@ -225,6 +225,14 @@ impl Jobs for JobsService {
                     .unwrap_or_default();
             }
         }
+        if job.status() == pb::JobStatus::Running {
+            job.progress = s
+                .leases
+                .lock()
+                .expect("lease lock")
+                .get(&id)
+                .and_then(|l| l.progress.clone());
+        }
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 

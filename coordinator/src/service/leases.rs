@@ -19,6 +19,8 @@ pub(crate) struct Lease {
     pub(crate) deadline: Instant,
     /// An admin cancelled it: the agent is told to stop it.
     pub(crate) cancel: bool,
+    /// Where the job is, as its agent last reported (`GetJob` shows it).
+    pub(crate) progress: Option<arcade_proto::v1::JobProgress>,
 }
 
 /// Leases by job, with each agent's jobs.
@@ -41,6 +43,7 @@ impl Leases {
                 agent,
                 deadline,
                 cancel: false,
+                progress: None,
             },
         );
     }
@@ -54,6 +57,11 @@ impl Leases {
             }
         }
         Some(lease)
+    }
+
+    /// Jobs running now.
+    pub(crate) fn running(&self) -> usize {
+        self.by_job.len()
     }
 
     pub(crate) fn get(&self, job: &str) -> Option<&Lease> {
@@ -105,11 +113,24 @@ impl Shared {
         );
     }
 
-    /// Extends the leases of the `claimed` jobs that `agent_id` holds. Leases the agent
-    /// holds but no longer claims (it restarted and lost them) are left to expire.
-    pub(crate) fn extend_leases(&self, agent_id: &str, claimed: &[String]) -> Extended {
+    /// Extends the leases of the `claimed` jobs that `agent_id` holds and records their
+    /// `progress`. Leases the agent holds but no longer claims (it restarted and lost
+    /// them) are left to expire.
+    pub(crate) fn extend_leases(
+        &self,
+        agent_id: &str,
+        claimed: &[String],
+        progress: &[arcade_proto::v1::JobProgress],
+    ) -> Extended {
         let deadline = Instant::now() + self.config.raw.jobs.lease_ttl.get();
         let mut leases = self.leases.lock().expect("lease lock");
+        for p in progress {
+            if let Some(l) = leases.by_job.get_mut(&p.job_id) {
+                if l.agent == agent_id && p.phase.len() <= 32 && p.current.len() <= 1024 {
+                    l.progress = Some(p.clone());
+                }
+            }
+        }
         let mut out = Extended::default();
         for job in claimed {
             match leases.by_job.get_mut(job) {

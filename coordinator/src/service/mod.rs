@@ -23,8 +23,10 @@
 pub(crate) mod agent_plugins;
 pub(crate) mod agents;
 pub(crate) mod downloads;
+pub(crate) mod fetches;
 pub(crate) mod fleet;
 pub(crate) mod fleet_api;
+pub(crate) mod fleet_status;
 pub(crate) mod gate;
 pub mod herd;
 pub(crate) mod hints;
@@ -228,6 +230,8 @@ pub(crate) struct Shared {
     pub(crate) patch_of: TtlCache<ContentId, pb::PatchInfo>,
     /// Herd protection: which chunks went to whom.
     pub(crate) herd: Mutex<herd::Herd>,
+    /// Plugin fetches being served (`fetches.rs`).
+    pub(crate) fetches: Mutex<fetches::FetchBook>,
     /// Bounds concurrent `DownloadPlugin` streams (`serve.max_streams`).
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
     /// Open `DownloadPlugin` streams per agent (`serve.max_streams_per_agent`).
@@ -324,6 +328,7 @@ impl Shared {
             manifests: TtlCache::new(ttl, 1024),
             plugins: TtlCache::new(ttl, 4096),
             patch_of: TtlCache::new(ttl, 1024),
+            fetches: Mutex::new(fetches::FetchBook::default()),
             herd: Mutex::new(herd::Herd::new(
                 config.raw.serve.herd_window.get(),
                 config.raw.serve.max_redirects,

@@ -302,6 +302,10 @@ async fn malformed_frames(
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
             true,
         ),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_owned(),
+            true,
+        ),
     ]);
     let ch = conn.channel().await;
     let bodies = bad_bodies();
