@@ -157,6 +157,15 @@ pub struct CacheConfig {
     /// Unused downloaded plugins are dropped after this long (an integer is hours, as
     /// in the original design; `0` = never).
     pub ttl: HoursTtl,
+    /// Size eviction starts when the cache's downloaded bytes exceed this fraction of
+    /// `watermark_of` (0 < x ≤ 1)…
+    pub high_watermark: f64,
+    /// …and removes unpinned plugins until they are at most this fraction
+    /// (0 < x ≤ high_watermark; absent: high_watermark).
+    pub low_watermark: Option<f64>,
+    /// `max_size` or `filesystem` (the file system holding the cache; `max_size` still
+    /// caps both marks).
+    pub watermark_of: crate::cache::WatermarkBase,
 }
 
 /// `[jobs]`.
@@ -191,6 +200,9 @@ pub struct MeshConfig {
     pub allow_loopback: bool,
     /// Node-wide upload rate to peers, bytes per second (`0B` = unlimited).
     pub upload_rate: ByteSize,
+    /// Node-wide download rate, bytes per second, of every fetch together, from peers
+    /// and from the coordinator alike (`0B` = unlimited; mesh off: the coordinator's).
+    pub download_rate: ByteSize,
     /// Concurrent chunk uploads; more requests are answered "busy".
     pub max_uploads: u32,
     /// A chunk request that would wait longer than this behind uploads already queued
@@ -222,6 +234,7 @@ impl Default for MeshConfig {
             advertise: Vec::new(),
             allow_loopback: false,
             upload_rate: ByteSize(0),
+            download_rate: ByteSize(0),
             max_uploads: 8,
             max_upload_wait: Seconds::secs(1),
             max_connections: 256,
@@ -306,6 +319,9 @@ impl Default for CacheConfig {
             max_size: ByteSize::mib(1000),
             eviction: EvictionPolicy::Lru,
             ttl: HoursTtl(Seconds::secs(24 * 3600)),
+            high_watermark: 1.0,
+            low_watermark: None,
+            watermark_of: crate::cache::WatermarkBase::MaxSize,
         }
     }
 }
@@ -395,6 +411,13 @@ max_size = "1000MiB"
 eviction = "lru"
 # Unused downloaded plugins are dropped after this long ("0s" = never).
 ttl = "1d"
+# Size eviction starts when the cache's own downloaded bytes exceed high_watermark
+# (a fraction of watermark_of) and removes unpinned plugins, in eviction order, until
+# they are at most low_watermark (default: high_watermark). watermark_of = "max_size"
+# or "filesystem" (the size of the file system holding the cache; max_size still caps
+# both). E.g. high_watermark = 0.8, low_watermark = 0.6, watermark_of = "filesystem".
+high_watermark = 1.0
+watermark_of = "max_size"
 
 [jobs]
 # Timeout of one plugin stage run.
@@ -441,6 +464,9 @@ advertise = []
 allow_loopback = false
 # Node-wide upload rate to peers per second ("0B" = unlimited).
 upload_rate = "0B"
+# Node-wide download rate per second, every fetch together, from peers and from the
+# coordinator alike ("0B" = unlimited).
+download_rate = "0B"
 # Concurrent chunk uploads; further requests are answered "busy".
 max_uploads = 8
 # A chunk request that would wait longer than this behind uploads already queued for
@@ -627,6 +653,21 @@ impl AgentConfig {
         }
         if self.cache.max_size.bytes() == 0 {
             return Err(bad("cache.max_size", "must be positive"));
+        }
+        let high = self.cache.high_watermark;
+        if !(high > 0.0 && high <= 1.0) {
+            return Err(bad(
+                "cache.high_watermark",
+                "must be a fraction above 0 and at most 1 (e.g. 0.9)",
+            ));
+        }
+        if let Some(low) = self.cache.low_watermark {
+            if !(low > 0.0 && low <= high) {
+                return Err(bad(
+                    "cache.low_watermark",
+                    "must be a fraction above 0 and at most cache.high_watermark",
+                ));
+            }
         }
         let j = &self.jobs;
         for (key, v) in [
@@ -832,6 +873,19 @@ mod tests {
             (|c| c.download.concurrent = 0, "download.concurrent"),
             (|c| c.max_concurrent_jobs = 0, "max_concurrent_jobs"),
             (|c| c.jobs.max_output = ByteSize(10), "jobs.max_output"),
+            (|c| c.cache.high_watermark = 1.5, "cache.high_watermark"),
+            (|c| c.cache.high_watermark = 0.0, "cache.high_watermark"),
+            (
+                |c| c.cache.high_watermark = f64::NAN,
+                "cache.high_watermark",
+            ),
+            (
+                |c| {
+                    c.cache.high_watermark = 0.5;
+                    c.cache.low_watermark = Some(0.6);
+                },
+                "cache.low_watermark",
+            ),
             (
                 |c| {
                     c.labels

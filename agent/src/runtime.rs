@@ -620,6 +620,15 @@ impl RunningAgent {
             max_size: config.raw.cache.max_size.bytes(),
             eviction: config.raw.cache.eviction,
             ttl: Some(config.raw.cache.ttl.0.get()).filter(|d| !d.is_zero()),
+            watermarks: crate::cache::Watermarks {
+                high: config.raw.cache.high_watermark,
+                low: config
+                    .raw
+                    .cache
+                    .low_watermark
+                    .unwrap_or(config.raw.cache.high_watermark),
+                of: config.raw.cache.watermark_of,
+            },
         };
         let d = dir.clone();
         let cache = tokio::task::spawn_blocking(move || PluginCache::open(&d, opts))
@@ -684,7 +693,8 @@ impl RunningAgent {
             metrics.clone(),
             config.id.clone(),
             mesh.clone(),
-        );
+        )
+        .limit_downloads(config.raw.mesh.download_rate.bytes());
         fetcher.refresh_cache_metrics().await;
         let shutdown = CancellationToken::new();
         let stop_jobs = CancellationToken::new();

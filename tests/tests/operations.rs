@@ -338,3 +338,89 @@ async fn fleet_status_and_job_watch_show_what_the_fleet_does() {
     assert!(human.starts_with("agents  3 online, 0 offline"), "{human}");
     assert!(human.contains("ops/slow"), "{human}");
 }
+
+/// `mesh.download_rate` bounds an agent's fetches from the coordinator and from peers
+/// alike: 2 MiB at 512 KiB/s with one 1 MiB chunk of burst cannot take less than 2 s
+/// (a lower bound: the limiter's promise, whatever the machine's speed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_rate_bounds_fetches_from_the_coordinator_and_from_peers() {
+    use std::sync::atomic::Ordering;
+
+    use arcade_p2p::settings::{ByteSize, Seconds};
+    use arcade_proto::v1 as pb;
+    use arcade_tests::agents::TestAgent;
+    use arcade_tests::proxy::AgentProxy;
+    use arcade_tests::{TestCoordinator, create_job, eventually, registered_agents, wait_job};
+
+    const RATE: u64 = 512 << 10;
+    let floor = Duration::from_secs_f64(((2u64 << 20) - (1 << 20)) as f64 / RATE as f64);
+    let c = TestCoordinator::start(|cfg| {
+        cfg.jobs.heartbeat_interval = Seconds(Duration::from_millis(300));
+        cfg.plugin.chunk_size = ByteSize::mib(1);
+    })
+    .await;
+    let plugin = |seed: u8| {
+        let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
+        p.extend(arcade_tests::content((2 << 20) - p.len(), seed));
+        p
+    };
+    let (one, two) = (plugin(1), plugin(2));
+    c.push("ops/a", "1.0.0", &one, Default::default())
+        .await
+        .unwrap();
+    c.push("ops/b", "1.0.0", &two, Default::default())
+        .await
+        .unwrap();
+    let run_on = |plugin: &'static str, who: &'static str| {
+        let c = &c;
+        async move {
+            let started = Instant::now();
+            let id = create_job(c, plugin, "1.0.0", "true", &[("name", who)]).await;
+            let job = wait_job(c, &id).await;
+            assert_eq!(
+                job.status(),
+                pb::JobStatus::Succeeded,
+                "{}",
+                job.error_message
+            );
+            started.elapsed()
+        }
+    };
+    let agent = |url: String, who: &'static str, rate: u64| async move {
+        TestAgent::start(&url, ENROLL, who, |cfg, _| {
+            cfg.labels.insert("name".into(), who.into());
+            cfg.mesh.download_rate = ByteSize(rate);
+        })
+        .await
+    };
+
+    // From the coordinator.
+    let slow = agent(c.url.clone(), "slow", RATE).await;
+    let took = run_on("ops/a", "slow").await;
+    assert_eq!(slow.server_bytes(), one.len() as u64);
+    assert!(took >= floor, "2 MiB at 512 KiB/s in {took:?}");
+
+    // From a peer (the coordinator refuses every chunk to this agent).
+    let _seed = agent(c.url.clone(), "seed", 0).await;
+    run_on("ops/b", "seed").await;
+    let sha = arcade_p2p::ContentId::of_bytes(&two).to_hex();
+    eventually(Duration::from_secs(20), || async {
+        registered_agents(&c)
+            .await?
+            .iter()
+            .any(|a| a.agent_id == "seed" && a.installed_plugins.iter().any(|p| p.sha256 == sha))
+            .then_some(())
+    })
+    .await
+    .expect("the seed's holding is known");
+    let proxy = AgentProxy::start(&c.url).await;
+    proxy.tamper.refuse_downloads.store(true, Ordering::SeqCst);
+    let peer_slow = agent(proxy.url.clone(), "peer-slow", RATE).await;
+    let took = run_on("ops/b", "peer-slow").await;
+    assert_eq!(peer_slow.server_bytes(), 0);
+    assert_eq!(
+        peer_slow.agent().metrics().fetched_from("peer"),
+        two.len() as u64
+    );
+    assert!(took >= floor, "2 MiB from a peer at 512 KiB/s in {took:?}");
+}

@@ -6,10 +6,12 @@
 //! Rules:
 //! - builtin and pinned candidates are never victims;
 //! - first TTL: every other candidate whose last use is more than `ttl` ago;
-//! - then size: while the distinct content bytes of the remaining non-builtin candidates
-//!   exceed `max_size`, the next candidate in policy order goes. Candidates whose content
-//!   is also referenced by a pinned candidate are skipped (removing them frees nothing).
-//!   If only pinned content is left the total may stay above `max_size`.
+//! - then size: once the distinct content bytes of the remaining non-builtin candidates
+//!   exceed the high mark, the next candidate in policy order goes while they exceed the
+//!   low mark (both are `max_size` unless `cache.high_watermark` / `low_watermark` say
+//!   otherwise). Candidates whose content is also referenced by a pinned candidate are
+//!   skipped (removing them frees nothing). If only pinned content is left the total may
+//!   stay above the marks.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -40,8 +42,10 @@ pub(crate) struct Candidate {
 /// Limits of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
-    /// Most bytes of distinct downloaded content to keep.
-    pub max_size: u64,
+    /// Size eviction starts when the distinct downloaded bytes exceed this…
+    pub high: u64,
+    /// …and removes candidates until they are at most this (≤ `high`).
+    pub low: u64,
     /// Entries unused for longer than this (ms) are removed.
     pub ttl_ms: Option<u64>,
 }
@@ -122,7 +126,7 @@ pub(crate) fn select_victims(
     let mut total = refs
         .values()
         .fold(0u64, |sum, (size, _)| sum.saturating_add(*size));
-    if total <= limits.max_size {
+    if total <= limits.high {
         return victims;
     }
 
@@ -134,7 +138,7 @@ pub(crate) fn select_victims(
         .collect();
     order.sort_by(|&a, &b| policy_order(policy, &candidates[a], &candidates[b]).then(a.cmp(&b)));
     for index in order {
-        if total <= limits.max_size {
+        if total <= limits.low {
             break;
         }
         victims.push(Victim {
@@ -171,7 +175,8 @@ mod tests {
 
     fn limits(max_size: u64) -> Limits {
         Limits {
-            max_size,
+            high: max_size,
+            low: max_size,
             ttl_ms: None,
         }
     }
@@ -197,6 +202,33 @@ mod tests {
     }
 
     #[test]
+    fn over_the_high_mark_eviction_goes_down_to_the_low_mark() {
+        // 40 bytes in four candidates, oldest use first.
+        let cands = [
+            cand(1, 10, 0, 1, 1),
+            cand(2, 10, 0, 2, 1),
+            cand(3, 10, 0, 3, 1),
+            cand(4, 10, 0, 4, 1),
+        ];
+        let marks = |high, low| Limits {
+            high,
+            low,
+            ttl_ms: None,
+        };
+        // At or under the high mark nothing goes, however low the low mark.
+        assert!(select_victims(&cands, EvictionPolicy::Lru, 10, marks(40, 5)).is_empty());
+        // Over it: down to the low mark (40 → 20), not just under the high one.
+        let v = select_victims(&cands, EvictionPolicy::Lru, 10, marks(35, 20));
+        assert_eq!(indices(&v), vec![0, 1]);
+        // Pinned content is never a victim, even when the low mark stays out of reach.
+        let mut pinned = cands.clone();
+        pinned[0].pinned = true;
+        pinned[1].pinned = true;
+        let v = select_victims(&pinned, EvictionPolicy::Lru, 10, marks(35, 5));
+        assert_eq!(indices(&v), vec![2, 3]);
+    }
+
+    #[test]
     fn lfu_ties_go_to_the_oldest_last_use() {
         let cands = [cand(1, 10, 1, 50, 2), cand(2, 10, 2, 40, 2)];
         let v = select_victims(&cands, EvictionPolicy::Lfu, 100, limits(10));
@@ -216,7 +248,8 @@ mod tests {
             EvictionPolicy::Lru,
             100,
             Limits {
-                max_size: 15,
+                high: 15,
+                low: 15,
                 ttl_ms: Some(8),
             },
         );
@@ -303,7 +336,16 @@ mod tests {
                         pinned,
                     })
                     .collect();
-                (cands, policy, now, Limits { max_size, ttl_ms })
+                (
+                    cands,
+                    policy,
+                    now,
+                    Limits {
+                        high: max_size,
+                        low: max_size,
+                        ttl_ms,
+                    },
+                )
             })
     }
 
@@ -330,8 +372,8 @@ mod tests {
             let left = || cands.iter().enumerate().filter(|(i, _)| !removed[*i]).map(|(_, c)| c);
             let after = downloaded_bytes(left());
             let pinned_bytes = downloaded_bytes(cands.iter().filter(|c| c.pinned));
-            if pinned_bytes <= limits.max_size {
-                prop_assert!(after <= limits.max_size, "{} > {}", after, limits.max_size);
+            if pinned_bytes <= limits.low {
+                prop_assert!(after <= limits.low, "{} > {}", after, limits.low);
             } else {
                 prop_assert_eq!(after, pinned_bytes);
             }
@@ -346,7 +388,7 @@ mod tests {
                 let before = downloaded_bytes(
                     cands.iter().enumerate().filter(|(i, _)| !removed[*i] || *i == last).map(|(_, c)| c),
                 );
-                prop_assert!(before > limits.max_size);
+                prop_assert!(before > limits.low);
             }
 
             // Policy order: size victims come in order, and before every eligible survivor.

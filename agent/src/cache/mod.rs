@@ -59,15 +59,51 @@ pub enum EvictionPolicy {
     Fifo,
 }
 
+/// What the watermarks are fractions of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatermarkBase {
+    /// `cache.max_size`.
+    #[default]
+    MaxSize,
+    /// The size of the file system holding the cache (`max_size` still caps both marks).
+    Filesystem,
+}
+
+/// When size eviction starts and where it stops, as fractions (0 < low ≤ high ≤ 1) of
+/// `of`. Only the cache's own downloaded bytes count against them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Watermarks {
+    /// Eviction starts when the downloaded bytes exceed this share…
+    pub high: f64,
+    /// …and stops once they are at most this share.
+    pub low: f64,
+    /// Of what.
+    pub of: WatermarkBase,
+}
+
+impl Default for Watermarks {
+    /// Evict when over `max_size`, down to `max_size` (the original design).
+    fn default() -> Self {
+        Self {
+            high: 1.0,
+            low: 1.0,
+            of: WatermarkBase::MaxSize,
+        }
+    }
+}
+
 /// Limits of the cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheOptions {
     /// Most bytes of distinct downloaded content to keep (builtin plugins not counted).
     pub max_size: u64,
-    /// Order in which unpinned downloads are removed when over `max_size`.
+    /// Order in which unpinned downloads are removed when over the high mark.
     pub eviction: EvictionPolicy,
     /// Downloads unused for longer than this are removed.
     pub ttl: Option<Duration>,
+    /// The high and low marks of size eviction.
+    pub watermarks: Watermarks,
 }
 
 /// A plugin version the cache holds, ready to run.
@@ -301,6 +337,16 @@ fn free_space(dir: &Path) -> io::Result<Option<u64>> {
     }
     let unit = (st.fragment_size() as u64).max(1);
     Ok(Some((st.blocks_available() as u64).saturating_mul(unit)))
+}
+
+/// Bytes of the file system holding `dir`, or `None` when it reports no capacity.
+fn capacity(dir: &Path) -> io::Result<Option<u64>> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    if st.blocks() == 0 {
+        return Ok(None);
+    }
+    let unit = (st.fragment_size() as u64).max(1);
+    Ok(Some((st.blocks() as u64).saturating_mul(unit)))
 }
 
 /// [`CacheError::DiskFull`] naming `needed` when `free` (if known) is less.
@@ -897,6 +943,23 @@ impl Inner {
         (self.clock)()
     }
 
+    /// The high and low marks in bytes: the watermarks of `max_size`, or of the file
+    /// system's size capped by `max_size` (a file system that reports no size: of
+    /// `max_size`).
+    fn marks(&self) -> Result<(u64, u64), CacheError> {
+        let w = self.opts.watermarks;
+        let max = self.opts.max_size;
+        let base = match w.of {
+            WatermarkBase::MaxSize => max,
+            WatermarkBase::Filesystem => capacity(&self.downloaded_dir)
+                .at(&self.downloaded_dir)?
+                .unwrap_or(max),
+        };
+        let mark = |f: f64| ((base as f64 * f) as u64).min(max);
+        let (high, low) = (mark(w.high), mark(w.low));
+        Ok((high, low.min(high)))
+    }
+
     fn content_path(&self, sha: &ContentId) -> PathBuf {
         self.downloaded_dir.join(sha.to_hex())
     }
@@ -1166,8 +1229,10 @@ impl Inner {
             }
         }
 
+        let (high, low) = self.marks()?;
         let limits = Limits {
-            max_size: self.opts.max_size,
+            high,
+            low,
             ttl_ms: self
                 .opts
                 .ttl

@@ -22,6 +22,7 @@ fn opts(max_size: u64, eviction: EvictionPolicy, ttl: Option<Duration>) -> Cache
         max_size,
         eviction,
         ttl,
+        watermarks: Watermarks::default(),
     }
 }
 
@@ -1076,4 +1077,64 @@ fn held_chunks_are_reused_and_evicted_content_is_forgotten() {
     // Every chunk of `other` is held, but in `other` itself: never a source for itself.
     let reused = cache.reuse_held_chunks(&m2, &part2, &mut have2).unwrap();
     assert_eq!(reused.chunks, 0, "a content is never copied from itself");
+}
+
+/// A small tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    /// `None` where mounting is not allowed (not root): the caller says so and skips.
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Watermarks of the file system: a 16 MiB tmpfs, eviction over 25 % (4 MiB) down to
+/// 12.5 % (2 MiB), counting only the cache's own downloads (a 6 MiB file of someone
+/// else's on the same file system changes nothing); a pinned plugin is never evicted.
+#[test]
+fn filesystem_watermarks_evict_down_to_the_low_mark_on_a_small_tmpfs() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        eprintln!("cannot mount a tmpfs (needs root): skipping");
+        return;
+    };
+    let clock = TestClock::new(1_000);
+    let mut o = opts(1 << 30, EvictionPolicy::Lru, None);
+    o.watermarks = Watermarks {
+        high: 0.25,
+        low: 0.125,
+        of: WatermarkBase::Filesystem,
+    };
+    fs::write(fs.0.path().join("someone-else"), vec![7u8; 6 << 20]).unwrap();
+    let cache = open_at(&fs.0.path().join("cache"), o, &clock);
+    let mib = |seed: u8| content(1 << 20, seed);
+    let _pin = cache.pin(&pref("wm/p0@1.0.0"));
+    for i in 0..4u8 {
+        clock.set(2_000 + u64::from(i));
+        download(&cache, &format!("wm/p{i}@1.0.0"), &mib(i));
+    }
+    // 4 MiB: at the high mark, not over it.
+    assert_eq!(installed_keys(&cache).len(), 4);
+    clock.set(3_000);
+    download(&cache, "wm/p4@1.0.0", &mib(4));
+    // 5 MiB > 4 MiB: down to 2 MiB — the pinned p0 and the one just published stay;
+    // p1, p2 and p3 (least recently used) go.
+    assert_eq!(installed_keys(&cache), ["wm/p0@1.0.0", "wm/p4@1.0.0"]);
+    assert_eq!(cache.stats().unwrap().downloaded_bytes, 2 << 20);
+    assert_eq!(cache.stats().unwrap().evicted_by_size, 3);
 }

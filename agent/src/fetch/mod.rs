@@ -103,6 +103,9 @@ pub enum FetchError {
     },
 }
 
+/// Burst of `mesh.download_rate`: one 1 MiB chunk.
+const MAX_CHUNK_BURST: u32 = 1 << 20;
+
 /// The `bytes_by_source` key (and `arcade_agent_fetched_bytes_total` source) of chunks
 /// copied from content the agent already held.
 pub const LOCAL_SOURCE: &str = "local";
@@ -171,6 +174,9 @@ pub struct Fetcher {
     /// The mesh node that serves what we hold (None = mesh off).
     mesh: Option<MeshNode>,
     permits: Arc<Semaphore>,
+    /// `mesh.download_rate`: every chunk request, to peers or the coordinator, waits
+    /// for its bytes here before it is sent.
+    download_limit: arcade_p2p::mesh::limiter::RateLimiter,
     /// Per-content locks: one fetch per content at a time.
     inflight: Arc<Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -214,6 +220,7 @@ impl Fetcher {
     ) -> Self {
         Self {
             mesh,
+            download_limit: arcade_p2p::mesh::limiter::RateLimiter::unlimited(),
             permits: Arc::new(Semaphore::new(config.concurrent as usize)),
             cache,
             server,
@@ -222,6 +229,14 @@ impl Fetcher {
             agent_id,
             inflight: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Limits every fetch together to `bytes_per_s` (0 = unlimited), peers and the
+    /// coordinator alike (`mesh.download_rate`); one chunk of burst.
+    pub fn limit_downloads(mut self, bytes_per_s: u64) -> Self {
+        self.download_limit =
+            arcade_p2p::mesh::limiter::RateLimiter::new(bytes_per_s, u64::from(MAX_CHUNK_BURST));
+        self
     }
 
     /// Contents being fetched now (or waiting for a fetch slot).

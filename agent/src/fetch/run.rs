@@ -154,6 +154,23 @@ impl FetchRun<'_> {
         let mut askers = tokio::time::interval(ASKERS_EVERY);
         loop {
             for action in std::mem::take(&mut actions) {
+                if let Action::Request { chunk, .. } = &action {
+                    // `mesh.download_rate`: the request goes out once its bytes fit.
+                    let len = self
+                        .manifest
+                        .chunk_range(*chunk)
+                        .map_or(0, |r| r.end - r.start);
+                    tokio::select! {
+                        _ = self.fetcher.download_limit.acquire(len) => {}
+                        _ = cancel.cancelled() => {
+                            self.fetcher
+                                .save_progress(self.manifest.content_id(), &self.have)
+                                .await;
+                            self.tasks.abort_all();
+                            return Err(FetchError::Cancelled(self.shown()));
+                        }
+                    }
+                }
                 self.act(action);
             }
             if self.scheduler.is_done() {

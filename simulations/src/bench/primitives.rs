@@ -353,6 +353,7 @@ async fn node(dir: &Path, id: &str, max_uploads: u32) -> anyhow::Result<(MeshNod
         max_size: config.raw.cache.max_size.bytes(),
         eviction: config.raw.cache.eviction,
         ttl: None,
+        watermarks: Default::default(),
     };
     let plugin_dir = config.plugin_dir.clone();
     let cache = tokio::task::spawn_blocking(move || PluginCache::open(&plugin_dir, opts)).await??;

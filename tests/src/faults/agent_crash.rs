@@ -112,6 +112,7 @@ async fn agent_kill9() -> anyhow::Result<Outcome> {
                 max_size: 1 << 30,
                 eviction: Default::default(),
                 ttl: None,
+                watermarks: Default::default(),
             },
         )?;
         Ok(cache.load_progress(&expected)?.len() as u64)
