@@ -1,30 +1,8 @@
 //! Prometheus metrics of one agent, in its own registry (several agents can share a
 //! process in simulations), served on `metrics_listen` by `arcade_p2p::metrics_http`.
-//!
-//! | name | type | labels |
-//! |---|---|---|
-//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status` (`success`, `failed`) |
-//! | `plugin_download_duration_seconds` | histogram | `plugin_id` |
-//! | `arcade_agent_fetched_bytes_total` | counter | `source` (`server`, `peer`, `local`: copied from held content) |
-//! | `arcade_agent_chunk_fetch_duration_seconds` | histogram | `source` (`server`, `peer`) |
-//! | `arcade_agent_peer_hit_ratio` | gauge | — (peer bytes ÷ peer + coordinator bytes, since start) |
-//! | `arcade_agent_compressed_wire_bytes_total` / `_raw_bytes_total` | counter | `direction` (`from_server`, `from_peers`, `to_peers`): chunks that travelled zstd-compressed, their bytes on the wire and raw |
-//! | `arcade_agent_patch_bytes_total` | counter | — (bytes of patches fetched) |
-//! | `arcade_agent_patched_bytes_total` | counter | — (bytes of versions built from a patch) |
-//! | `arcade_agent_patch_fallbacks_total` | counter | — (patches that failed: the whole version was fetched) |
-//! | `arcade_agent_bad_chunks_total` | counter | `source` |
-//! | `arcade_agent_peer_bans_total` | counter | — |
-//! | `arcade_agent_cache_hits_total` / `_misses_total` | counter | — |
-//! | `arcade_agent_cache_evictions_total` | counter | `reason` (`size`, `ttl`) |
-//! | `arcade_agent_cache_bytes` | gauge | — |
-//! | `arcade_agent_jobs_total` | counter | `status` (`succeeded`, `failed`, `cancelled`) |
-//! | `arcade_agent_running_jobs` | gauge | — |
-//! | `arcade_agent_uploaded_bytes_total` | counter | — |
-//! | `arcade_agent_mesh_refused_requests_total` | counter | — |
-//! | `arcade_agent_mesh_cancelled_requests_total` | counter | — |
-//! | `arcade_agent_mesh_subscriptions` | gauge | — |
-//! | `arcade_agent_mesh_connected_peers` | gauge | — |
-//! | `arcade_agent_mesh_provided_contents` | gauge | — |
+//! Every family is documented in [`METRICS`] (name, type, labels, HELP text): the
+//! registry takes its HELP texts from there and the README's metrics table is generated
+//! from it (`tests/tests/docs.rs`), so the docs cannot drift from the code.
 
 use std::sync::Arc;
 
@@ -34,6 +12,169 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use arcade_p2p::metrics_http::{MetricDoc, help_of};
+use prometheus_client::registry::Metric;
+
+/// Registers `metric` under `name` with its documented HELP text (see [`METRICS`]).
+fn register(
+    r: &mut Registry,
+    names: &mut Vec<&'static str>,
+    name: &'static str,
+    metric: impl Metric,
+) {
+    r.register(name, help_of(METRICS, name), metric);
+    names.push(name);
+}
+
+/// Every metric family of the agent: the one list the registry's HELP texts and the
+/// README's table come from.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "plugin_download",
+        kind: "counter",
+        labels: "`plugin_id`, `version`, `status` (`success`, `failed`)",
+        help: "Plugin fetches (cache misses), by outcome",
+    },
+    MetricDoc {
+        name: "plugin_download_duration_seconds",
+        kind: "histogram",
+        labels: "`plugin_id`",
+        help: "Time from a cache miss to a verified plugin",
+    },
+    MetricDoc {
+        name: "arcade_agent_fetched_bytes",
+        kind: "counter",
+        labels: "`source` (`server`, `peer`, `local`)",
+        help: "Verified chunk bytes fetches obtained, by source: the coordinator, peers, or copied from content the agent already held",
+    },
+    MetricDoc {
+        name: "arcade_agent_chunk_fetch_duration_seconds",
+        kind: "histogram",
+        labels: "`source` (`server`, `peer`)",
+        help: "Time from asking for a chunk to receiving it, by source",
+    },
+    MetricDoc {
+        name: "arcade_agent_peer_hit_ratio",
+        kind: "gauge",
+        labels: "—",
+        help: "Share of the chunk bytes fetched over the network that came from peers rather than the coordinator, since start (0 to 1)",
+    },
+    MetricDoc {
+        name: "arcade_agent_compressed_wire_bytes",
+        kind: "counter",
+        labels: "`direction` (`from_server`, `from_peers`, `to_peers`)",
+        help: "Bytes on the wire of chunks that travelled zstd-compressed, by direction",
+    },
+    MetricDoc {
+        name: "arcade_agent_compressed_raw_bytes",
+        kind: "counter",
+        labels: "`direction` (`from_server`, `from_peers`, `to_peers`)",
+        help: "Raw bytes of chunks that travelled zstd-compressed, by direction",
+    },
+    MetricDoc {
+        name: "arcade_agent_patch_bytes",
+        kind: "counter",
+        labels: "—",
+        help: "Bytes of patches fetched to build new versions from held ones",
+    },
+    MetricDoc {
+        name: "arcade_agent_patched_bytes",
+        kind: "counter",
+        labels: "—",
+        help: "Bytes of versions built from a patch and verified",
+    },
+    MetricDoc {
+        name: "arcade_agent_patch_fallbacks",
+        kind: "counter",
+        labels: "—",
+        help: "Patches that could not be used (the whole version was fetched instead)",
+    },
+    MetricDoc {
+        name: "arcade_agent_bad_chunks",
+        kind: "counter",
+        labels: "`source` (`server`, `peer`)",
+        help: "Chunks that failed their BLAKE3 check or did not decompress to their manifest length, by source",
+    },
+    MetricDoc {
+        name: "arcade_agent_peer_bans",
+        kind: "counter",
+        labels: "—",
+        help: "Peers dropped for a content (bad chunks, repeated failures)",
+    },
+    MetricDoc {
+        name: "arcade_agent_cache_hits",
+        kind: "counter",
+        labels: "—",
+        help: "Plugins found in the cache",
+    },
+    MetricDoc {
+        name: "arcade_agent_cache_misses",
+        kind: "counter",
+        labels: "—",
+        help: "Plugins not in the cache",
+    },
+    MetricDoc {
+        name: "arcade_agent_cache_evictions",
+        kind: "counter",
+        labels: "`reason` (`size`, `ttl`)",
+        help: "Cache entries evicted, by reason (size: over the high watermark)",
+    },
+    MetricDoc {
+        name: "arcade_agent_cache_bytes",
+        kind: "gauge",
+        labels: "—",
+        help: "Bytes of downloaded plugins in the cache",
+    },
+    MetricDoc {
+        name: "arcade_agent_jobs",
+        kind: "counter",
+        labels: "`status` (`succeeded`, `failed`, `cancelled`)",
+        help: "Jobs run, by final status",
+    },
+    MetricDoc {
+        name: "arcade_agent_running_jobs",
+        kind: "gauge",
+        labels: "—",
+        help: "Jobs running now",
+    },
+    MetricDoc {
+        name: "arcade_agent_uploaded_bytes",
+        kind: "counter",
+        labels: "—",
+        help: "Chunk bytes served to peers",
+    },
+    MetricDoc {
+        name: "arcade_agent_mesh_refused_requests",
+        kind: "counter",
+        labels: "—",
+        help: "Peer requests refused (no ticket, labels, busy, unknown content or chunk)",
+    },
+    MetricDoc {
+        name: "arcade_agent_mesh_cancelled_requests",
+        kind: "counter",
+        labels: "—",
+        help: "Peer chunk requests cancelled by their requester before the chunk was sent",
+    },
+    MetricDoc {
+        name: "arcade_agent_mesh_subscriptions",
+        kind: "gauge",
+        labels: "—",
+        help: "Peers' /arcade/have/1 subscriptions to this agent's chunks, now",
+    },
+    MetricDoc {
+        name: "arcade_agent_mesh_connected_peers",
+        kind: "gauge",
+        labels: "—",
+        help: "libp2p peers connected now",
+    },
+    MetricDoc {
+        name: "arcade_agent_mesh_provided_contents",
+        kind: "gauge",
+        labels: "—",
+        help: "Contents announced (provider records) in the DHT now",
+    },
+];
 
 /// `plugin_id`, `version`, `status`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +235,8 @@ fn chunk_histogram() -> Histogram {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// The families registered, in order (each documented in [`METRICS`]).
+    names: Vec<&'static str>,
     /// `plugin_download_total`.
     pub downloads: Family<DownloadLabels, Counter>,
     /// `plugin_download_duration_seconds`.
@@ -160,158 +303,174 @@ impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Self {
         let mut r = Registry::default();
+        let mut names = Vec::new();
         let downloads = Family::<DownloadLabels, Counter>::default();
-        r.register(
-            "plugin_download",
-            "Plugin downloads, by outcome",
-            downloads.clone(),
-        );
+        register(&mut r, &mut names, "plugin_download", downloads.clone());
         let download_duration =
             Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram,
             );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "plugin_download_duration_seconds",
-            "Time from cache miss to a verified plugin",
             download_duration.clone(),
         );
         let fetched_bytes = Family::<SourceLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_fetched_bytes",
-            "Verified chunk bytes a fetch obtained, by source (server, peer, local: copied from content the agent held)",
             fetched_bytes.clone(),
         );
         let chunk_duration =
             Family::<SourceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 chunk_histogram,
             );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_chunk_fetch_duration_seconds",
-            "Time from asking for a chunk to receiving it, by source (server, peer)",
             chunk_duration.clone(),
         );
         let peer_hit_ratio = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_peer_hit_ratio",
-            "Share of the chunk bytes fetched over the network that came from peers rather than the coordinator, since start (0 to 1)",
             peer_hit_ratio.clone(),
         );
         let compressed_wire = Family::<DirectionLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_compressed_wire_bytes",
-            "Bytes on the wire of chunks that travelled zstd-compressed, by direction",
             compressed_wire.clone(),
         );
         let compressed_raw = Family::<DirectionLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_compressed_raw_bytes",
-            "Raw bytes of chunks that travelled zstd-compressed, by direction",
             compressed_raw.clone(),
         );
         let patch_bytes = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_patch_bytes",
-            "Bytes of patches fetched to build new versions from held ones",
             patch_bytes.clone(),
         );
         let patched_bytes = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_patched_bytes",
-            "Bytes of versions built from a patch and verified",
             patched_bytes.clone(),
         );
         let patch_fallbacks = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_patch_fallbacks",
-            "Patches that could not be used (the whole version was fetched instead)",
             patch_fallbacks.clone(),
         );
         let bad_chunks = Family::<SourceLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_bad_chunks",
-            "Chunks that failed their BLAKE3 check, by source",
             bad_chunks.clone(),
         );
         let peer_bans = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_peer_bans",
-            "Peers dropped for a content (bad chunks, repeated failures)",
             peer_bans.clone(),
         );
         let cache_hits = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_cache_hits",
-            "Plugins found in the cache",
             cache_hits.clone(),
         );
         let cache_misses = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_cache_misses",
-            "Plugins not in the cache",
             cache_misses.clone(),
         );
         let cache_evictions = Family::<ReasonLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_cache_evictions",
-            "Cache entries evicted, by reason",
             cache_evictions.clone(),
         );
         let cache_bytes = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_cache_bytes",
-            "Bytes of downloaded plugins in the cache",
             cache_bytes.clone(),
         );
         let jobs = Family::<StatusLabel, Counter>::default();
-        r.register(
-            "arcade_agent_jobs",
-            "Jobs run, by final status",
-            jobs.clone(),
-        );
+        register(&mut r, &mut names, "arcade_agent_jobs", jobs.clone());
         let running_jobs = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_running_jobs",
-            "Jobs running now",
             running_jobs.clone(),
         );
         let uploaded_bytes = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_uploaded_bytes",
-            "Chunk bytes served to peers",
             uploaded_bytes.clone(),
         );
         let mesh_refused = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_mesh_refused_requests",
-            "Peer requests refused (no ticket, labels, busy, unknown content or chunk)",
             mesh_refused.clone(),
         );
         let mesh_cancelled = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_mesh_cancelled_requests",
-            "Peer chunk requests cancelled by their requester before the chunk was sent",
             mesh_cancelled.clone(),
         );
         let mesh_subscriptions = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_mesh_subscriptions",
-            "Peers' /arcade/have/1 subscriptions to this agent's chunks, now",
             mesh_subscriptions.clone(),
         );
         let connected_peers = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_mesh_connected_peers",
-            "libp2p peers connected now",
             connected_peers.clone(),
         );
         let provided_contents = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_agent_mesh_provided_contents",
-            "Contents announced (provider records) in the DHT now",
             provided_contents.clone(),
         );
         Self {
             registry: Arc::new(r),
+            names,
             downloads,
             download_duration,
             fetched_bytes,
@@ -419,6 +578,11 @@ impl Metrics {
             .set(stats.connected_peers.load(Relaxed) as i64);
         self.provided_contents
             .set(stats.provided.load(Relaxed) as i64);
+    }
+
+    /// The families registered (each documented in [`METRICS`]).
+    pub fn registered(&self) -> &[&'static str] {
+        &self.names
     }
 
     /// The Prometheus text exposition.

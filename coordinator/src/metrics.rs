@@ -1,23 +1,8 @@
 //! Prometheus metrics of one coordinator, in its own registry (no global state), served
 //! as text on `/metrics` by `arcade_p2p::metrics_http`.
-//!
-//! | name | type | labels |
-//! |---|---|---|
-//! | `plugin_download_total` | counter | `plugin_id`, `version`, `status`: plugin fetches served (one agent, one content, any number of calls; `service/fetches.rs`) that ended `complete` (every chunk from here), `partial` (the rest from peers) or `failed`; requests refused: `denied`, `error` (unknown plugin or bad input, labelled `unknown`) |
-//! | `plugin_download_duration_seconds` | histogram | `plugin_id` (first to last chunk served of a fetch) |
-//! | `arcade_coordinator_served_bytes_total` | counter | `plugin_id`, `version` |
-//! | `arcade_coordinator_push_total` | counter | `status` (`created`, `existing`, `rejected`) |
-//! | `arcade_coordinator_compression_saved_bytes_total` | counter | — |
-//! | `arcade_coordinator_pushed_bytes_total` | counter | — |
-//! | `arcade_coordinator_jobs_created_total` | counter | — |
-//! | `arcade_coordinator_jobs_finished_total` | counter | `status` (`succeeded`, `failed`, `cancelled`) |
-//! | `arcade_coordinator_leases_expired_total` | counter | `outcome` (`requeued`, `failed`, `cancelled`) |
-//! | `arcade_coordinator_agent_registrations_total` | counter | — |
-//! | `arcade_coordinator_chunk_redirects_total` | counter | — |
-//! | `arcade_coordinator_store_writes_total` | counter | `op` (`create_job`, `claim_job`, `complete_job`, …) |
-//! | `arcade_coordinator_store_commits_total` | counter | — |
-//! | `arcade_coordinator_jobs_queued` | gauge | — |
-//! | `arcade_coordinator_agents_waiting` | gauge | — |
+//! Every family is documented in [`METRICS`] (name, type, labels, HELP text): the
+//! registry takes its HELP texts from there and the README's metrics table is generated
+//! from it (`tests/tests/docs.rs`), so the docs cannot drift from the code.
 
 use std::sync::Arc;
 
@@ -27,6 +12,115 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use arcade_p2p::metrics_http::{MetricDoc, help_of};
+use prometheus_client::registry::Metric;
+
+/// Registers `metric` under `name` with its documented HELP text (see [`METRICS`]).
+fn register(
+    r: &mut Registry,
+    names: &mut Vec<&'static str>,
+    name: &'static str,
+    metric: impl Metric,
+) {
+    r.register(name, help_of(METRICS, name), metric);
+    names.push(name);
+}
+
+/// Every metric family of the coordinator: the one list the registry's HELP texts and the
+/// README's table come from.
+pub const METRICS: &[MetricDoc] = &[
+    MetricDoc {
+        name: "plugin_download",
+        kind: "counter",
+        labels: "`plugin_id`, `version`, `status` (`complete`, `partial`, `failed`, `denied`, `error`)",
+        help: "Plugin fetches served to agents, one agent and one content however many calls, by how they ended: complete (every chunk from the coordinator), partial (the agent asked for nothing more for 30 s: the rest came from peers), failed (a chunk could not be served); and refused requests: denied (access), error (unknown plugin or bad input, labelled unknown)",
+    },
+    MetricDoc {
+        name: "plugin_download_duration_seconds",
+        kind: "histogram",
+        labels: "`plugin_id`",
+        help: "Time from the first to the last chunk served in a complete or partial plugin fetch",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_served_bytes",
+        kind: "counter",
+        labels: "`plugin_id`, `version`",
+        help: "Plugin content bytes sent to agents, by plugin (on the wire: a compressed chunk counts its compressed size)",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_push",
+        kind: "counter",
+        labels: "`status` (`created`, `existing`, `rejected`)",
+        help: "Plugin pushes, by outcome",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_compression_saved_bytes",
+        kind: "counter",
+        labels: "—",
+        help: "Raw bytes of served chunks minus the bytes sent for them, for chunks sent zstd-compressed",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_pushed_bytes",
+        kind: "counter",
+        labels: "—",
+        help: "Plugin bytes received by pushes",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_jobs_created",
+        kind: "counter",
+        labels: "—",
+        help: "Jobs created",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_jobs_finished",
+        kind: "counter",
+        labels: "`status` (`succeeded`, `failed`, `cancelled`)",
+        help: "Jobs finished, by status",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_leases_expired",
+        kind: "counter",
+        labels: "`outcome` (`requeued`, `failed`, `cancelled`)",
+        help: "Job leases ended by expiry (no heartbeat) or by the agent's removal, by what became of the job",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_agent_registrations",
+        kind: "counter",
+        labels: "—",
+        help: "Agent Register calls accepted",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_chunk_redirects",
+        kind: "counter",
+        labels: "—",
+        help: "Chunk requests answered 'get it from peers' (herd protection)",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_store_writes",
+        kind: "counter",
+        labels: "`op` (`create_job`, `claim_job`, `complete_job`, `put_agent`, …)",
+        help: "Metadata write operations, by operation",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_store_commits",
+        kind: "counter",
+        labels: "—",
+        help: "Metadata write transactions committed (each a group commit of writes; writes ÷ commits is the batching factor)",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_jobs_queued",
+        kind: "gauge",
+        labels: "—",
+        help: "Jobs queued and not yet leased",
+    },
+    MetricDoc {
+        name: "arcade_coordinator_agents_waiting",
+        kind: "gauge",
+        labels: "—",
+        help: "Agents long-polling FetchJob with no job yet",
+    },
+];
 
 /// Labels of a plugin download.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +206,8 @@ fn duration_histogram() -> Histogram {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// The families registered, in order (each documented in [`METRICS`]).
+    names: Vec<&'static str>,
     /// `plugin_download_total`.
     pub downloads: Family<DownloadLabels, Counter>,
     /// `plugin_download_duration_seconds`.
@@ -158,100 +254,112 @@ impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Self {
         let mut r = Registry::default();
+        let mut names = Vec::new();
         let downloads = Family::<DownloadLabels, Counter>::default();
-        r.register(
-            "plugin_download",
-            "Plugin fetches served to agents (one agent, one content) by how they ended (complete; partial: the rest came from peers; failed), and refused requests (denied, error)",
-            downloads.clone(),
-        );
+        register(&mut r, &mut names, "plugin_download", downloads.clone());
         let download_duration =
             Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram,
             );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "plugin_download_duration_seconds",
-            "Time from the first to the last chunk served in a plugin fetch",
             download_duration.clone(),
         );
         let served_bytes = Family::<PluginVersionLabels, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_served_bytes",
-            "Plugin content bytes sent to agents (on the wire: compressed chunks count their compressed size)",
             served_bytes.clone(),
         );
         let pushes = Family::<StatusLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_push",
-            "Plugin pushes, by outcome",
             pushes.clone(),
         );
         let compression_saved_bytes = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_compression_saved_bytes",
-            "Raw bytes of served chunks minus the bytes sent for them, for chunks sent zstd-compressed",
             compression_saved_bytes.clone(),
         );
         let pushed_bytes = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_pushed_bytes",
-            "Plugin bytes received by pushes",
             pushed_bytes.clone(),
         );
         let jobs_created = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_jobs_created",
-            "Jobs created",
             jobs_created.clone(),
         );
         let jobs_finished = Family::<StatusLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_jobs_finished",
-            "Jobs finished, by status",
             jobs_finished.clone(),
         );
         let leases_expired = Family::<OutcomeLabel, Counter>::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_leases_expired",
-            "Job leases that expired without a heartbeat",
             leases_expired.clone(),
         );
         let registrations = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_agent_registrations",
-            "Agent Register calls accepted",
             registrations.clone(),
         );
         let redirects = Counter::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_chunk_redirects",
-            "Chunk requests answered 'get it from peers' (herd protection)",
             redirects.clone(),
         );
         let store = StoreMetrics::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_store_writes",
-            "Metadata write operations, by operation",
             store.writes.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_store_commits",
-            "Metadata write transactions committed (each a group commit of writes)",
             store.commits.clone(),
         );
         let jobs_queued = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_jobs_queued",
-            "Jobs queued and not yet leased",
             jobs_queued.clone(),
         );
         let agents_waiting = Gauge::default();
-        r.register(
+        register(
+            &mut r,
+            &mut names,
             "arcade_coordinator_agents_waiting",
-            "Agents long-polling FetchJob with no job yet",
             agents_waiting.clone(),
         );
         Self {
             registry: Arc::new(r),
+            names,
             downloads,
             download_duration,
             served_bytes,
@@ -267,6 +375,11 @@ impl Metrics {
             jobs_queued,
             agents_waiting,
         }
+    }
+
+    /// The families registered (each documented in [`METRICS`]).
+    pub fn registered(&self) -> &[&'static str] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

@@ -79,6 +79,59 @@ async fn answer(
     stream.shutdown().await
 }
 
+/// One metric family as documented: the code registers it with `help`, and the README's
+/// tables are generated from the lists of these (`tests/tests/docs.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricDoc {
+    /// The family name as registered (a counter's samples add `_total`).
+    pub name: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Its labels and their values, for the docs (`—` for none).
+    pub labels: &'static str,
+    /// The HELP text.
+    pub help: &'static str,
+}
+
+impl MetricDoc {
+    /// The name samples are exposed under (`_total` added to counters).
+    pub fn exposed(&self) -> String {
+        if self.kind == "counter" && !self.name.ends_with("_total") {
+            format!("{}_total", self.name)
+        } else {
+            self.name.to_owned()
+        }
+    }
+}
+
+/// The HELP text of `name` in `docs`.
+///
+/// # Panics
+///
+/// If `name` is not documented: every registered family must be (checked by the
+/// registries' tests).
+pub fn help_of(docs: &[MetricDoc], name: &str) -> &'static str {
+    docs.iter()
+        .find(|d| d.name == name)
+        .map(|d| d.help)
+        .unwrap_or_else(|| panic!("metric {name} is not documented"))
+}
+
+/// The markdown table of `docs`: name, type, labels, help.
+pub fn markdown_table(docs: &[MetricDoc]) -> String {
+    let mut out = String::from("| name | type | labels | what it counts |\n|---|---|---|---|\n");
+    for d in docs {
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            d.exposed(),
+            d.kind,
+            d.labels,
+            d.help
+        ));
+    }
+    out
+}
+
 /// The Prometheus text format 0.0.4 of an OpenMetrics exposition: a counter family's
 /// `HELP` and `TYPE` name its `_total` samples (OpenMetrics names the family without
 /// the suffix, which Prometheus-format readers take as a metric without help text);
