@@ -11,21 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 
-use arcade_p2p::metrics_http::{MetricDoc, help_of};
-use prometheus_client::registry::Metric;
-
-/// Registers `metric` under `name` with its documented HELP text (see [`METRICS`]).
-fn register(
-    r: &mut Registry,
-    names: &mut Vec<&'static str>,
-    name: &'static str,
-    metric: impl Metric,
-) {
-    r.register(name, help_of(METRICS, name), metric);
-    names.push(name);
-}
+use arcade_p2p::metrics_http::{DocumentedRegistry, MetricDoc};
 
 /// Every metric family of the agent: the one list the registry's HELP texts and the
 /// README's table come from.
@@ -234,9 +221,7 @@ fn chunk_histogram() -> Histogram {
 /// The agent's metric families.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Registry>,
-    /// The families registered, in order (each documented in [`METRICS`]).
-    names: Vec<&'static str>,
+    registry: Arc<DocumentedRegistry>,
     /// `plugin_download_total`.
     pub downloads: Family<DownloadLabels, Counter>,
     /// `plugin_download_duration_seconds`.
@@ -302,175 +287,81 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Self {
-        let mut r = Registry::default();
-        let mut names = Vec::new();
+        let mut r = DocumentedRegistry::new(METRICS);
         let downloads = Family::<DownloadLabels, Counter>::default();
-        register(&mut r, &mut names, "plugin_download", downloads.clone());
+        r.register("plugin_download", downloads.clone());
         let download_duration =
             Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram,
             );
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "plugin_download_duration_seconds",
             download_duration.clone(),
         );
         let fetched_bytes = Family::<SourceLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_fetched_bytes",
-            fetched_bytes.clone(),
-        );
+        r.register("arcade_agent_fetched_bytes", fetched_bytes.clone());
         let chunk_duration =
             Family::<SourceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 chunk_histogram,
             );
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_agent_chunk_fetch_duration_seconds",
             chunk_duration.clone(),
         );
         let peer_hit_ratio = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_peer_hit_ratio",
-            peer_hit_ratio.clone(),
-        );
+        r.register("arcade_agent_peer_hit_ratio", peer_hit_ratio.clone());
         let compressed_wire = Family::<DirectionLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_agent_compressed_wire_bytes",
             compressed_wire.clone(),
         );
         let compressed_raw = Family::<DirectionLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_compressed_raw_bytes",
-            compressed_raw.clone(),
-        );
+        r.register("arcade_agent_compressed_raw_bytes", compressed_raw.clone());
         let patch_bytes = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_patch_bytes",
-            patch_bytes.clone(),
-        );
+        r.register("arcade_agent_patch_bytes", patch_bytes.clone());
         let patched_bytes = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_patched_bytes",
-            patched_bytes.clone(),
-        );
+        r.register("arcade_agent_patched_bytes", patched_bytes.clone());
         let patch_fallbacks = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_patch_fallbacks",
-            patch_fallbacks.clone(),
-        );
+        r.register("arcade_agent_patch_fallbacks", patch_fallbacks.clone());
         let bad_chunks = Family::<SourceLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_bad_chunks",
-            bad_chunks.clone(),
-        );
+        r.register("arcade_agent_bad_chunks", bad_chunks.clone());
         let peer_bans = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_peer_bans",
-            peer_bans.clone(),
-        );
+        r.register("arcade_agent_peer_bans", peer_bans.clone());
         let cache_hits = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_cache_hits",
-            cache_hits.clone(),
-        );
+        r.register("arcade_agent_cache_hits", cache_hits.clone());
         let cache_misses = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_cache_misses",
-            cache_misses.clone(),
-        );
+        r.register("arcade_agent_cache_misses", cache_misses.clone());
         let cache_evictions = Family::<ReasonLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_cache_evictions",
-            cache_evictions.clone(),
-        );
+        r.register("arcade_agent_cache_evictions", cache_evictions.clone());
         let cache_bytes = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_cache_bytes",
-            cache_bytes.clone(),
-        );
+        r.register("arcade_agent_cache_bytes", cache_bytes.clone());
         let jobs = Family::<StatusLabel, Counter>::default();
-        register(&mut r, &mut names, "arcade_agent_jobs", jobs.clone());
+        r.register("arcade_agent_jobs", jobs.clone());
         let running_jobs = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_running_jobs",
-            running_jobs.clone(),
-        );
+        r.register("arcade_agent_running_jobs", running_jobs.clone());
         let uploaded_bytes = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_uploaded_bytes",
-            uploaded_bytes.clone(),
-        );
+        r.register("arcade_agent_uploaded_bytes", uploaded_bytes.clone());
         let mesh_refused = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_mesh_refused_requests",
-            mesh_refused.clone(),
-        );
+        r.register("arcade_agent_mesh_refused_requests", mesh_refused.clone());
         let mesh_cancelled = Counter::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_agent_mesh_cancelled_requests",
             mesh_cancelled.clone(),
         );
         let mesh_subscriptions = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_agent_mesh_subscriptions",
             mesh_subscriptions.clone(),
         );
         let connected_peers = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_agent_mesh_connected_peers",
-            connected_peers.clone(),
-        );
+        r.register("arcade_agent_mesh_connected_peers", connected_peers.clone());
         let provided_contents = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_agent_mesh_provided_contents",
             provided_contents.clone(),
         );
         Self {
             registry: Arc::new(r),
-            names,
             downloads,
             download_duration,
             fetched_bytes,
@@ -582,13 +473,11 @@ impl Metrics {
 
     /// The families registered (each documented in [`METRICS`]).
     pub fn registered(&self) -> &[&'static str] {
-        &self.names
+        self.registry.registered()
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        arcade_p2p::metrics_http::prometheus_text(&out)
+        self.registry.render()
     }
 }

@@ -11,21 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 
-use arcade_p2p::metrics_http::{MetricDoc, help_of};
-use prometheus_client::registry::Metric;
-
-/// Registers `metric` under `name` with its documented HELP text (see [`METRICS`]).
-fn register(
-    r: &mut Registry,
-    names: &mut Vec<&'static str>,
-    name: &'static str,
-    metric: impl Metric,
-) {
-    r.register(name, help_of(METRICS, name), metric);
-    names.push(name);
-}
+use arcade_p2p::metrics_http::{DocumentedRegistry, MetricDoc};
 
 /// Every metric family of the coordinator: the one list the registry's HELP texts and the
 /// README's table come from.
@@ -205,9 +192,7 @@ fn duration_histogram() -> Histogram {
 /// The coordinator's metric families.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Registry>,
-    /// The families registered, in order (each documented in [`METRICS`]).
-    names: Vec<&'static str>,
+    registry: Arc<DocumentedRegistry>,
     /// `plugin_download_total`.
     pub downloads: Family<DownloadLabels, Counter>,
     /// `plugin_download_duration_seconds`.
@@ -253,113 +238,50 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Self {
-        let mut r = Registry::default();
-        let mut names = Vec::new();
+        let mut r = DocumentedRegistry::new(METRICS);
         let downloads = Family::<DownloadLabels, Counter>::default();
-        register(&mut r, &mut names, "plugin_download", downloads.clone());
+        r.register("plugin_download", downloads.clone());
         let download_duration =
             Family::<PluginIdLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram,
             );
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "plugin_download_duration_seconds",
             download_duration.clone(),
         );
         let served_bytes = Family::<PluginVersionLabels, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_served_bytes",
-            served_bytes.clone(),
-        );
+        r.register("arcade_coordinator_served_bytes", served_bytes.clone());
         let pushes = Family::<StatusLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_push",
-            pushes.clone(),
-        );
+        r.register("arcade_coordinator_push", pushes.clone());
         let compression_saved_bytes = Counter::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_coordinator_compression_saved_bytes",
             compression_saved_bytes.clone(),
         );
         let pushed_bytes = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_pushed_bytes",
-            pushed_bytes.clone(),
-        );
+        r.register("arcade_coordinator_pushed_bytes", pushed_bytes.clone());
         let jobs_created = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_jobs_created",
-            jobs_created.clone(),
-        );
+        r.register("arcade_coordinator_jobs_created", jobs_created.clone());
         let jobs_finished = Family::<StatusLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_jobs_finished",
-            jobs_finished.clone(),
-        );
+        r.register("arcade_coordinator_jobs_finished", jobs_finished.clone());
         let leases_expired = Family::<OutcomeLabel, Counter>::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_leases_expired",
-            leases_expired.clone(),
-        );
+        r.register("arcade_coordinator_leases_expired", leases_expired.clone());
         let registrations = Counter::default();
-        register(
-            &mut r,
-            &mut names,
+        r.register(
             "arcade_coordinator_agent_registrations",
             registrations.clone(),
         );
         let redirects = Counter::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_chunk_redirects",
-            redirects.clone(),
-        );
+        r.register("arcade_coordinator_chunk_redirects", redirects.clone());
         let store = StoreMetrics::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_store_writes",
-            store.writes.clone(),
-        );
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_store_commits",
-            store.commits.clone(),
-        );
+        r.register("arcade_coordinator_store_writes", store.writes.clone());
+        r.register("arcade_coordinator_store_commits", store.commits.clone());
         let jobs_queued = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_jobs_queued",
-            jobs_queued.clone(),
-        );
+        r.register("arcade_coordinator_jobs_queued", jobs_queued.clone());
         let agents_waiting = Gauge::default();
-        register(
-            &mut r,
-            &mut names,
-            "arcade_coordinator_agents_waiting",
-            agents_waiting.clone(),
-        );
+        r.register("arcade_coordinator_agents_waiting", agents_waiting.clone());
         Self {
             registry: Arc::new(r),
-            names,
             downloads,
             download_duration,
             served_bytes,
@@ -379,14 +301,11 @@ impl Metrics {
 
     /// The families registered (each documented in [`METRICS`]).
     pub fn registered(&self) -> &[&'static str] {
-        &self.names
+        self.registry.registered()
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        arcade_p2p::metrics_http::prometheus_text(&out)
+        self.registry.render()
     }
 }

@@ -813,6 +813,18 @@ mod tests {
         assert!("g".repeat(64).parse::<ContentId>().is_err());
     }
 
+    /// `data` fed to `b` in the pieces `cuts` (offsets, any order) make.
+    fn fed_in_pieces(mut b: ManifestBuilder, data: &[u8], cuts: Vec<usize>) -> Manifest {
+        let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+        points.sort_unstable();
+        let mut at = 0;
+        for p in points.into_iter().chain([data.len()]) {
+            b.update(&data[at..p]).unwrap();
+            at = p;
+        }
+        b.finish()
+    }
+
     const SMALL_CDC: CdcParams = CdcParams {
         min: 256,
         avg: 1024,
@@ -903,15 +915,7 @@ mod tests {
         fn content_defined_builder_cuts_the_same_however_fed(len in 0usize..40_000, cuts in proptest::collection::vec(0usize..40_000, 0..8), seed in 0u64..4) {
             let data = noise(len, seed);
             let whole = Manifest::from_reader_cdc(&data[..], SMALL_CDC).unwrap();
-            let mut b = ManifestBuilder::content_defined(SMALL_CDC).unwrap();
-            let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(len)).collect();
-            points.sort_unstable();
-            let mut at = 0;
-            for p in points.into_iter().chain([len]) {
-                b.update(&data[at..p]).unwrap();
-                at = p;
-            }
-            let fed = b.finish();
+            let fed = fed_in_pieces(ManifestBuilder::content_defined(SMALL_CDC).unwrap(), &data, cuts);
             prop_assert_eq!(&fed, &whole);
             let expected: Vec<u64> = cdc::chunks(&data, &SMALL_CDC).iter().map(|&(o, _)| o as u64).collect();
             let got: Vec<u64> = (0..fed.chunk_count()).map(|i| fed.chunk_range(i).unwrap().start).collect();
@@ -922,15 +926,7 @@ mod tests {
         fn any_slicing_gives_the_same_manifest(len in 0usize..9000, cuts in proptest::collection::vec(0usize..9000, 0..8)) {
             let data = content(len);
             let whole = Manifest::from_reader(&data[..], CS).unwrap();
-            let mut b = ManifestBuilder::new(CS).unwrap();
-            let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(len)).collect();
-            points.sort_unstable();
-            let mut at = 0;
-            for p in points.into_iter().chain([len]) {
-                b.update(&data[at..p]).unwrap();
-                at = p;
-            }
-            prop_assert_eq!(b.finish(), whole);
+            prop_assert_eq!(fed_in_pieces(ManifestBuilder::new(CS).unwrap(), &data, cuts), whole);
         }
 
         #[test]

@@ -104,6 +104,55 @@ impl MetricDoc {
     }
 }
 
+/// A registry whose every family is documented in a [`MetricDoc`] list: it takes the HELP
+/// texts from the list and remembers what was registered; it renders the Prometheus text
+/// format ([`prometheus_text`]).
+#[derive(Debug)]
+pub struct DocumentedRegistry {
+    registry: prometheus_client::registry::Registry,
+    docs: &'static [MetricDoc],
+    names: Vec<&'static str>,
+}
+
+impl DocumentedRegistry {
+    /// An empty registry for the families of `docs`.
+    pub fn new(docs: &'static [MetricDoc]) -> Self {
+        Self {
+            registry: prometheus_client::registry::Registry::default(),
+            docs,
+            names: Vec::new(),
+        }
+    }
+
+    /// Registers `metric` as `name`, with its documented HELP text.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not in the list (see [`help_of`]).
+    pub fn register(
+        &mut self,
+        name: &'static str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .register(name, help_of(self.docs, name), metric);
+        self.names.push(name);
+    }
+
+    /// The families registered, in order.
+    pub fn registered(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        prometheus_text(&out)
+    }
+}
+
 /// The HELP text of `name` in `docs`.
 ///
 /// # Panics

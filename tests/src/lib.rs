@@ -242,6 +242,39 @@ pub async fn registered_agents(c: &Conn) -> Option<Vec<arcade_proto::v1::AgentSu
     Some(answer.into_inner().agents)
 }
 
+/// Waits (at most 20 s) until the coordinator lists `agent` as holding the content
+/// `sha256` (hex): its heartbeats reported it, so peer hints name it from now on.
+pub async fn wait_holder(c: &Conn, agent: &str, sha256: &str) {
+    eventually(Duration::from_secs(20), || async {
+        registered_agents(c)
+            .await?
+            .iter()
+            .any(|a| a.agent_id == agent && a.installed_plugins.iter().any(|p| p.sha256 == sha256))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the coordinator did not learn that {agent} holds {sha256}"));
+}
+
+/// A `#!/bin/sh` script of `len` bytes that exits 0, then deterministic noise (so its
+/// chunks neither compress nor repeat).
+pub fn script(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
+    v.extend(content(len - v.len(), seed));
+    v
+}
+
+/// The next release of `prev` (at least 603,000 bytes): 1500 bytes inserted at 4 KiB
+/// (every later offset moves) and 3000 bytes replaced at 600 KB.
+pub fn next_release(prev: &[u8], seed: u8) -> Vec<u8> {
+    let mut v = prev[..4096].to_vec();
+    v.extend(content(1500, seed));
+    v.extend_from_slice(&prev[4096..600_000]);
+    v.extend(content(3000, seed.wrapping_add(1)));
+    v.extend_from_slice(&prev[603_000..]);
+    v
+}
+
 /// Deterministic test content of `len` bytes.
 pub fn content(len: usize, seed: u8) -> Vec<u8> {
     let mut x = 0x9E37_79B9u32 ^ u32::from(seed).wrapping_mul(0x85EB_CA6B);

@@ -13,26 +13,42 @@ use arcade_p2p::cdc::CdcParams;
 use arcade_p2p::{ContentId, Manifest};
 use arcade_tests::agents::TestAgent;
 use arcade_tests::process::{arcadectl_async, stderr_failed, stdout_ok};
-use arcade_tests::{ENROLL, TestCoordinator, content, run_ok};
+use arcade_tests::{ENROLL, TestCoordinator, next_release, run_ok, script};
 
 const ID: &str = "cdc/tree";
 
 /// A 2 MiB script that exits 0, then noise (an archive's worth of distinct bytes).
 fn base() -> Vec<u8> {
-    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
-    v.extend(content((2 << 20) - v.len(), 7));
-    v
+    script(2 << 20, 7)
 }
 
-/// The next release: 1500 bytes inserted at 4 KiB (every later offset moves) and 3000
-/// bytes replaced at 600 KB.
 fn next(prev: &[u8], seed: u8) -> Vec<u8> {
-    let mut v = prev[..4096].to_vec();
-    v.extend(content(1500, seed));
-    v.extend_from_slice(&prev[4096..600_000]);
-    v.extend(content(3000, seed.wrapping_add(1)));
-    v.extend_from_slice(&prev[603_000..]);
-    v
+    next_release(prev, seed)
+}
+
+/// `arcadectl plugin push FILE --id ID --version V --chunking C [--json]`.
+async fn push_file(
+    c: &TestCoordinator,
+    file: &std::path::Path,
+    version: &str,
+    chunking: &str,
+    json: bool,
+) -> std::process::Output {
+    let mut args = vec![
+        "plugin",
+        "push",
+        file.to_str().unwrap(),
+        "--id",
+        ID,
+        "--version",
+        version,
+        "--chunking",
+        chunking,
+    ];
+    if json {
+        args.push("--json");
+    }
+    arcadectl_async(&c.url, &args).await
 }
 
 async fn push(
@@ -44,22 +60,7 @@ async fn push(
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plugin");
     std::fs::write(&file, data).unwrap();
-    let out = arcadectl_async(
-        &c.url,
-        &[
-            "plugin",
-            "push",
-            file.to_str().unwrap(),
-            "--id",
-            ID,
-            "--version",
-            version,
-            "--chunking",
-            chunking,
-            "--json",
-        ],
-    )
-    .await;
+    let out = push_file(c, &file, version, chunking, true).await;
     serde_json::from_str(&stdout_ok(&out)).expect("push --json prints JSON")
 }
 
@@ -199,41 +200,12 @@ async fn bad_chunking_values_are_refused() {
         ("rabin", "use fixed, cdc or cdc:AVG"),
         ("cdc:lots", "not a size"),
     ] {
-        let out = arcadectl_async(
-            &c.url,
-            &[
-                "plugin",
-                "push",
-                file.to_str().unwrap(),
-                "--id",
-                ID,
-                "--version",
-                "1.0.0",
-                "--chunking",
-                chunking,
-            ],
-        )
-        .await;
+        let out = push_file(&c, &file, "1.0.0", chunking, false).await;
         let err = stderr_failed(&out);
         assert!(err.contains(says), "--chunking {chunking}: {err}");
     }
     // Nothing was stored, and `cdc:64KiB` works.
-    let out = arcadectl_async(
-        &c.url,
-        &[
-            "plugin",
-            "push",
-            file.to_str().unwrap(),
-            "--id",
-            ID,
-            "--version",
-            "1.0.0",
-            "--chunking",
-            "cdc:64KiB",
-            "--json",
-        ],
-    )
-    .await;
+    let out = push_file(&c, &file, "1.0.0", "cdc:64KiB", true).await;
     let pushed: serde_json::Value = serde_json::from_str(&stdout_ok(&out)).unwrap();
     assert_eq!(
         pushed["cdc"],
@@ -251,7 +223,6 @@ async fn peers_serve_content_defined_chunks() {
     use arcade_p2p::settings::Seconds;
     use arcade_proto::v1 as pb;
     use arcade_tests::proxy::AgentProxy;
-    use arcade_tests::{create_job, eventually, registered_agents, wait_job};
 
     let c = TestCoordinator::start(|cfg| {
         cfg.jobs.heartbeat_interval = Seconds(Duration::from_millis(300));
@@ -272,29 +243,12 @@ async fn peers_serve_content_defined_chunks() {
     };
     let run_on = |who: &'static str| {
         let c = &c;
-        async move {
-            let id = create_job(c, ID, "1.0.0", "true", &[("name", who)]).await;
-            let job = wait_job(c, &id).await;
-            assert_eq!(
-                job.status(),
-                pb::JobStatus::Succeeded,
-                "{}",
-                job.error_message
-            );
-        }
+        async move { run_ok(c, ID, "1.0.0", &[("name", who)]).await }
     };
     let seed = agent(c.url.clone(), "seed").await;
     run_on("seed").await;
     assert_eq!(seed.server_bytes(), data.len() as u64);
-    eventually(Duration::from_secs(20), || async {
-        registered_agents(&c)
-            .await?
-            .iter()
-            .any(|a| a.agent_id == "seed" && a.installed_plugins.iter().any(|p| p.sha256 == sha))
-            .then_some(())
-    })
-    .await
-    .expect("the coordinator learned that the seed holds the plugin");
+    arcade_tests::wait_holder(&c, "seed", &sha).await;
 
     let proxy = AgentProxy::start(&c.url).await;
     proxy.tamper.refuse_downloads.store(true, Ordering::SeqCst);

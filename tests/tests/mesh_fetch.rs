@@ -15,9 +15,7 @@ use arcade_p2p::{ContentId, Manifest};
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
 use arcade_tests::proxy::AgentProxy;
-use arcade_tests::{
-    ENROLL, TestCoordinator, content, create_job, eventually, registered_agents, wait_job,
-};
+use arcade_tests::{ENROLL, TestCoordinator, content, create_job, eventually, wait_job};
 
 const CS: u32 = 64 * 1024;
 
@@ -44,17 +42,8 @@ async fn agent(url: &str, who: &str) -> TestAgent {
     .await
 }
 
-/// Waits until the coordinator lists `agent` as holding `sha` (its heartbeats report it).
 async fn wait_holder(c: &TestCoordinator, agent: &str, sha: &str) {
-    eventually(Duration::from_secs(20), || async {
-        registered_agents(c)
-            .await?
-            .iter()
-            .any(|a| a.agent_id == agent && a.installed_plugins.iter().any(|p| p.sha256 == sha))
-            .then_some(())
-    })
-    .await
-    .expect("the coordinator learned that the seed holds the plugin");
+    arcade_tests::wait_holder(c, agent, sha).await;
 }
 
 fn peer_bytes(a: &TestAgent) -> u64 {

@@ -76,54 +76,51 @@ fn logs_to_a_file_are_plain_text_and_json_is_one_object_per_line() {
     assert!(!json.contains('\u{1b}'));
 }
 
+/// Asks a reflection service (module `$pb` of `tonic_reflection::pb`: `v1` or
+/// `v1alpha`, the same messages in two packages) over `$channel` for its services.
+macro_rules! list_services {
+    ($pb:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$pb::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .expect(concat!(stringify!($pb), " reflection answers"))
+            .into_inner();
+        match answers
+            .message()
+            .await
+            .unwrap()
+            .expect("one answer")
+            .message_response
+        {
+            Some(MessageResponse::ListServicesResponse(l)) => l
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("not a service list: {other:?}"),
+        }
+    }};
+}
+
 /// The services a reflection client of either version lists.
 async fn reflected_services(url: &str, alpha: bool) -> Vec<String> {
-    use tonic_reflection::pb::{v1, v1alpha};
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()
         .await
         .unwrap();
     if alpha {
-        let req = v1alpha::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-            ),
-        };
-        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
-        let mut answers = client
-            .server_reflection_info(tokio_stream::iter([req]))
-            .await
-            .expect("v1alpha reflection answers")
-            .into_inner();
-        let answer = answers.message().await.unwrap().expect("one answer");
-        match answer.message_response {
-            Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
-                l.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("not a service list: {other:?}"),
-        }
+        list_services!(v1alpha, channel)
     } else {
-        let req = v1::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
-            )),
-        };
-        let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
-        let mut answers = client
-            .server_reflection_info(tokio_stream::iter([req]))
-            .await
-            .expect("v1 reflection answers")
-            .into_inner();
-        let answer = answers.message().await.unwrap().expect("one answer");
-        match answer.message_response {
-            Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
-                l.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("not a service list: {other:?}"),
-        }
+        list_services!(v1, channel)
     }
 }
 
@@ -190,8 +187,7 @@ async fn promtool_accepts_both_metrics_endpoints() {
         cfg.metrics_listen = "127.0.0.1:0".into();
     })
     .await;
-    let mut plugin = b"#!/bin/sh\nexit 0\n".to_vec();
-    plugin.extend(arcade_tests::content(200_000, 3));
+    let plugin = arcade_tests::script(200_000, 3);
     c.push("ops/tool", "1.0.0", &plugin, Default::default())
         .await
         .unwrap();
@@ -212,6 +208,15 @@ async fn promtool_accepts_both_metrics_endpoints() {
             panic!("promtool check metrics fails on the {who}'s /metrics:\n{said}\n{body}");
         }
     }
+}
+
+/// The row of `fleet status --json` for the content `sha`.
+fn plugin_status(status: &serde_json::Value, sha: &str) -> Option<serde_json::Value> {
+    status["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["sha256"] == sha)
+        .cloned()
 }
 
 /// `arcadectl fleet status` and `arcadectl job watch` against a coordinator and three
@@ -238,8 +243,7 @@ async fn fleet_status_and_job_watch_show_what_the_fleet_does() {
             .await,
         );
     }
-    let mut plugin = b"#!/bin/sh\nexit 0\n".to_vec();
-    plugin.extend(arcade_tests::content((2 << 20) - plugin.len(), 9));
+    let plugin = arcade_tests::script(2 << 20, 9);
     c.push("ops/slow", "1.0.0", &plugin, Default::default())
         .await
         .unwrap();
@@ -286,11 +290,7 @@ async fn fleet_status_and_job_watch_show_what_the_fleet_does() {
     };
     let mid = arcade_tests::eventually(Duration::from_secs(20), || async {
         let s = status(&c).await;
-        let p = s["plugins"]
-            .as_array()?
-            .iter()
-            .find(|p| p["sha256"] == sha.as_str())?
-            .clone();
+        let p = plugin_status(&s, &sha)?;
         (p["fetching"] == 1 && p["from_coordinator"] == 1).then_some((s, p))
     })
     .await
@@ -324,11 +324,7 @@ async fn fleet_status_and_job_watch_show_what_the_fleet_does() {
     // Done: us-1 holds it, nothing in flight.
     let s = arcade_tests::eventually(Duration::from_secs(10), || async {
         let s = status(&c).await;
-        let p = s["plugins"]
-            .as_array()?
-            .iter()
-            .find(|p| p["sha256"] == sha.as_str())?
-            .clone();
+        let p = plugin_status(&s, &sha)?;
         (p["holders"] == 1 && p["fetching"] == 0 && p["from_coordinator"] == 0).then_some(s)
     })
     .await
@@ -347,10 +343,9 @@ async fn download_rate_bounds_fetches_from_the_coordinator_and_from_peers() {
     use std::sync::atomic::Ordering;
 
     use arcade_p2p::settings::{ByteSize, Seconds};
-    use arcade_proto::v1 as pb;
+    use arcade_tests::TestCoordinator;
     use arcade_tests::agents::TestAgent;
     use arcade_tests::proxy::AgentProxy;
-    use arcade_tests::{TestCoordinator, create_job, eventually, registered_agents, wait_job};
 
     const RATE: u64 = 512 << 10;
     let floor = Duration::from_secs_f64(((2u64 << 20) - (1 << 20)) as f64 / RATE as f64);
@@ -359,12 +354,10 @@ async fn download_rate_bounds_fetches_from_the_coordinator_and_from_peers() {
         cfg.plugin.chunk_size = ByteSize::mib(1);
     })
     .await;
-    let plugin = |seed: u8| {
-        let mut p = b"#!/bin/sh\nexit 0\n".to_vec();
-        p.extend(arcade_tests::content((2 << 20) - p.len(), seed));
-        p
-    };
-    let (one, two) = (plugin(1), plugin(2));
+    let (one, two) = (
+        arcade_tests::script(2 << 20, 1),
+        arcade_tests::script(2 << 20, 2),
+    );
     c.push("ops/a", "1.0.0", &one, Default::default())
         .await
         .unwrap();
@@ -375,14 +368,7 @@ async fn download_rate_bounds_fetches_from_the_coordinator_and_from_peers() {
         let c = &c;
         async move {
             let started = Instant::now();
-            let id = create_job(c, plugin, "1.0.0", "true", &[("name", who)]).await;
-            let job = wait_job(c, &id).await;
-            assert_eq!(
-                job.status(),
-                pb::JobStatus::Succeeded,
-                "{}",
-                job.error_message
-            );
+            arcade_tests::run_ok(c, plugin, "1.0.0", &[("name", who)]).await;
             started.elapsed()
         }
     };
@@ -404,15 +390,7 @@ async fn download_rate_bounds_fetches_from_the_coordinator_and_from_peers() {
     let _seed = agent(c.url.clone(), "seed", 0).await;
     run_on("ops/b", "seed").await;
     let sha = arcade_p2p::ContentId::of_bytes(&two).to_hex();
-    eventually(Duration::from_secs(20), || async {
-        registered_agents(&c)
-            .await?
-            .iter()
-            .any(|a| a.agent_id == "seed" && a.installed_plugins.iter().any(|p| p.sha256 == sha))
-            .then_some(())
-    })
-    .await
-    .expect("the seed's holding is known");
+    arcade_tests::wait_holder(&c, "seed", &sha).await;
     let proxy = AgentProxy::start(&c.url).await;
     proxy.tamper.refuse_downloads.store(true, Ordering::SeqCst);
     let peer_slow = agent(proxy.url.clone(), "peer-slow", RATE).await;

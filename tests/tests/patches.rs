@@ -11,24 +11,18 @@ use std::time::Duration;
 use arcade_p2p::ContentId;
 use arcade_proto::v1 as pb;
 use arcade_tests::agents::TestAgent;
-use arcade_tests::{ADMIN, ENROLL, TestCoordinator, content, eventually, run_ok, storage_files};
+use arcade_tests::{
+    ADMIN, ENROLL, TestCoordinator, content, eventually, next_release, run_ok, script,
+    storage_files,
+};
 
 /// A 1 MiB executable-looking plugin of noise.
 fn base() -> Vec<u8> {
-    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
-    v.extend(content((1 << 20) - v.len(), 3));
-    v
+    script(1 << 20, 3)
 }
 
-/// The next release: bytes inserted near the start (every later offset moves) and an
-/// edit further on.
 fn next(prev: &[u8], seed: u8) -> Vec<u8> {
-    let mut v = prev[..4096].to_vec();
-    v.extend(content(1500, seed));
-    v.extend_from_slice(&prev[4096..600_000]);
-    v.extend(content(3000, seed.wrapping_add(1)));
-    v.extend_from_slice(&prev[603_000..]);
-    v
+    next_release(prev, seed)
 }
 
 async fn patches(c: &TestCoordinator, version: &str) -> Vec<pb::PatchInfo> {
@@ -144,13 +138,6 @@ async fn new_versions_get_patches_that_rebuild_them_and_deletes_clean_up() {
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].base_version, "1.1.0");
     assert_eq!(apply(&v2, &kept[0], &c, v3.len()), v3);
-}
-
-/// A plugin script that exits 0, then noise (so chunks do not compress).
-fn script(len: usize, seed: u8) -> Vec<u8> {
-    let mut v = b"#!/bin/sh\nexit 0\n".to_vec();
-    v.extend(content(len - v.len(), seed));
-    v
 }
 
 async fn run_job(c: &TestCoordinator, version: &str) {

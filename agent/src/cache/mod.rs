@@ -328,25 +328,28 @@ fn parse_hex_name(name: &str) -> Option<ContentId> {
     if lower_hex { name.parse().ok() } else { None }
 }
 
-/// Bytes an unprivileged writer may still use on the file system holding `dir`, or
-/// `None` when the file system reports no capacity (nothing can be told then).
-fn free_space(dir: &Path) -> io::Result<Option<u64>> {
+/// (size, bytes an unprivileged writer may still use) of the file system holding
+/// `dir`, or `None` when it reports no capacity (nothing can be told then).
+fn file_system(dir: &Path) -> io::Result<Option<(u64, u64)>> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
     if st.blocks() == 0 {
         return Ok(None);
     }
     let unit = (st.fragment_size() as u64).max(1);
-    Ok(Some((st.blocks_available() as u64).saturating_mul(unit)))
+    Ok(Some((
+        (st.blocks() as u64).saturating_mul(unit),
+        (st.blocks_available() as u64).saturating_mul(unit),
+    )))
 }
 
-/// Bytes of the file system holding `dir`, or `None` when it reports no capacity.
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+fn free_space(dir: &Path) -> io::Result<Option<u64>> {
+    Ok(file_system(dir)?.map(|(_, free)| free))
+}
+
+/// Bytes of the file system holding `dir`.
 fn capacity(dir: &Path) -> io::Result<Option<u64>> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
-    if st.blocks() == 0 {
-        return Ok(None);
-    }
-    let unit = (st.fragment_size() as u64).max(1);
-    Ok(Some((st.blocks() as u64).saturating_mul(unit)))
+    Ok(file_system(dir)?.map(|(size, _)| size))
 }
 
 /// [`CacheError::DiskFull`] naming `needed` when `free` (if known) is less.

@@ -342,7 +342,7 @@ async fn job_list(
 }
 
 /// One line saying why a job failed.
-pub(super) fn failure_reason(job: &JobJson) -> String {
+fn failure_reason(job: &JobJson) -> String {
     let mut reason = format!("job {} failed", job.id);
     if !job.error_message.is_empty() {
         reason.push_str(": ");
@@ -368,34 +368,51 @@ async fn job_wait(ctx: &Ctx, id: String, timeout: Option<Duration>) -> Result<()
     let start = Instant::now();
     loop {
         let job = fetch_job(&conn, id.clone()).await?;
-        match job.status {
-            "succeeded" => return emit(&format!("job {} succeeded", job.id)),
-            "failed" => return Err(CtlError::Job(failure_reason(&job))),
-            "cancelled" => {
-                return Err(CtlError::Job(format!(
-                    "job {} was cancelled: {}",
-                    job.id, job.error_message
-                )));
-            }
-            _ => {}
+        if job.status == "succeeded" {
+            return emit(&format!("job {} succeeded", job.id));
         }
-        let pause = match timeout {
-            Some(limit) => {
-                let left = limit.saturating_sub(start.elapsed());
-                if left.is_zero() {
-                    return Err(CtlError::Job(format!(
-                        "timed out after {:.1}s: job {} is still {}",
-                        limit.as_secs_f64(),
-                        job.id,
-                        job.status
-                    )));
-                }
-                left.min(POLL_INTERVAL)
-            }
-            None => POLL_INTERVAL,
-        };
-        tokio::time::sleep(pause).await;
+        if let Some(outcome) = finished(&job) {
+            return outcome;
+        }
+        tokio::time::sleep(next_poll(&job, timeout, start, POLL_INTERVAL)?).await;
     }
+}
+
+/// A finished job's exit for `job wait` and `job watch`: `Ok` if it succeeded, the
+/// reason otherwise; `None` while it is queued or running.
+pub(super) fn finished(job: &JobJson) -> Option<Result<(), CtlError>> {
+    match job.status {
+        "succeeded" => Some(Ok(())),
+        "failed" => Some(Err(CtlError::Job(failure_reason(job)))),
+        "cancelled" => Some(Err(CtlError::Job(format!(
+            "job {} was cancelled: {}",
+            job.id, job.error_message
+        )))),
+        _ => None,
+    }
+}
+
+/// How long to wait before asking again (at most `every`), or the error once
+/// `timeout` since `start` has passed.
+pub(super) fn next_poll(
+    job: &JobJson,
+    timeout: Option<Duration>,
+    start: Instant,
+    every: Duration,
+) -> Result<Duration, CtlError> {
+    let Some(limit) = timeout else {
+        return Ok(every);
+    };
+    let left = limit.saturating_sub(start.elapsed());
+    if left.is_zero() {
+        return Err(CtlError::Job(format!(
+            "timed out after {:.1}s: job {} is still {}",
+            limit.as_secs_f64(),
+            job.id,
+            job.status
+        )));
+    }
+    Ok(left.min(every))
 }
 
 async fn job_cancel(ctx: &Ctx, id: String, json: bool) -> Result<(), CtlError> {

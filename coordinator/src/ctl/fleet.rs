@@ -8,7 +8,7 @@ use arcade_proto::v1 as pb;
 use serde::Serialize;
 
 use super::Ctx;
-use super::commands::{failure_reason, fetch_job};
+use super::commands::{fetch_job, finished, next_poll};
 use super::error::CtlError;
 use super::output::{JobJson, ProgressJson, emit, emit_json, progress_text, table};
 
@@ -207,10 +207,9 @@ pub(super) async fn job_watch(
     loop {
         let job = fetch_job(&conn, id.clone()).await?;
         let line = WatchLine::of(&job);
-        let finished = matches!(job.status, "succeeded" | "failed" | "cancelled");
         if last.as_ref() != Some(&line) {
             if json {
-                let text = if finished {
+                let text = if finished(&job).is_some() {
                     serde_json::to_string(&job)
                 } else {
                     serde_json::to_string(&line)
@@ -222,33 +221,10 @@ pub(super) async fn job_watch(
             }
             last = Some(line);
         }
-        match job.status {
-            "succeeded" => return Ok(()),
-            "failed" => return Err(CtlError::Job(failure_reason(&job))),
-            "cancelled" => {
-                return Err(CtlError::Job(format!(
-                    "job {} was cancelled: {}",
-                    job.id, job.error_message
-                )));
-            }
-            _ => {}
+        if let Some(outcome) = finished(&job) {
+            return outcome;
         }
-        let pause = match timeout {
-            Some(limit) => {
-                let left = limit.saturating_sub(start.elapsed());
-                if left.is_zero() {
-                    return Err(CtlError::Job(format!(
-                        "timed out after {:.1}s: job {} is still {}",
-                        limit.as_secs_f64(),
-                        job.id,
-                        job.status
-                    )));
-                }
-                left.min(WATCH_INTERVAL)
-            }
-            None => WATCH_INTERVAL,
-        };
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(next_poll(&job, timeout, start, WATCH_INTERVAL)?).await;
     }
 }
 
