@@ -246,12 +246,13 @@ impl CacheIndex {
         row.map(|v| decode(key, v.value())).transpose()
     }
 
-    /// Inserts or replaces an entry; with `clear_progress`, also drops that content's
-    /// progress record, in the same transaction.
+    /// Inserts or replaces an entry. With `published` (the content just moved into
+    /// `downloaded/` and its encoded manifest), also drops that content's progress record
+    /// and records its manifest, in the same transaction.
     pub(crate) fn put(
         &self,
         entry: &Entry,
-        clear_progress: Option<&ContentId>,
+        published: Option<(&ContentId, &[u8])>,
     ) -> Result<(), CacheError> {
         let p = &self.path;
         let tx = self.db.begin_write().db(p)?;
@@ -260,10 +261,14 @@ impl CacheIndex {
             table
                 .insert(entry.plugin.key().as_str(), encode(entry).as_slice())
                 .db(p)?;
-            if let Some(sha) = clear_progress {
+            if let Some((sha, manifest)) = published {
                 tx.open_table(PROGRESS)
                     .db(p)?
                     .remove(sha.as_bytes())
+                    .db(p)?;
+                tx.open_table(MANIFESTS)
+                    .db(p)?
+                    .insert(sha.as_bytes(), manifest)
                     .db(p)?;
             }
         }
@@ -357,17 +362,6 @@ impl CacheIndex {
                 table.remove(sha.as_bytes()).db(p)?;
             }
         }
-        tx.commit().db(p)
-    }
-
-    /// Records the manifest of a downloaded content.
-    pub(crate) fn put_manifest(&self, sha: &ContentId, encoded: &[u8]) -> Result<(), CacheError> {
-        let p = &self.path;
-        let tx = self.db.begin_write().db(p)?;
-        tx.open_table(MANIFESTS)
-            .db(p)?
-            .insert(sha.as_bytes(), encoded)
-            .db(p)?;
         tx.commit().db(p)
     }
 

@@ -889,10 +889,12 @@ impl PluginCache {
             builtin: false,
             file: None,
         };
-        // Its chunks may serve later fetches (`reuse.rs`).
-        inner.index.put_manifest(&sha, &manifest.encode())?;
+        // Its manifest goes with the entry: its chunks may serve later fetches
+        // (`reuse.rs`).
+        inner
+            .index
+            .put(&entry, Some((&sha, manifest.encode().as_slice())))?;
         *lock(&inner.chunk_index) = None;
-        inner.index.put(&entry, Some(&sha))?;
         tracing::info!(plugin = %plugin, sha256 = %sha, size, "plugin verified and cached");
         inner.evict_locked(&w, Some(&key))?;
         Ok(inner.downloaded(&entry))

@@ -13,7 +13,7 @@
 //! on first use and again after each publish; a stale row (content evicted since) only
 //! costs a failed read, since nothing is used that does not verify.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
@@ -99,7 +99,9 @@ impl PluginCache {
             return Ok(reused);
         }
         let target = manifest.content_id();
+        let partial = inner.partial_path(&target);
         let mut sources: HashMap<ContentId, Option<File>> = HashMap::new();
+        let mut used = HashSet::new();
         let mut buf = Vec::new();
         for i in 0..manifest.chunk_count() {
             if have[i as usize] {
@@ -128,18 +130,18 @@ impl PluginCache {
             {
                 continue;
             }
-            let partial = inner.partial_path(&target);
             file.write_all_at(&buf, range.start)
                 .map_err(|e: io::Error| CacheError::from_io(&partial, Some(len as u64), e))?;
+            used.insert(source);
             have[i as usize] = true;
             reused.chunks += 1;
             reused.bytes += len as u64;
         }
         if reused.chunks > 0 {
             file.sync_data()
-                .map_err(|e| CacheError::from_io(&inner.partial_path(&target), None, e))?;
+                .map_err(|e| CacheError::from_io(&partial, None, e))?;
         }
-        reused.sources = sources.values().filter(|f| f.is_some()).count() as u32;
+        reused.sources = used.len() as u32;
         Ok(reused)
     }
 }

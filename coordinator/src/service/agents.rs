@@ -226,17 +226,20 @@ impl Agent for AgentService {
             .take(super::fleet::MAX_FETCHING)
             .cloned()
             .collect();
-        s.with_live(&agent.agent_id, |l| l.fetching = fetching);
         let extended = s.extend_leases(&agent.agent_id, &req.running_jobs, &req.job_progress);
         let preheat = {
             let mut book = s.preheats.lock().expect("preheat lock");
             book.record(&agent.agent_id, &req.preheat_reports)?;
             book.orders_for(&agent, now_ms())
         };
-        // Renew the mesh ticket once half of its lifetime has passed.
+        // Record what it is fetching (`GetFleetStatus`) and renew the mesh ticket once
+        // half of its lifetime has passed, under one lock of the fleet.
         let half = s.config.raw.mesh.ticket_ttl.get().as_millis() as i64 / 2;
         let due = s
-            .with_live(&agent.agent_id, |a| a.ticket_expires_at - now_ms() < half)
+            .with_live(&agent.agent_id, |a| {
+                a.fetching = fetching;
+                a.ticket_expires_at - now_ms() < half
+            })
             .unwrap_or(false);
         let mut mesh_ticket = Vec::new();
         if due {

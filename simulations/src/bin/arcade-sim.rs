@@ -194,8 +194,8 @@ enum Cmd {
         json: bool,
     },
     /// Bytes a version bump costs for a real pair of files (old → new): whole, zstd,
-    /// the wire's per-chunk zstd, fixed-chunk reuse, and zstd patches (each applied and
-    /// checked), with build and apply times.
+    /// the wire's per-chunk zstd, fixed-size and content-defined chunk reuse, and zstd
+    /// patches (each applied and checked), with build and apply times.
     BenchDelta {
         /// The old version.
         #[arg(long, value_name = "FILE")]
